@@ -1,0 +1,60 @@
+// The Aquila / LLaMA decoder-only language model. Module and parameter names follow HF exactly
+// (model.embed_tokens, model.layers.N.self_attn.q_proj, ..., lm_head), so named_parameters() is
+// the HF state dict and import/export is a plain copy.
+#pragma once
+
+#include <torch/nn/module.h>
+#include <torch/nn/modules/container/modulelist.h>
+#include <torch/nn/pimpl.h>
+
+#include "aviary/models/aquila_config.h"
+#include "aviary/nn/attention.h"
+#include "aviary/nn/kv_cache.h"
+#include "aviary/nn/linear.h"
+
+namespace aviary {
+
+class AquilaModelImpl : public torch::nn::Module {
+ public:
+  AquilaModelImpl(const AquilaConfig& config, const torch::TensorOptions& options);
+  nn::Embedding embed_tokens{nullptr};
+  torch::nn::ModuleList layers{nullptr};
+  nn::RMSNorm norm{nullptr};
+};
+TORCH_MODULE(AquilaModel);
+
+class AquilaForCausalLMImpl : public torch::nn::Module {
+ public:
+  // Parameters are allocated uninitialised in `options` (dtype, device); call load or
+  // init_weights before use.
+  AquilaForCausalLMImpl(AquilaConfig config, const torch::TensorOptions& options);
+
+  // ids, positions: int64 [B, T]. Returns the final hidden states [B, T, hidden].
+  torch::Tensor hidden_states(const torch::Tensor& ids, const torch::Tensor& positions,
+                              const nn::AttentionMask& mask, nn::KVCache* cache);
+  // Logits [B, T, vocab] (or [B, 1, vocab] for the last position only, as decoding needs).
+  torch::Tensor forward(const torch::Tensor& ids, const torch::Tensor& positions,
+                        const nn::AttentionMask& mask, nn::KVCache* cache, bool last_only = false);
+
+  nn::KVCache make_cache(int64_t batch, int64_t capacity) const;
+  // Standard init: normal(0, std) for matrices and embeddings, residual output projections
+  // (o_proj, down_proj) scaled by 1/sqrt(2 * layers), norms at 1.
+  void init_weights(double std, uint64_t seed);
+
+  const AquilaConfig& config() const { return config_; }
+  torch::TensorOptions options() const { return options_; }
+
+  AquilaModel model{nullptr};
+  nn::Linear lm_head{nullptr};
+
+ private:
+  torch::Tensor inv_freq_for(int64_t max_position);
+
+  AquilaConfig config_;
+  torch::TensorOptions options_;
+  torch::Tensor inv_freq_;
+  int64_t rope_len_cached_ = 0;  // dynamic NTK: the longest sequence the base was grown for
+};
+TORCH_MODULE(AquilaForCausalLM);
+
+}  // namespace aviary

@@ -1,0 +1,16 @@
+// Scaled dot-product attention with grouped-query heads.
+#pragma once
+
+#include <optional>
+
+#include <torch/types.h>
+
+namespace aviary::ops {
+
+// q: [B, H, Tq, D]; k, v: [B, KVH, Tk, D] with H a multiple of KVH (K/V are never repeated in
+// memory). `mask`: optional bool [B, 1, Tq, Tk], true = may attend. Without a mask, `causal`
+// aligns the query block with the end of the keys (queries are the last Tq positions).
+torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                        const std::optional<torch::Tensor>& mask, bool causal);
+
+}  // namespace aviary::ops

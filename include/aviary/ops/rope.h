@@ -1,0 +1,24 @@
+// Rotary position embeddings, rotate-half convention (HF LLaMA), with linear and dynamic-NTK
+// scaling.
+#pragma once
+
+#include <torch/types.h>
+
+namespace aviary::ops {
+
+// inv_freq[i] = 1 / theta^(2i/dim), in fp32, computed exactly as HF does.
+torch::Tensor rope_inv_freq(int64_t head_dim, double theta);
+
+struct RopeTables {
+  torch::Tensor cos;  // [B, T, head_dim], in the activation dtype
+  torch::Tensor sin;
+};
+
+// positions: int64 [B, T]. Angles are formed in fp32 (positions x inv_freq), then cast.
+RopeTables rope_tables(const torch::Tensor& positions, const torch::Tensor& inv_freq,
+                       torch::ScalarType dtype);
+
+// x: [B, H, T, D]; returns x * cos + rotate_half(x) * sin.
+torch::Tensor apply_rope(const torch::Tensor& x, const RopeTables& tables);
+
+}  // namespace aviary::ops

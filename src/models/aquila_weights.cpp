@@ -1,0 +1,142 @@
+#include "aviary/models/aquila_weights.h"
+
+#include <map>
+#include <regex>
+#include <set>
+
+#include "aviary/core/error.h"
+
+namespace aviary {
+namespace {
+
+// Tensors some checkpoints carry that are derived, not learned (old HF LLaMA/Aquila exports).
+bool is_ignorable(const std::string& name) {
+  return name.find("rotary_emb.inv_freq") != std::string::npos;
+}
+
+// FlagAI name -> HF name, plus whether the rotary permutation applies (and with which heads).
+struct Mapped {
+  std::string hf;
+  int rotary = 0;  // 0: none, 1: q (attention heads), 2: k (kv heads)
+};
+
+std::optional<Mapped> flagai_to_hf(const std::string& name) {
+  static const std::map<std::string, Mapped> fixed = {
+      {"tok_embeddings.weight", {"model.embed_tokens.weight"}},
+      {"norm.weight", {"model.norm.weight"}},
+      {"output.weight", {"lm_head.weight"}},
+  };
+  if (auto it = fixed.find(name); it != fixed.end()) return it->second;
+  static const std::regex layer_re(R"(layers\.(\d+)\.(.+)\.weight)");
+  std::smatch m;
+  if (!std::regex_match(name, m, layer_re)) return std::nullopt;
+  static const std::map<std::string, Mapped> per_layer = {
+      {"attention.wq", {"self_attn.q_proj", 1}},    {"attention.wk", {"self_attn.k_proj", 2}},
+      {"attention.wv", {"self_attn.v_proj"}},       {"attention.wo", {"self_attn.o_proj"}},
+      {"feed_forward.w1", {"mlp.gate_proj"}},       {"feed_forward.w3", {"mlp.up_proj"}},
+      {"feed_forward.w2", {"mlp.down_proj"}},       {"attention_norm", {"input_layernorm"}},
+      {"ffn_norm", {"post_attention_layernorm"}},
+  };
+  auto it = per_layer.find(m[2].str());
+  if (it == per_layer.end()) return std::nullopt;
+  return Mapped{"model.layers." + m[1].str() + "." + it->second.hf + ".weight", it->second.rotary};
+}
+
+std::string shape_str(at::IntArrayRef s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + "]";
+}
+
+}  // namespace
+
+torch::Tensor interleaved_to_half_rotary(const torch::Tensor& w, int64_t heads) {
+  const int64_t rows = w.size(0), cols = w.size(1);
+  return w.reshape({heads, rows / heads / 2, 2, cols}).transpose(1, 2).reshape({rows, cols});
+}
+
+torch::Tensor half_to_interleaved_rotary(const torch::Tensor& w, int64_t heads) {
+  const int64_t rows = w.size(0), cols = w.size(1);
+  return w.reshape({heads, 2, rows / heads / 2, cols}).transpose(1, 2).reshape({rows, cols});
+}
+
+AquilaWeightLayout detect_aquila_layout(const WeightReader& reader) {
+  if (reader.contains("model.embed_tokens.weight")) return AquilaWeightLayout::kHF;
+  if (reader.contains("tok_embeddings.weight")) return AquilaWeightLayout::kFlagAI;
+  auto names = reader.names();
+  throw_invalid("not an Aquila/LLaMA checkpoint: neither 'model.embed_tokens.weight' (HF) nor "
+                "'tok_embeddings.weight' (FlagAI) is present" +
+                    (names.empty() ? std::string(" (it has no tensors)")
+                                   : " (first tensor: '" + names.front() + "')"),
+                names.empty() ? std::string("weights") : reader.file_of(names.front()),
+                "check that the directory holds a decoder LM checkpoint");
+}
+
+void load_aquila_weights(AquilaForCausalLMImpl& model, const WeightReader& reader) {
+  torch::NoGradGuard no_grad;
+  const AquilaConfig& c = model.config();
+  const auto layout = detect_aquila_layout(reader);
+
+  // HF name -> (source name, rotary kind).
+  std::map<std::string, Mapped> sources;
+  for (const auto& name : reader.names()) {
+    if (is_ignorable(name)) continue;
+    if (layout == AquilaWeightLayout::kHF) {
+      sources[name] = Mapped{name, 0};
+      continue;
+    }
+    auto mapped = flagai_to_hf(name);
+    if (!mapped) {
+      throw_invalid("unexpected tensor in a FlagAI-format Aquila checkpoint", reader.file_of(name) +
+                    ": " + name, "expected tok_embeddings, layers.N.attention.w{q,k,v,o}, "
+                    "layers.N.feed_forward.w{1,2,3}, layers.N.{attention,ffn}_norm, norm, output");
+    }
+    sources[mapped->hf] = Mapped{name, mapped->rotary};
+  }
+
+  std::set<std::string> used;
+  auto params = model.named_parameters();
+  for (auto& item : params) {
+    const std::string& name = item.key();
+    auto it = sources.find(name);
+    if (it == sources.end()) {
+      throw_not_found("the checkpoint has no tensor '" + name + "' (" +
+                          (layout == AquilaWeightLayout::kHF ? "HF" : "FlagAI") + " layout)",
+                      reader.names().empty() ? "weights" : reader.file_of(reader.names().front()),
+                      "check that config.json (num_hidden_layers=" +
+                          std::to_string(c.num_hidden_layers) + ") matches the weights");
+    }
+    used.insert(name);
+    const Mapped& src = it->second;
+    if (src.rotary == 0) {
+      reader.load_into(src.hf, item.value());
+      continue;
+    }
+    auto w = reader.get(src.hf);
+    if (w.sizes() != item.value().sizes()) {
+      throw_invalid("shape mismatch: checkpoint has " + shape_str(w.sizes()) + ", model expects " +
+                        shape_str(item.value().sizes()),
+                    reader.file_of(src.hf) + ": " + src.hf,
+                    "check that config.json matches the weights");
+    }
+    const int64_t heads = src.rotary == 1 ? c.num_attention_heads : c.num_key_value_heads;
+    item.value().copy_(interleaved_to_half_rotary(w, heads));
+  }
+  for (const auto& [hf, src] : sources) {
+    if (used.count(hf)) continue;
+    if (hf == "lm_head.weight" && c.tie_word_embeddings) continue;  // redundant copy of the tie
+    throw_invalid("the checkpoint has a tensor the model does not: '" + src.hf + "'",
+                  reader.file_of(src.hf),
+                  "check num_hidden_layers / architecture in config.json (config says " +
+                      std::to_string(c.num_hidden_layers) + " layers)");
+  }
+}
+
+std::vector<std::pair<std::string, torch::Tensor>> aquila_hf_tensors(
+    const AquilaForCausalLMImpl& model) {
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  for (auto& item : model.named_parameters()) out.emplace_back(item.key(), item.value());
+  return out;
+}
+
+}  // namespace aviary

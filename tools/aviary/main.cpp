@@ -1,0 +1,46 @@
+// aviary: train, fine-tune and run Aquila / LLaMA models. See `aviary --help`.
+#include <cstdio>
+#include <exception>
+
+#include <CLI/CLI.hpp>
+#include <c10/util/Exception.h>
+
+#include "aviary/build_info.h"
+#include "aviary/core/error.h"
+#include "aviary/core/logging.h"
+#include "commands.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"Aviary " AVIARY_VERSION
+               ": train, fine-tune and run Aquila / LLaMA models.\n"
+               "Run `aviary <command> --help` for the options of a command."};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", AVIARY_VERSION);
+  std::string log_level = "info";
+  app.add_option("--log-level", log_level, "trace|debug|info|warn|error|off")
+      ->capture_default_str();
+  app.parse_complete_callback([&] { aviary::init_logging(log_level); });
+
+  aviary::cli::register_info(app);
+  aviary::cli::register_generate(app);
+  aviary::cli::register_chat(app);
+  aviary::cli::register_tokenizer(app);
+  aviary::cli::register_convert(app);
+  aviary::cli::register_bench(app);
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  } catch (const aviary::Error& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  } catch (const c10::Error& e) {
+    std::fprintf(stderr, "error: LibTorch: %s\n", e.what_without_backtrace());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

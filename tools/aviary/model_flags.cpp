@@ -1,0 +1,42 @@
+#include "model_flags.h"
+
+namespace aviary::cli {
+
+void ModelFlags::add(CLI::App* cmd) {
+  cmd->add_option("-m,--model", model, "HF model directory (config.json, weights, tokenizer)")
+      ->required();
+  cmd->add_option("--dtype", load.dtype, "auto (checkpoint's torch_dtype) | fp32 | bf16 | fp16")
+      ->capture_default_str();
+  cmd->add_option("--device", load.device, "cpu | cuda | cuda:N | auto")->capture_default_str();
+  cmd->add_option("--threads", load.threads, "CPU threads (0 = LibTorch default)")
+      ->capture_default_str();
+  cmd->add_option("--tokenizer", load.tokenizer, "tokenizer file or dir (default: the model dir)");
+  cmd->add_option("--template", load.chat_template,
+                  "chat template: aquila-chat | aquila-v1 | aquila-legacy | aquila | aquila-v2 | "
+                  "llama-2 (default: detected from the model dir)");
+}
+
+void GenerationFlags::add(CLI::App* cmd) {
+  cmd->add_option("-n,--max-new-tokens", gen.max_new_tokens, "tokens to generate at most")
+      ->capture_default_str();
+  cmd->add_option("--temperature", gen.sampling.temperature, "0 = greedy")->capture_default_str();
+  cmd->add_option("--top-k", gen.sampling.top_k, "0 = off")->capture_default_str();
+  cmd->add_option("--top-p", gen.sampling.top_p, "nucleus sampling mass")->capture_default_str();
+  cmd->add_option("--min-p", gen.sampling.min_p, "drop tokens below min_p * p(max)")
+      ->capture_default_str();
+  cmd->add_option("--repetition-penalty", gen.sampling.repetition_penalty, "1 = off")
+      ->capture_default_str();
+  cmd->add_option("--seed", gen.sampling.seed, "sampling seed")->capture_default_str();
+  cmd->add_option("--stop", stop, "stop string (repeatable)");
+  cmd->add_option("--stop-token", gen.stop_token_ids, "stop token id (repeatable)");
+  cmd->add_flag("!--no-eos-stop", gen.stop_at_eos, "keep generating past end-of-sequence");
+}
+
+GenerationOptions GenerationFlags::options() const {
+  GenerationOptions out = gen;
+  for (const auto& s : stop) out.stop_strings.push_back(s);
+  out.sampling.validate();
+  return out;
+}
+
+}  // namespace aviary::cli
