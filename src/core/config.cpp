@@ -9,6 +9,7 @@
 #include <yaml-cpp/yaml.h>
 
 #include "aviary/core/error.h"
+#include "aviary/core/strings.h"
 
 namespace aviary {
 namespace {
@@ -64,30 +65,18 @@ Json yaml_to_json(const YAML::Node& node) {
       return yaml_scalar_to_json(node);
     case YAML::NodeType::Sequence: {
       Json arr = Json::array();
-      for (const auto& item : node) arr.push_back(yaml_to_json(item));
+      for (const auto& item : node)
+        arr.push_back(yaml_to_json(item));
       return arr;
     }
     case YAML::NodeType::Map: {
       Json obj = Json::object();
-      for (const auto& kv : node) obj[kv.first.as<std::string>()] = yaml_to_json(kv.second);
+      for (const auto& kv : node)
+        obj[kv.first.as<std::string>()] = yaml_to_json(kv.second);
       return obj;
     }
   }
   return nullptr;
-}
-
-size_t edit_distance(const std::string& a, const std::string& b) {
-  std::vector<size_t> prev(b.size() + 1), cur(b.size() + 1);
-  for (size_t j = 0; j <= b.size(); ++j) prev[j] = j;
-  for (size_t i = 1; i <= a.size(); ++i) {
-    cur[0] = i;
-    for (size_t j = 1; j <= b.size(); ++j) {
-      size_t sub = prev[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1);
-      cur[j] = std::min({prev[j] + 1, cur[j - 1] + 1, sub});
-    }
-    std::swap(prev, cur);
-  }
-  return prev[b.size()];
 }
 
 }  // namespace
@@ -96,8 +85,9 @@ Json load_config_file(const std::string& path) {
   std::ifstream in(path);
   if (!in) {
     throw_not_found("cannot open config file", path,
-                    std::filesystem::exists(path) ? "check the file permissions"
-                                                  : "check the path; ready configs live in configs/");
+                    std::filesystem::exists(path)
+                        ? "check the file permissions"
+                        : "check the path; ready configs live in configs/");
   }
   std::stringstream ss;
   ss << in.rdbuf();
@@ -140,7 +130,8 @@ void apply_config_override(Json& root, const std::string& assignment) {
   size_t start = 0;
   while (true) {
     size_t dot = key.find('.', start);
-    std::string part = key.substr(start, dot == std::string::npos ? std::string::npos : dot - start);
+    std::string part =
+        key.substr(start, dot == std::string::npos ? std::string::npos : dot - start);
     if (part.empty()) throw_invalid("empty key component", "--set " + assignment);
     if (!node->is_object()) {
       throw_invalid("'" + key.substr(0, start ? start - 1 : 0) + "' is not a mapping",
@@ -154,20 +145,6 @@ void apply_config_override(Json& root, const std::string& assignment) {
     node = &(*node)[part];
     start = dot + 1;
   }
-}
-
-std::optional<std::string> closest_match(const std::string& word,
-                                         const std::vector<std::string>& candidates) {
-  std::optional<std::string> best;
-  size_t best_d = std::max<size_t>(2, word.size() / 3) + 1;
-  for (const auto& c : candidates) {
-    size_t d = edit_distance(word, c);
-    if (d < best_d) {
-      best_d = d;
-      best = c;
-    }
-  }
-  return best;
 }
 
 ConfigReader::ConfigReader(const Json& node, std::string path, std::string source)
@@ -213,12 +190,14 @@ std::string ConfigReader::get_string(const std::string& key,
   return v->get<std::string>();
 }
 
-std::string ConfigReader::get_choice(const std::string& key, const std::vector<std::string>& allowed,
+std::string ConfigReader::get_choice(const std::string& key,
+                                     const std::vector<std::string>& allowed,
                                      const std::optional<std::string>& def) {
   std::string v = get_string(key, def);
   if (std::find(allowed.begin(), allowed.end(), v) == allowed.end()) {
     std::string list;
-    for (const auto& a : allowed) list += (list.empty() ? "" : ", ") + a;
+    for (const auto& a : allowed)
+      list += (list.empty() ? "" : ", ") + a;
     auto guess = closest_match(v, allowed);
     fail(key, "'" + v + "' is not one of: " + list,
          guess ? "did you mean '" + *guess + "'?" : std::string());
@@ -308,7 +287,8 @@ ConfigReader ConfigReader::child(const std::string& key) {
 }
 
 void ConfigReader::ignore(std::initializer_list<const char*> keys) {
-  for (const char* k : keys) read_.insert(k);
+  for (const char* k : keys)
+    read_.insert(k);
 }
 
 void ConfigReader::finish() const {
@@ -319,7 +299,8 @@ void ConfigReader::finish() const {
     std::string hint = guess ? "did you mean '" + *guess + "'?" : std::string();
     if (!guess && !known.empty()) {
       hint = "known keys here: ";
-      for (size_t i = 0; i < known.size(); ++i) hint += (i ? ", " : "") + known[i];
+      for (size_t i = 0; i < known.size(); ++i)
+        hint += (i ? ", " : "") + known[i];
     }
     throw_invalid("unknown key", source_ + ": " + path_of(item.key()), hint);
   }

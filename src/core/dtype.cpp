@@ -51,6 +51,8 @@ torch::Device parse_device(const std::string& name, const std::string& context) 
   throw_invalid("unknown device '" + name + "'", context, "use cpu, cuda, cuda:N or auto");
 }
 
-size_t dtype_size(torch::ScalarType dtype) { return c10::elementSize(dtype); }
+size_t dtype_size(torch::ScalarType dtype) {
+  return c10::elementSize(dtype);
+}
 
 }  // namespace aviary

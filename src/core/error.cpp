@@ -47,8 +47,7 @@ Error Error::with_outer_context(const std::string& outer) const {
 }
 
 void throw_invalid(std::string message, std::string context, std::string hint) {
-  throw Error(ErrorKind::kInvalidArgument, std::move(message), std::move(context),
-              std::move(hint));
+  throw Error(ErrorKind::kInvalidArgument, std::move(message), std::move(context), std::move(hint));
 }
 void throw_not_found(std::string message, std::string context, std::string hint) {
   throw Error(ErrorKind::kNotFound, std::move(message), std::move(context), std::move(hint));

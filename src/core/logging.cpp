@@ -16,8 +16,8 @@ void init_logging(const std::string& level, int rank) {
   // Logs go to stderr so that stdout carries only results (generated text, JSON).
   auto logger = spdlog::get("aviary");
   if (!logger) logger = spdlog::stderr_color_mt("aviary");
-  logger->set_pattern(rank == 0 ? "[%H:%M:%S] %^%l%$ %v" : "[%H:%M:%S] [rank " +
-                                                               std::to_string(rank) + "] %^%l%$ %v");
+  logger->set_pattern(rank == 0 ? "[%H:%M:%S] %^%l%$ %v"
+                                : "[%H:%M:%S] [rank " + std::to_string(rank) + "] %^%l%$ %v");
   logger->set_level(lvl);
   spdlog::set_default_logger(logger);
 }

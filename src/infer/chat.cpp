@@ -17,7 +17,8 @@ void ChatSession::reset() {
 GenerationResult ChatSession::send(const std::string& user, GenerationOptions options) {
   messages_.push_back({"user", user});
   const std::string prompt = template_.render(messages_, /*add_generation_prompt=*/true);
-  for (const auto& s : template_.stop_strings()) options.stop_strings.push_back(s);
+  for (const auto& s : template_.stop_strings())
+    options.stop_strings.push_back(s);
   // Templates that spell out the BOS token themselves must not get a second one.
   const auto& tok = lm_.tokenizer();
   bool has_bos_text = false;
@@ -29,7 +30,8 @@ GenerationResult ChatSession::send(const std::string& user, GenerationOptions op
   GenerationResult result = lm_.generate(prompt, options);
   // Trim the whitespace a model tends to put before its separator.
   std::string reply = result.text;
-  while (!reply.empty() && (reply.back() == ' ' || reply.back() == '\n')) reply.pop_back();
+  while (!reply.empty() && (reply.back() == ' ' || reply.back() == '\n'))
+    reply.pop_back();
   messages_.push_back({"assistant", reply});
   return result;
 }

@@ -29,7 +29,11 @@ size_t complete_utf8_prefix(const std::string& s) {
   }
   if (i == 0) return end;
   unsigned char lead = static_cast<unsigned char>(s[i - 1]);
-  int need = lead < 0x80 ? 0 : (lead >> 5) == 0x6 ? 1 : (lead >> 4) == 0xE ? 2 : (lead >> 3) == 0x1E ? 3 : 0;
+  int need = lead < 0x80           ? 0
+             : (lead >> 5) == 0x6  ? 1
+             : (lead >> 4) == 0xE  ? 2
+             : (lead >> 3) == 0x1E ? 3
+                                   : 0;
   if (lead >= 0x80 && cont < need) return i - 1;
   return end;
 }
@@ -37,8 +41,8 @@ size_t complete_utf8_prefix(const std::string& s) {
 struct RowState {
   std::vector<int32_t> history;  // prompt + generated, for the repetition penalty
   std::vector<int32_t> generated;
-  std::string text;              // text emitted so far (stop strings cut it)
-  size_t emitted = 0;            // bytes of decoded text already streamed
+  std::string text;    // text emitted so far (stop strings cut it)
+  size_t emitted = 0;  // bytes of decoded text already streamed
   bool done = false;
   std::string reason = "length";
 };
@@ -86,7 +90,8 @@ std::vector<GenerationResult> Generator::generate(const std::vector<std::vector<
 
   std::set<int32_t> stop_ids(options.stop_token_ids.begin(), options.stop_token_ids.end());
   if (options.stop_at_eos) {
-    for (auto id : config.eos_token_ids) stop_ids.insert(static_cast<int32_t>(id));
+    for (auto id : config.eos_token_ids)
+      stop_ids.insert(static_cast<int32_t>(id));
     if (tokenizer_) {
       if (auto eos = tokenizer_->eos_id()) stop_ids.insert(*eos);
     }
@@ -199,12 +204,14 @@ std::vector<GenerationResult> Generator::generate(const std::vector<std::vector<
   auto histories = [&] {
     std::vector<std::vector<int32_t>> h;
     h.reserve(rows.size());
-    for (const auto& r : rows) h.push_back(r.history);
+    for (const auto& r : rows)
+      h.push_back(r.history);
     return h;
   };
 
   if (options.max_new_tokens == 0) {
-    for (auto& r : rows) r.done = true;
+    for (auto& r : rows)
+      r.done = true;
   } else {
     auto t0 = Clock::now();
     auto logits = model_->forward(input, positions, make_mask(prompt_len), &cache, true);

@@ -16,10 +16,14 @@ namespace aviary {
 namespace {
 
 // Tokenizer and generation files copied alongside exported weights.
-const char* const kSideFiles[] = {"tokenizer.json",        "vocab.json",
-                                  "merges.txt",            "tokenizer.model",
-                                  "tokenizer_config.json", "special_tokens_map.json",
-                                  "added_tokens.json",     "generation_config.json"};
+const char* const kSideFiles[] = {"tokenizer.json",
+                                  "vocab.json",
+                                  "merges.txt",
+                                  "tokenizer.model",
+                                  "tokenizer_config.json",
+                                  "special_tokens_map.json",
+                                  "added_tokens.json",
+                                  "generation_config.json"};
 
 }  // namespace
 
@@ -46,9 +50,9 @@ std::unique_ptr<LanguageModel> LanguageModel::load(const std::string& path,
   }
 
   const torch::Device device = parse_device(options.device, "--device");
-  torch::ScalarType dtype = options.dtype == "auto"
-                                ? parse_dtype(config.torch_dtype, path + "/config.json: torch_dtype")
-                                : parse_dtype(options.dtype, "--dtype");
+  torch::ScalarType dtype =
+      options.dtype == "auto" ? parse_dtype(config.torch_dtype, path + "/config.json: torch_dtype")
+                              : parse_dtype(options.dtype, "--dtype");
   auto reader = WeightReader::open(path);
   lm->model_ = AquilaForCausalLM(config, torch::TensorOptions().dtype(dtype).device(device));
   load_aquila_weights(*lm->model_, *reader);
@@ -72,7 +76,8 @@ std::vector<GenerationResult> LanguageModel::generate(const std::vector<std::str
                                                       const GenerationOptions& options) {
   std::vector<std::vector<int32_t>> ids;
   ids.reserve(prompts.size());
-  for (const auto& p : prompts) ids.push_back(tokenizer_->encode(p, options.add_special_tokens));
+  for (const auto& p : prompts)
+    ids.push_back(tokenizer_->encode(p, options.add_special_tokens));
   return generate_ids(ids, options);
 }
 
@@ -92,7 +97,8 @@ void LanguageModel::save_hf(const std::string& dir, uint64_t max_shard_bytes) co
   write_file_atomic((fs::path(dir) / "config.json").string(), config.to_hf_json().dump(2) + "\n");
   for (const char* name : kSideFiles) {
     fs::path src = fs::path(path_) / name;
-    if (fs::exists(src)) fs::copy_file(src, fs::path(dir) / name, fs::copy_options::overwrite_existing);
+    if (fs::exists(src))
+      fs::copy_file(src, fs::path(dir) / name, fs::copy_options::overwrite_existing);
   }
 }
 

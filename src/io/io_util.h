@@ -7,11 +7,12 @@
 
 #include <torch/types.h>
 
+#include "aviary/core/strings.h"
+
 namespace aviary::io_detail {
 
 // "[2, 3]"
-std::string shape_string(const std::vector<int64_t>& shape);
-std::string shape_string(c10::IntArrayRef shape);
+using aviary::shape_string;  // from core/strings.h; vectors convert to IntArrayRef
 
 // Up to `max_count` names from `candidates` that look like a misspelling of `name`
 // (small edit distance, or sharing the last dotted component), closest first.

@@ -23,11 +23,12 @@ AquilaForCausalLMImpl::AquilaForCausalLMImpl(AquilaConfig config,
   model = register_module("model", AquilaModel(config_, options));
   if (config_.tie_word_embeddings) {
     // Share the embedding matrix; it is registered once, under model.embed_tokens.
-    lm_head = nn::Linear(config_.hidden_size, config_.vocab_size, false, options.device(torch::kMeta));
+    lm_head =
+        nn::Linear(config_.hidden_size, config_.vocab_size, false, options.device(torch::kMeta));
     lm_head->weight = model->embed_tokens->weight;
   } else {
-    lm_head = register_module(
-        "lm_head", nn::Linear(config_.hidden_size, config_.vocab_size, false, options));
+    lm_head = register_module("lm_head",
+                              nn::Linear(config_.hidden_size, config_.vocab_size, false, options));
   }
   inv_freq_ = ops::rope_inv_freq(config_.head_dim(), config_.rope_theta);
   if (config_.rope_scaling.type == "linear") inv_freq_ = inv_freq_ / config_.rope_scaling.factor;
@@ -43,9 +44,9 @@ torch::Tensor AquilaForCausalLMImpl::inv_freq_for(int64_t max_position) {
   if (seq_len > rope_len_cached_) {
     const double dim = static_cast<double>(config_.head_dim());
     const double f = config_.rope_scaling.factor;
-    const double base = config_.rope_theta *
-                        std::pow(f * static_cast<double>(seq_len) / original - (f - 1.0),
-                                 dim / (dim - 2.0));
+    const double base =
+        config_.rope_theta *
+        std::pow(f * static_cast<double>(seq_len) / original - (f - 1.0), dim / (dim - 2.0));
     inv_freq_ = ops::rope_inv_freq(config_.head_dim(), base);
     rope_len_cached_ = seq_len;
   } else if (seq_len < original && rope_len_cached_ > original) {
@@ -60,7 +61,8 @@ torch::Tensor AquilaForCausalLMImpl::hidden_states(const torch::Tensor& ids,
                                                    const nn::AttentionMask& mask,
                                                    nn::KVCache* cache) {
   auto h = model->embed_tokens(ids);
-  const int64_t max_pos = config_.rope_scaling.type == "dynamic" ? positions.max().item<int64_t>() : 0;
+  const int64_t max_pos =
+      config_.rope_scaling.type == "dynamic" ? positions.max().item<int64_t>() : 0;
   auto rope = ops::rope_tables(positions, inv_freq_for(max_pos), h.scalar_type());
   int64_t layer = 0;
   for (const auto& block : *model->layers) {
@@ -95,8 +97,8 @@ void AquilaForCausalLMImpl::init_weights(double std, uint64_t seed) {
       p.fill_(1.0);
       continue;
     }
-    const bool residual = name.find("o_proj") != std::string::npos ||
-                          name.find("down_proj") != std::string::npos;
+    const bool residual =
+        name.find("o_proj") != std::string::npos || name.find("down_proj") != std::string::npos;
     // Draw on CPU in fp32 with an explicit generator: identical weights on every device/dtype.
     auto w = at::normal(0.0, residual ? residual_std : std, p.sizes(), gen);
     p.copy_(w);

@@ -67,7 +67,8 @@ std::vector<int64_t> read_id_list(const Json& v) {
   if (v.is_number_integer()) return {v.get<int64_t>()};
   std::vector<int64_t> out;
   if (v.is_array()) {
-    for (const auto& x : v) out.push_back(x.get<int64_t>());
+    for (const auto& x : v)
+      out.push_back(x.get<int64_t>());
   }
   return out;
 }
@@ -91,8 +92,9 @@ void read_sizes(ConfigReader& r, AquilaConfig& c) {
   read_rope(r, c);
   const int64_t head_dim = r.get_int("head_dim", c.hidden_size / c.num_attention_heads, 1);
   if (head_dim * c.num_attention_heads != c.hidden_size) {
-    r.fail("head_dim", "head_dim " + std::to_string(head_dim) + " differs from hidden_size / "
-           "num_attention_heads; Aviary's decoder requires them equal");
+    r.fail("head_dim", "head_dim " + std::to_string(head_dim) +
+                           " differs from hidden_size / "
+                           "num_attention_heads; Aviary's decoder requires them equal");
   }
   c.tie_word_embeddings = r.get_bool("tie_word_embeddings", false);
   c.bos_token_id = read_opt_id(r, "bos_token_id");
@@ -187,11 +189,10 @@ Json AquilaConfig::to_hf_json() const {
          {"tie_word_embeddings", tie_word_embeddings},
          {"attention_bias", false},
          {"torch_dtype", torch_dtype}};
-  j["rope_scaling"] = rope_scaling.type == "none"
-                          ? Json(nullptr)
-                          : Json{{"type", rope_scaling.type},
-                                 {"rope_type", rope_scaling.type},
-                                 {"factor", rope_scaling.factor}};
+  j["rope_scaling"] = rope_scaling.type == "none" ? Json(nullptr)
+                                                  : Json{{"type", rope_scaling.type},
+                                                         {"rope_type", rope_scaling.type},
+                                                         {"factor", rope_scaling.factor}};
   if (bos_token_id) j["bos_token_id"] = *bos_token_id;
   if (eos_token_ids.size() == 1) j["eos_token_id"] = eos_token_ids[0];
   if (eos_token_ids.size() > 1) j["eos_token_id"] = eos_token_ids;
@@ -225,7 +226,8 @@ void AquilaConfig::validate(const std::string& source) const {
   };
   check_id(bos_token_id, "bos_token_id");
   check_id(pad_token_id, "pad_token_id");
-  for (auto id : eos_token_ids) check_id(id, "eos_token_id");
+  for (auto id : eos_token_ids)
+    check_id(id, "eos_token_id");
 }
 
 std::vector<std::string> aquila_preset_names() {

@@ -5,6 +5,7 @@
 #include <set>
 
 #include "aviary/core/error.h"
+#include "aviary/core/strings.h"
 
 namespace aviary {
 namespace {
@@ -31,21 +32,15 @@ std::optional<Mapped> flagai_to_hf(const std::string& name) {
   std::smatch m;
   if (!std::regex_match(name, m, layer_re)) return std::nullopt;
   static const std::map<std::string, Mapped> per_layer = {
-      {"attention.wq", {"self_attn.q_proj", 1}},    {"attention.wk", {"self_attn.k_proj", 2}},
-      {"attention.wv", {"self_attn.v_proj"}},       {"attention.wo", {"self_attn.o_proj"}},
-      {"feed_forward.w1", {"mlp.gate_proj"}},       {"feed_forward.w3", {"mlp.up_proj"}},
-      {"feed_forward.w2", {"mlp.down_proj"}},       {"attention_norm", {"input_layernorm"}},
+      {"attention.wq", {"self_attn.q_proj", 1}},  {"attention.wk", {"self_attn.k_proj", 2}},
+      {"attention.wv", {"self_attn.v_proj"}},     {"attention.wo", {"self_attn.o_proj"}},
+      {"feed_forward.w1", {"mlp.gate_proj"}},     {"feed_forward.w3", {"mlp.up_proj"}},
+      {"feed_forward.w2", {"mlp.down_proj"}},     {"attention_norm", {"input_layernorm"}},
       {"ffn_norm", {"post_attention_layernorm"}},
   };
   auto it = per_layer.find(m[2].str());
   if (it == per_layer.end()) return std::nullopt;
   return Mapped{"model.layers." + m[1].str() + "." + it->second.hf + ".weight", it->second.rotary};
-}
-
-std::string shape_str(at::IntArrayRef s) {
-  std::string out = "[";
-  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + "]";
 }
 
 }  // namespace
@@ -64,12 +59,13 @@ AquilaWeightLayout detect_aquila_layout(const WeightReader& reader) {
   if (reader.contains("model.embed_tokens.weight")) return AquilaWeightLayout::kHF;
   if (reader.contains("tok_embeddings.weight")) return AquilaWeightLayout::kFlagAI;
   auto names = reader.names();
-  throw_invalid("not an Aquila/LLaMA checkpoint: neither 'model.embed_tokens.weight' (HF) nor "
-                "'tok_embeddings.weight' (FlagAI) is present" +
-                    (names.empty() ? std::string(" (it has no tensors)")
-                                   : " (first tensor: '" + names.front() + "')"),
-                names.empty() ? std::string("weights") : reader.file_of(names.front()),
-                "check that the directory holds a decoder LM checkpoint");
+  throw_invalid(
+      "not an Aquila/LLaMA checkpoint: neither 'model.embed_tokens.weight' (HF) nor "
+      "'tok_embeddings.weight' (FlagAI) is present" +
+          (names.empty() ? std::string(" (it has no tensors)")
+                         : " (first tensor: '" + names.front() + "')"),
+      names.empty() ? std::string("weights") : reader.file_of(names.front()),
+      "check that the directory holds a decoder LM checkpoint");
 }
 
 void load_aquila_weights(AquilaForCausalLMImpl& model, const WeightReader& reader) {
@@ -87,8 +83,9 @@ void load_aquila_weights(AquilaForCausalLMImpl& model, const WeightReader& reade
     }
     auto mapped = flagai_to_hf(name);
     if (!mapped) {
-      throw_invalid("unexpected tensor in a FlagAI-format Aquila checkpoint", reader.file_of(name) +
-                    ": " + name, "expected tok_embeddings, layers.N.attention.w{q,k,v,o}, "
+      throw_invalid("unexpected tensor in a FlagAI-format Aquila checkpoint",
+                    reader.file_of(name) + ": " + name,
+                    "expected tok_embeddings, layers.N.attention.w{q,k,v,o}, "
                     "layers.N.feed_forward.w{1,2,3}, layers.N.{attention,ffn}_norm, norm, output");
     }
     sources[mapped->hf] = Mapped{name, mapped->rotary};
@@ -114,8 +111,8 @@ void load_aquila_weights(AquilaForCausalLMImpl& model, const WeightReader& reade
     }
     auto w = reader.get(src.hf);
     if (w.sizes() != item.value().sizes()) {
-      throw_invalid("shape mismatch: checkpoint has " + shape_str(w.sizes()) + ", model expects " +
-                        shape_str(item.value().sizes()),
+      throw_invalid("shape mismatch: checkpoint has " + shape_string(w.sizes()) +
+                        ", model expects " + shape_string(item.value().sizes()),
                     reader.file_of(src.hf) + ": " + src.hf,
                     "check that config.json matches the weights");
     }
@@ -135,7 +132,8 @@ void load_aquila_weights(AquilaForCausalLMImpl& model, const WeightReader& reade
 std::vector<std::pair<std::string, torch::Tensor>> aquila_hf_tensors(
     const AquilaForCausalLMImpl& model) {
   std::vector<std::pair<std::string, torch::Tensor>> out;
-  for (auto& item : model.named_parameters()) out.emplace_back(item.key(), item.value());
+  for (auto& item : model.named_parameters())
+    out.emplace_back(item.key(), item.value());
   return out;
 }
 

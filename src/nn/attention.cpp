@@ -14,8 +14,7 @@ SelfAttentionImpl::SelfAttentionImpl(int64_t hidden, int64_t heads_, int64_t kv_
 }
 
 torch::Tensor SelfAttentionImpl::forward(const torch::Tensor& x, const ops::RopeTables& rope,
-                                         const AttentionMask& mask, KVCache* cache,
-                                         int64_t layer) {
+                                         const AttentionMask& mask, KVCache* cache, int64_t layer) {
   const int64_t b = x.size(0), t = x.size(1);
   auto q = q_proj(x).view({b, t, heads, head_dim}).transpose(1, 2);
   auto k = k_proj(x).view({b, t, kv_heads, head_dim}).transpose(1, 2);

@@ -28,6 +28,8 @@ std::pair<torch::Tensor, torch::Tensor> KVCache::append(int64_t layer, const tor
   return {keys[layer].narrow(2, 0, length + t), values[layer].narrow(2, 0, length + t)};
 }
 
-void KVCache::advance(int64_t tokens) { length += tokens; }
+void KVCache::advance(int64_t tokens) {
+  length += tokens;
+}
 
 }  // namespace aviary::nn

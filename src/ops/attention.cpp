@@ -18,8 +18,8 @@ torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const to
   }
   if (tq == tk) return at::scaled_dot_product_attention(q, k, v, {}, 0.0, true, scale, gqa);
   // SDPA's is_causal aligns to the top-left corner; queries here are the last tq keys.
-  auto bottom_right = torch::ones({tq, tk}, torch::dtype(torch::kBool).device(q.device()))
-                          .tril(tk - tq);
+  auto bottom_right =
+      torch::ones({tq, tk}, torch::dtype(torch::kBool).device(q.device())).tril(tk - tq);
   return at::scaled_dot_product_attention(q, k, v, bottom_right, 0.0, false, scale, gqa);
 }
 

@@ -3,8 +3,8 @@
 // rope_theta 50000 and linear rope scaling x2).
 #include <gtest/gtest.h>
 
-#include <nlohmann/json.hpp>
 #include <torch/torch.h>
+#include <nlohmann/json.hpp>
 
 #include "aviary/infer/language_model.h"
 #include "aviary/io/safetensors.h"
@@ -15,14 +15,18 @@ namespace {
 
 using nlohmann::json;
 
-json expected() { return json::parse(test::read_file(test::fixture("tiny-llama/expected.json"))); }
+json expected() {
+  return json::parse(test::read_file(test::fixture("tiny-llama/expected.json")));
+}
 
 torch::Tensor reference_logits(const std::string& key) {
   auto file = SafetensorsFile::open(test::fixture("tiny-llama/logits.safetensors"));
   return file->tensor(key).clone();
 }
 
-std::vector<int32_t> ids_of(const json& j) { return j.get<std::vector<int32_t>>(); }
+std::vector<int32_t> ids_of(const json& j) {
+  return j.get<std::vector<int32_t>>();
+}
 
 TEST(LlamaParity, TokenizerMatchesTheFixtureIds) {
   auto lm = LanguageModel::load(test::fixture("tiny-llama"));
@@ -74,7 +78,8 @@ TEST(LlamaParity, BatchedLeftPaddedGreedyMatchesTransformers) {
   auto lm = LanguageModel::load(test::fixture("tiny-llama"));
   auto e = expected();
   std::vector<std::vector<int32_t>> prompts;
-  for (const auto& p : e["prompt_ids"]) prompts.push_back(ids_of(p));
+  for (const auto& p : e["prompt_ids"])
+    prompts.push_back(ids_of(p));
   GenerationOptions options;
   options.max_new_tokens = 32;
   auto results = lm->generate_ids(prompts, options);

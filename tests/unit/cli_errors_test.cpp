@@ -32,7 +32,8 @@ void expect_one_line_error(const std::string& model, const std::vector<std::stri
   EXPECT_NE(r.exit_code, 0) << r.output;
   ASSERT_EQ(r.output.rfind("error: ", 0), 0u) << r.output;
   EXPECT_EQ(std::count(r.output.begin(), r.output.end(), '\n'), 1) << r.output;
-  for (const auto& n : needles) EXPECT_NE(r.output.find(n), std::string::npos) << n << " in " << r.output;
+  for (const auto& n : needles)
+    EXPECT_NE(r.output.find(n), std::string::npos) << n << " in " << r.output;
 }
 
 TEST(CliErrors, GenerateWorksOnTheIntactFixture) {
@@ -124,6 +125,20 @@ TEST(CliErrors, TokenizerEncodeDecodeRoundTrip) {
   auto bad = test::run_cli("tokenizer decode -t '" + tok + "' --ids '5 99999'");
   EXPECT_NE(bad.exit_code, 0);
   EXPECT_NE(bad.output.find("99999"), std::string::npos) << bad.output;
+}
+
+TEST(CliErrors, ChatReadsTurnsFromStdin) {
+  test::TempDir dir;
+  test::write_file(dir.file("turns.txt"), "你好\n/reset\nhello again\n/exit\n");
+  const std::string model = test::fixture("tiny-llama");
+  auto r = test::run_cli("chat -m '" + model + "' --template aquila-chat -n 4 < '" +
+                         dir.file("turns.txt") + "'");
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  // Two replies, each ended by a newline (a reply may itself contain newlines).
+  EXPECT_GE(std::count(r.output.begin(), r.output.end(), '\n'), 2) << r.output;
+  auto no_template = test::run_cli("chat -m '" + model + "' < /dev/null");
+  EXPECT_NE(no_template.exit_code, 0);
+  EXPECT_NE(no_template.output.find("--template"), std::string::npos) << no_template.output;
 }
 
 TEST(CliErrors, InfoRuns) {

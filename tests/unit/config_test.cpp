@@ -21,7 +21,8 @@ Error catch_error(F&& f) {
 
 TEST(Config, ReadsYamlWithTypes) {
   test::TempDir dir;
-  test::write_file(dir.file("c.yaml"), "model:\n  hidden_size: 64\n  eps: 1e-5\n  name: x\n  on: true\n");
+  test::write_file(dir.file("c.yaml"),
+                   "model:\n  hidden_size: 64\n  eps: 1e-5\n  name: x\n  on: true\n");
   Json j = load_config_file(dir.file("c.yaml"));
   ConfigReader root(j, "", "c.yaml");
   auto model = root.child("model");

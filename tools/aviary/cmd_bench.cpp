@@ -9,8 +9,8 @@
 #include <fstream>
 #include <sstream>
 
-#include <nlohmann/json.hpp>
 #include <torch/torch.h>
+#include <nlohmann/json.hpp>
 
 #include "aviary/core/dtype.h"
 #include "aviary/core/error.h"
@@ -85,7 +85,8 @@ nlohmann::json run_case(const BenchArgs& a, const std::string& spec) {
   auto ids = torch::randint(3, vocab, {a.batch, a.prompt_tokens}, gen, torch::kInt64);
   std::vector<std::vector<int32_t>> prompts(a.batch);
   for (int64_t b = 0; b < a.batch; ++b) {
-    for (int64_t t = 0; t < a.prompt_tokens; ++t) prompts[b].push_back(ids[b][t].item<int32_t>());
+    for (int64_t t = 0; t < a.prompt_tokens; ++t)
+      prompts[b].push_back(ids[b][t].item<int32_t>());
   }
   GenerationOptions options;
   options.max_new_tokens = a.new_tokens;
@@ -102,7 +103,8 @@ nlohmann::json run_case(const BenchArgs& a, const std::string& spec) {
     best_decode = std::max(best_decode, s.decode_tokens / s.decode_seconds);
   }
   int64_t params = 0;
-  for (const auto& p : model->parameters()) params += p.numel();
+  for (const auto& p : model->parameters())
+    params += p.numel();
   return {{"case", name},
           {"dtype", dtype_name(dtype)},
           {"params", params},
@@ -117,7 +119,8 @@ nlohmann::json run_case(const BenchArgs& a, const std::string& spec) {
 
 std::string shell_quote(const std::string& s) {
   std::string out = "'";
-  for (char c : s) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  for (char c : s)
+    out += c == '\'' ? std::string("'\\''") : std::string(1, c);
   return out + "'";
 }
 
@@ -135,14 +138,15 @@ void run_decode(const BenchArgs& a) {
     std::ostringstream cmd;
     cmd << shell_quote(self) << " --log-level warn bench decode --case " << shell_quote(c)
         << " --tiny-model " << shell_quote(a.tiny_model) << " --threads " << a.threads
-        << " --prompt-tokens " << a.prompt_tokens << " --new-tokens " << a.new_tokens
-        << " --batch " << a.batch << " --repeats " << a.repeats;
+        << " --prompt-tokens " << a.prompt_tokens << " --new-tokens " << a.new_tokens << " --batch "
+        << a.batch << " --repeats " << a.repeats;
     FILE* pipe = popen(cmd.str().c_str(), "r");
     if (!pipe) throw_io("cannot start a bench child process", c);
     std::string out;
     char buf[4096];
     size_t got = 0;
-    while ((got = fread(buf, 1, sizeof(buf), pipe)) > 0) out.append(buf, got);
+    while ((got = fread(buf, 1, sizeof(buf), pipe)) > 0)
+      out.append(buf, got);
     if (pclose(pipe) != 0) throw_invalid("bench case failed: " + out, c);
     rows.push_back(nlohmann::json::parse(out.substr(out.find('{'))));
   }
@@ -150,7 +154,9 @@ void run_decode(const BenchArgs& a) {
     std::printf("%s\n", rows.dump(2).c_str());
     return;
   }
-  std::printf("| case | dtype | params | threads | prompt | new | prefill tok/s | decode tok/s | peak RSS MB |\n");
+  std::printf(
+      "| case | dtype | params | threads | prompt | new | prefill tok/s | decode tok/s | peak RSS "
+      "MB |\n");
   std::printf("|---|---|---|---|---|---|---|---|---|\n");
   for (const auto& r : rows) {
     std::printf("| %s | %s | %.1fM | %d | %lld | %lld | %.1f | %.1f | %.0f |\n",
@@ -161,8 +167,9 @@ void run_decode(const BenchArgs& a) {
                 r["prefill_tok_s"].get<double>(), r["decode_tok_s"].get<double>(),
                 r["peak_rss_mb"].get<double>());
   }
-  std::printf("\nReference: tests/reference/bench_decode.py runs the same cases with HF transformers "
-              "(same threads) and prints the ratios.\n");
+  std::printf(
+      "\nReference: tests/reference/bench_decode.py runs the same cases with HF transformers "
+      "(same threads) and prints the ratios.\n");
 }
 
 }  // namespace
@@ -177,9 +184,14 @@ void register_bench(CLI::App& app) {
       ->capture_default_str();
   decode->add_option("--tiny-model", args->tiny_model, "model dir of the `tiny` case")
       ->capture_default_str();
-  decode->add_option("--threads", args->threads, "CPU threads (0 = default)")->capture_default_str();
-  decode->add_option("--prompt-tokens", args->prompt_tokens)->capture_default_str()->check(CLI::PositiveNumber);
-  decode->add_option("--new-tokens", args->new_tokens)->capture_default_str()->check(CLI::PositiveNumber);
+  decode->add_option("--threads", args->threads, "CPU threads (0 = default)")
+      ->capture_default_str();
+  decode->add_option("--prompt-tokens", args->prompt_tokens)
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  decode->add_option("--new-tokens", args->new_tokens)
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   decode->add_option("--batch", args->batch)->capture_default_str()->check(CLI::PositiveNumber);
   decode->add_option("--repeats", args->repeats, "timed runs; the best is reported")
       ->capture_default_str()

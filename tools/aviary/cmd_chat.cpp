@@ -1,6 +1,6 @@
+#include <unistd.h>
 #include <cstdio>
 #include <iostream>
-#include <unistd.h>
 
 #include "aviary/core/error.h"
 #include "aviary/infer/chat.h"
@@ -26,7 +26,8 @@ void run(ChatArgs& a) {
   ChatSession session(*lm, *lm->chat_template(), a.system);
   const bool tty = isatty(STDIN_FILENO);
   if (tty) {
-    std::fprintf(stderr, "Chatting with %s (template %s). /reset starts over, /exit or Ctrl-D quits.\n",
+    std::fprintf(stderr,
+                 "Chatting with %s (template %s). /reset starts over, /exit or Ctrl-D quits.\n",
                  a.model.model.c_str(), lm->chat_template()->name().c_str());
   }
   std::string line;

@@ -47,8 +47,10 @@ void run(GenerateArgs& a) {
       throw_invalid("no chat template known for this model", a.model.model,
                     "pass --template NAME (see aviary chat --help)");
     }
-    for (auto& p : prompts) p = lm->chat_template()->render({{"user", p}}, true);
-    for (const auto& s : lm->chat_template()->stop_strings()) options.stop_strings.push_back(s);
+    for (auto& p : prompts)
+      p = lm->chat_template()->render({{"user", p}}, true);
+    for (const auto& s : lm->chat_template()->stop_strings())
+      options.stop_strings.push_back(s);
   }
   const bool stream = !a.json && !a.no_stream && prompts.size() == 1;
   if (stream) {

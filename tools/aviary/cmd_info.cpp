@@ -11,7 +11,8 @@
 namespace aviary::cli {
 
 void register_info(CLI::App& app) {
-  auto* cmd = app.add_subcommand("info", "Print the version, build options, LibTorch, devices and threads");
+  auto* cmd =
+      app.add_subcommand("info", "Print the version, build options, LibTorch, devices and threads");
   cmd->callback([] {
     std::printf("aviary          %s (%s, %s)\n", AVIARY_VERSION, AVIARY_BUILD_TYPE,
                 AVIARY_CXX_COMPILER);
@@ -24,7 +25,8 @@ void register_info(CLI::App& app) {
 #else
     const bool torch_cuda = false;
 #endif
-    std::printf("cuda tensors    %s\n", torch_cuda ? "linked" : "not linked (CPU-only LibTorch use)");
+    std::printf("cuda tensors    %s\n",
+                torch_cuda ? "linked" : "not linked (CPU-only LibTorch use)");
     const bool available = torch::cuda::is_available();
     std::printf("cuda available  %s\n", available ? "yes" : "no");
     if (available) {

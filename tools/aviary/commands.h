@@ -12,5 +12,6 @@ void register_chat(CLI::App& app);
 void register_tokenizer(CLI::App& app);
 void register_convert(CLI::App& app);
 void register_bench(CLI::App& app);
+void register_data(CLI::App& app);
 
 }  // namespace aviary::cli

@@ -2,8 +2,8 @@
 #include <cstdio>
 #include <exception>
 
-#include <CLI/CLI.hpp>
 #include <c10/util/Exception.h>
+#include <CLI/CLI.hpp>
 
 #include "aviary/build_info.h"
 #include "aviary/core/error.h"
@@ -27,6 +27,7 @@ int main(int argc, char** argv) {
   aviary::cli::register_tokenizer(app);
   aviary::cli::register_convert(app);
   aviary::cli::register_bench(app);
+  aviary::cli::register_data(app);
 
   try {
     app.parse(argc, argv);

@@ -34,7 +34,8 @@ void GenerationFlags::add(CLI::App* cmd) {
 
 GenerationOptions GenerationFlags::options() const {
   GenerationOptions out = gen;
-  for (const auto& s : stop) out.stop_strings.push_back(s);
+  for (const auto& s : stop)
+    out.stop_strings.push_back(s);
   out.sampling.validate();
   return out;
 }

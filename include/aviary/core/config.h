@@ -15,6 +15,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "aviary/core/strings.h"
+
 namespace aviary {
 
 using Json = nlohmann::json;
@@ -41,10 +43,10 @@ class ConfigReader {
   std::string get_string(const std::string& key, const std::optional<std::string>& def = {});
   std::string get_choice(const std::string& key, const std::vector<std::string>& allowed,
                          const std::optional<std::string>& def = {});
-  int64_t get_int(const std::string& key, std::optional<int64_t> def = {},
-                  int64_t min = INT64_MIN, int64_t max = INT64_MAX);
-  double get_double(const std::string& key, std::optional<double> def = {},
-                    double min = -1e300, double max = 1e300);
+  int64_t get_int(const std::string& key, std::optional<int64_t> def = {}, int64_t min = INT64_MIN,
+                  int64_t max = INT64_MAX);
+  double get_double(const std::string& key, std::optional<double> def = {}, double min = -1e300,
+                    double max = 1e300);
   bool get_bool(const std::string& key, std::optional<bool> def = {});
   std::vector<std::string> get_string_list(const std::string& key,
                                            const std::optional<std::vector<std::string>>& def = {});
@@ -70,9 +72,5 @@ class ConfigReader {
   std::string source_;
   std::set<std::string> read_;
 };
-
-// Levenshtein-closest candidate within a small distance, for "did you mean" hints.
-std::optional<std::string> closest_match(const std::string& word,
-                                         const std::vector<std::string>& candidates);
 
 }  // namespace aviary

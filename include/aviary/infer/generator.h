@@ -14,11 +14,11 @@ namespace aviary {
 
 struct GenerationOptions {
   int64_t max_new_tokens = 128;
-  SamplingOptions sampling;                 // greedy by default
-  std::vector<std::string> stop_strings;    // generation ends before the first occurrence
-  std::vector<int32_t> stop_token_ids;      // in addition to the model's eos ids
-  bool stop_at_eos = true;                  // stop at config/tokenizer eos ids
-  bool add_special_tokens = true;           // tokenizer post-processing (e.g. BOS for LLaMA)
+  SamplingOptions sampling;               // greedy by default
+  std::vector<std::string> stop_strings;  // generation ends before the first occurrence
+  std::vector<int32_t> stop_token_ids;    // in addition to the model's eos ids
+  bool stop_at_eos = true;                // stop at config/tokenizer eos ids
+  bool add_special_tokens = true;         // tokenizer post-processing (e.g. BOS for LLaMA)
   // Streaming: called with each newly decoded piece of text of row `row` (complete UTF-8 only).
   // Return false to stop that row.
   std::function<bool(size_t row, const std::string& piece)> on_text;

@@ -24,11 +24,11 @@
 namespace aviary {
 
 struct LoadOptions {
-  std::string dtype = "auto";   // auto (the checkpoint's torch_dtype) | fp32 | bf16 | fp16
-  std::string device = "cpu";   // cpu | cuda | cuda:N | auto
-  int threads = 0;              // intra-op CPU threads; 0 keeps LibTorch's default
-  std::string tokenizer;        // tokenizer file or dir; empty = the model directory
-  std::string chat_template;    // template name; empty = detect from the model directory
+  std::string dtype = "auto";  // auto (the checkpoint's torch_dtype) | fp32 | bf16 | fp16
+  std::string device = "cpu";  // cpu | cuda | cuda:N | auto
+  int threads = 0;             // intra-op CPU threads; 0 keeps LibTorch's default
+  std::string tokenizer;       // tokenizer file or dir; empty = the model directory
+  std::string chat_template;   // template name; empty = detect from the model directory
 };
 
 class LanguageModel {

@@ -1,0 +1,129 @@
+// Training checkpoints: atomic save, keep-last-N, resume, export to a Hugging Face directory.
+//
+// A run directory (`checkpoint.dir`) holds:
+//   step-000200/                     one complete checkpoint per saved step (6+ digits)
+//     model.safetensors              parameters by name (or model-0000i-of-0000n.safetensors
+//                                    + model.safetensors.index.json above max_shard_bytes)
+//     optimizer.safetensors          "<param>.exp_avg", "<param>.exp_avg_sq" per parameter
+//     optimizer.json                 type, param groups (hyper-parameters + parameter names),
+//                                    per-parameter step counts
+//     rng_state.safetensors          "cpu" (+ "cuda:N"): torch generator states (uint8)
+//     trainer_state.json             step, tokens seen, sampler cursor, scheduler, loss tail
+//     config.json                    the resolved run config
+//     COMPLETE                       written last: {"step", "files": {name: bytes}}
+//   latest                           "step-000200\n", rewritten only after a checkpoint completes
+//   step-000300.tmp-XXXXXXXX/        a save in progress (or left by a crash): never loaded,
+//                                    removed by the next save
+//
+// Save sequence: write every file into the temp dir (each fsynced), COMPLETE last, fsync the temp
+// dir, rename it to step-NNNNNN, fsync the run dir, rewrite `latest` atomically, then delete the
+// complete checkpoints beyond keep_last. A crash at any point leaves the previous checkpoint and
+// `latest` intact. See docs/checkpoints.md.
+//
+// Test-only crash hook: with AVIARY_TEST_CRASH_AT=<stage> in the environment, save_checkpoint
+// calls _exit(86) at that stage. Stages, in order: after_model, after_optimizer, after_state,
+// before_complete, before_rename, before_latest. An unknown stage name is an error. Never set it
+// outside tests.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <torch/optim/optimizer.h>
+
+#include "aviary/core/config.h"
+#include "aviary/train/optimizer.h"
+
+namespace aviary {
+
+//   checkpoint:
+//     dir: runs/exp1/checkpoints   # run directory (required); created if missing
+//     every: 1000                  # save every N optimizer steps; 0 = only at the end
+//     keep_last: 3                 # complete checkpoints kept; 0 = keep all
+//     max_shard_bytes: 5368709120  # model safetensors shard size limit (5 GiB)
+//     resume: auto                 # auto (newest complete checkpoint in dir, if any) | none |
+//                                  # a path (a step-NNNNNN dir, or a run dir: its newest)
+struct CheckpointConfig {
+  std::string dir;
+  int64_t every = 1000;
+  int64_t keep_last = 3;
+  uint64_t max_shard_bytes = 5ull << 30;
+  std::string resume = "auto";
+
+  static CheckpointConfig from_section(ConfigReader& section);  // calls finish()
+  Json to_json() const;
+};
+
+// What the trainer saves besides tensors. `sampler` and `extra` are opaque to this layer.
+struct TrainerState {
+  int64_t step = 0;  // optimizer steps completed
+  int64_t tokens_seen = 0;
+  Json sampler = Json::object();     // the data sampler's resumable cursor
+  Json scheduler = Json::object();   // LR schedule description (LrSchedule::to_json) + last lr
+  std::vector<double> loss_history;  // recent losses; the last kLossHistoryTail are saved
+  Json extra = Json::object();       // anything else the trainer wants back
+
+  static constexpr size_t kLossHistoryTail = 1000;
+  Json to_json() const;
+  static TrainerState from_json(const Json& json, const std::string& source);
+};
+
+// "step-000042"
+std::string checkpoint_dir_name(int64_t step);
+
+// Creates `dir` if needed and proves it writable by creating, fsyncing and removing a probe file.
+// Throws kIO naming `dir` (with a hint) otherwise. The trainer calls it before step 1.
+void check_writable(const std::string& dir);
+
+// Saves a checkpoint of `step` into `config.dir` following the sequence above and returns the
+// path of the new step directory. `named_params` are the model's parameters (HF names for
+// Aquila); `optimizer` must be a torch::optim::AdamW (aviary::AdamW included) whose parameters are
+// all among `named_params`. An existing complete checkpoint of the same step is replaced
+// atomically. `state.step` must equal `step`.
+std::string save_checkpoint(const CheckpointConfig& config, int64_t step, const Json& run_config,
+                            const NamedTensors& named_params,
+                            const torch::optim::Optimizer& optimizer, const TrainerState& state);
+
+// True when `step_dir` holds a COMPLETE marker that parses.
+bool is_complete_checkpoint(const std::string& step_dir);
+
+// The newest complete checkpoint in a run dir, or nullopt when there is none. `latest` is used
+// when it names a complete checkpoint and no newer complete one exists; otherwise (missing,
+// stale, pointing at something incomplete) the directory scan decides. Temp dirs and step dirs
+// without COMPLETE are never returned.
+std::optional<std::string> find_latest(const std::string& run_dir);
+
+// Resolves `checkpoint.resume`: "none" -> nullopt; "auto" -> find_latest(run_dir); otherwise a
+// path: a complete step dir, or a run dir (its newest complete checkpoint; kNotFound if none).
+// A step dir without COMPLETE is refused (kCorruption).
+std::optional<std::string> resolve_resume(const std::string& resume, const std::string& run_dir);
+
+struct LoadedCheckpoint {
+  std::string path;    // the step dir
+  Json config;         // its config.json
+  TrainerState state;  // its trainer_state.json
+};
+
+// Loads a complete checkpoint:
+//   - every tensor of `named_params` from the model files (by name; dtype converted; a missing
+//     tensor, a shape mismatch or a tensor the model does not have is an error naming the file
+//     and tensor);
+//   - if `optimizer` is given (a freshly constructed AdamW over the same parameters): its
+//     per-parameter state (moments and step counts), matched by parameter name;
+//   - if `restore_rng`: the torch CPU (and CUDA, when saved and present) generator states.
+// File sizes are checked against COMPLETE first, so a truncated file is reported as such.
+LoadedCheckpoint load_checkpoint(const std::string& step_dir, const NamedTensors& named_params,
+                                 torch::optim::Optimizer* optimizer, bool restore_rng = true);
+
+// Writes an HF model directory from a checkpoint of an Aquila/LLaMA model: config.json (from the
+// checkpoint config's `model` section, torch_dtype = the stored dtype) and safetensors (sharded
+// above max_shard_bytes). `tokenizer`, when not empty, is a tokenizer file or a directory whose
+// tokenizer / generation files (tokenizer.json, tokenizer.model, vocab.json, merges.txt,
+// tokenizer_config.json, special_tokens_map.json, added_tokens.json, generation_config.json) are
+// copied, so that LanguageModel::load(out_dir) works. `out_dir` must not exist or be empty.
+void export_hf(const std::string& checkpoint_dir, const std::string& out_dir,
+               const std::string& tokenizer = {}, uint64_t max_shard_bytes = 5ull << 30);
+
+}  // namespace aviary

@@ -1,0 +1,579 @@
+#include "aviary/train/checkpoint.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <random>
+#include <regex>
+#include <set>
+#include <sstream>
+#include <unordered_map>
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Context.h>
+#include <spdlog/spdlog.h>
+#include <torch/cuda.h>
+#include <torch/optim/adamw.h>
+
+#include "aviary/core/atomic_file.h"
+#include "aviary/core/error.h"
+#include "aviary/io/safetensors.h"
+#include "aviary/io/weights.h"
+
+namespace fs = std::filesystem;
+
+namespace aviary {
+namespace {
+
+constexpr const char* kComplete = "COMPLETE";
+constexpr const char* kLatest = "latest";
+constexpr const char* kOptimizerTensors = "optimizer.safetensors";
+constexpr const char* kOptimizerJson = "optimizer.json";
+constexpr const char* kRngTensors = "rng_state.safetensors";
+constexpr const char* kTrainerState = "trainer_state.json";
+constexpr const char* kConfig = "config.json";
+constexpr int kCrashExitCode = 86;
+
+const char* const kCrashStages[] = {"after_model",     "after_optimizer", "after_state",
+                                    "before_complete", "before_rename",   "before_latest"};
+
+std::string errno_text(int err) {
+  return std::string(std::strerror(err));
+}
+
+// Test-only crash injection (AVIARY_TEST_CRASH_AT); see checkpoint.h.
+const char* crash_stage() {
+  const char* stage = std::getenv("AVIARY_TEST_CRASH_AT");
+  if (!stage || !*stage) return nullptr;
+  for (const char* known : kCrashStages) {
+    if (std::strcmp(stage, known) == 0) return stage;
+  }
+  throw_invalid(std::string("unknown crash stage '") + stage + "'", "AVIARY_TEST_CRASH_AT",
+                "one of: after_model, after_optimizer, after_state, before_complete, "
+                "before_rename, before_latest (test-only; unset it for real runs)");
+}
+
+void crash_point(const char* armed, const char* stage) {
+  if (armed && std::strcmp(armed, stage) == 0) ::_exit(kCrashExitCode);
+}
+
+// step-NNNNNN (a complete checkpoint's name) -> N; nullopt for anything else.
+std::optional<int64_t> parse_step_dir_name(const std::string& name) {
+  static const std::regex re("^step-([0-9]+)$");
+  std::smatch m;
+  if (!std::regex_match(name, m, re)) return std::nullopt;
+  try {
+    return std::stoll(m[1].str());
+  } catch (const std::out_of_range&) {
+    return std::nullopt;
+  }
+}
+
+// Our temp dirs (step-N.tmp-X), and the hidden temp siblings that save_hf_weights and
+// write_file_atomic create next to them or next to `latest` (".step-N.tmp-X.tmp.PID.R",
+// ".latest.tmp.PID.R"), all of which a crash can leave behind.
+bool is_temp_dir_name(const std::string& name) {
+  static const std::regex re("^\\.?step-[0-9]+\\.tmp-.*$|^\\.latest\\..*$");
+  return std::regex_match(name, re);
+}
+
+std::string read_text(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    if (!fs::exists(path)) throw_not_found("no such file", path);
+    throw_io("cannot open for reading: " + errno_text(errno), path);
+  }
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+Json read_json(const std::string& path) {
+  std::string text = read_text(path);
+  try {
+    return Json::parse(text);
+  } catch (const Json::parse_error& e) {
+    throw_corruption(std::string("invalid JSON: ") + e.what(), path,
+                     "the checkpoint is damaged; resume from an older one");
+  }
+}
+
+void write_json(const std::string& path, const Json& json) {
+  write_file_atomic(path, std::string_view(json.dump(2) + "\n"));
+}
+
+// Complete checkpoints in a run dir, sorted by step (ascending).
+std::vector<std::pair<int64_t, std::string>> complete_checkpoints(const std::string& run_dir) {
+  std::vector<std::pair<int64_t, std::string>> out;
+  std::error_code ec;
+  if (!fs::is_directory(run_dir, ec)) return out;
+  for (const auto& entry : fs::directory_iterator(run_dir, ec)) {
+    auto step = parse_step_dir_name(entry.path().filename().string());
+    if (!step || !entry.is_directory(ec)) continue;
+    if (is_complete_checkpoint(entry.path().string()))
+      out.emplace_back(*step, entry.path().string());
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+void remove_stale_temp_dirs(const std::string& run_dir) {
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator(run_dir, ec)) {
+    if (!is_temp_dir_name(entry.path().filename().string())) continue;
+    spdlog::info("removing {} (left by an interrupted checkpoint save)", entry.path().string());
+    std::error_code rm_ec;
+    fs::remove_all(entry.path(), rm_ec);
+    if (rm_ec) spdlog::warn("cannot remove {}: {}", entry.path().string(), rm_ec.message());
+  }
+}
+
+std::string make_temp_dir_path(const std::string& run_dir, int64_t step) {
+  std::random_device rd;
+  char suffix[16];
+  std::snprintf(suffix, sizeof(suffix), "%08x", rd());
+  return (fs::path(run_dir) / (checkpoint_dir_name(step) + ".tmp-" + suffix)).string();
+}
+
+// Maps each optimizer parameter to its name in `named_params`.
+std::unordered_map<const void*, std::string> names_by_impl(const NamedTensors& named_params) {
+  std::unordered_map<const void*, std::string> out;
+  for (const auto& [name, tensor] : named_params)
+    out.emplace(tensor.unsafeGetTensorImpl(), name);
+  return out;
+}
+
+const torch::optim::AdamWOptions& adamw_options_of(const torch::optim::OptimizerParamGroup& g) {
+  const auto* options = dynamic_cast<const torch::optim::AdamWOptions*>(&g.options());
+  if (!options) {
+    throw_unsupported("only AdamW optimizer state can be checkpointed", "optimizer",
+                      "build the optimizer with aviary::make_adamw");
+  }
+  return *options;
+}
+
+void save_optimizer(const std::string& dir, const NamedTensors& named_params,
+                    const torch::optim::Optimizer& optimizer) {
+  auto names = names_by_impl(named_params);
+  NamedTensors tensors;
+  Json groups = Json::array();
+  Json steps = Json::object();
+  for (const auto& group : optimizer.param_groups()) {
+    const auto& options = adamw_options_of(group);
+    Json param_names = Json::array();
+    for (const auto& p : group.params()) {
+      auto it = names.find(p.unsafeGetTensorImpl());
+      if (it == names.end()) {
+        throw_invalid(
+            "the optimizer holds a parameter that is not among the model's named "
+            "parameters (shape " +
+                shape_string(p.sizes()) + ")",
+            "optimizer", "build the optimizer from the same named parameters");
+      }
+      const std::string& name = it->second;
+      param_names.push_back(name);
+      auto st = optimizer.state().find(p.unsafeGetTensorImpl());
+      if (st == optimizer.state().end()) continue;  // never stepped (no gradient yet)
+      const auto& s = static_cast<const torch::optim::AdamWParamState&>(*st->second);
+      tensors.emplace_back(name + ".exp_avg", s.exp_avg());
+      tensors.emplace_back(name + ".exp_avg_sq", s.exp_avg_sq());
+      steps[name] = s.step();
+    }
+    groups.push_back(Json{{"lr", options.lr()},
+                          {"betas", {std::get<0>(options.betas()), std::get<1>(options.betas())}},
+                          {"eps", options.eps()},
+                          {"weight_decay", options.weight_decay()},
+                          {"params", param_names}});
+  }
+  save_safetensors((fs::path(dir) / kOptimizerTensors).string(), tensors);
+  write_json(
+      (fs::path(dir) / kOptimizerJson).string(),
+      Json{{"type", "adamw"}, {"format_version", 1}, {"param_groups", groups}, {"step", steps}});
+}
+
+void save_rng(const std::string& dir) {
+  NamedTensors states;
+  {
+    auto gen = at::detail::getDefaultCPUGenerator();
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    states.emplace_back("cpu", at::Tensor(gen.get_state()));
+  }
+  const int64_t cuda_devices = static_cast<int64_t>(torch::cuda::device_count());
+  for (int64_t i = 0; i < cuda_devices; ++i) {
+    auto gen = at::globalContext().defaultGenerator(c10::Device(c10::kCUDA, i));
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    states.emplace_back("cuda:" + std::to_string(i), at::Tensor(gen.get_state()));
+  }
+  save_safetensors((fs::path(dir) / kRngTensors).string(), states);
+}
+
+void restore_rng(const std::string& dir) {
+  const std::string path = (fs::path(dir) / kRngTensors).string();
+  auto file = SafetensorsFile::open(path);
+  for (const auto& name : file->names()) {
+    at::Tensor state = file->tensor(name).clone();
+    try {
+      if (name == "cpu") {
+        auto gen = at::detail::getDefaultCPUGenerator();
+        std::lock_guard<std::mutex> lock(gen.mutex());
+        gen.set_state(state);
+      } else if (name.rfind("cuda:", 0) == 0) {
+        const int64_t index = std::stoll(name.substr(5));
+        if (index >= static_cast<int64_t>(torch::cuda::device_count())) {
+          spdlog::warn("{}: RNG state for {} not restored (no such device here)", path, name);
+          continue;
+        }
+        auto gen = at::globalContext().defaultGenerator(c10::Device(c10::kCUDA, index));
+        std::lock_guard<std::mutex> lock(gen.mutex());
+        gen.set_state(state);
+      } else {
+        throw_corruption("unknown generator '" + name + "'", path);
+      }
+    } catch (const c10::Error& e) {
+      throw_corruption("invalid generator state for '" + name + "': " + e.what_without_backtrace(),
+                       path, "the checkpoint is damaged; resume from an older one");
+    }
+  }
+}
+
+// Every regular file under `dir` with its size, relative paths as keys.
+Json file_sizes(const std::string& dir) {
+  Json files = Json::object();
+  for (const auto& entry : fs::recursive_directory_iterator(dir)) {
+    if (!entry.is_regular_file()) continue;
+    files[fs::relative(entry.path(), dir).string()] = entry.file_size();
+  }
+  return files;
+}
+
+void verify_file_sizes(const std::string& step_dir, const Json& complete) {
+  const std::string marker = (fs::path(step_dir) / kComplete).string();
+  if (!complete.contains("files") || !complete["files"].is_object())
+    throw_corruption("COMPLETE marker has no file list", marker);
+  for (const auto& [name, size] : complete["files"].items()) {
+    const fs::path path = fs::path(step_dir) / name;
+    std::error_code ec;
+    const auto actual = fs::file_size(path, ec);
+    if (ec) {
+      throw_corruption("missing file listed in COMPLETE", path.string(),
+                       "the checkpoint was modified after it was saved; resume from another one");
+    }
+    if (!size.is_number_unsigned()) throw_corruption("bad size for '" + name + "'", marker);
+    const uint64_t expected = size.get<uint64_t>();
+    if (actual != expected) {
+      throw_corruption("file size changed since the checkpoint was saved: expected " +
+                           std::to_string(expected) + " bytes, found " + std::to_string(actual) +
+                           (actual < expected ? " (truncated)" : ""),
+                       path.string(), "the checkpoint is damaged; resume from an older one");
+    }
+  }
+}
+
+void load_model_tensors(const std::string& step_dir, const NamedTensors& named_params) {
+  auto reader = WeightReader::open(step_dir);
+  std::set<std::string> expected;
+  torch::NoGradGuard no_grad;
+  for (const auto& [name, param] : named_params) {
+    expected.insert(name);
+    if (!reader->contains(name)) {
+      throw_corruption("tensor '" + name + "' is missing from the checkpoint",
+                       reader->path() + ": " + name,
+                       "the checkpoint belongs to a different model, or is damaged");
+    }
+    reader->load_into(name, param);
+  }
+  for (const auto& name : reader->names()) {
+    if (!expected.count(name)) {
+      throw_invalid("the checkpoint has tensor '" + name + "' that the model does not",
+                    reader->file_of(name) + ": " + name,
+                    "check that model config matches the checkpoint's config.json");
+    }
+  }
+}
+
+void load_optimizer(const std::string& step_dir, const NamedTensors& named_params,
+                    torch::optim::Optimizer& optimizer) {
+  const std::string json_path = (fs::path(step_dir) / kOptimizerJson).string();
+  const std::string tensors_path = (fs::path(step_dir) / kOptimizerTensors).string();
+  Json meta = read_json(json_path);
+  if (meta.value("type", "") != "adamw")
+    throw_corruption("expected optimizer type 'adamw', found " + meta.value("type", Json()).dump(),
+                     json_path);
+  if (!meta.contains("step") || !meta["step"].is_object())
+    throw_corruption("missing per-parameter 'step' object", json_path);
+  const Json& steps = meta["step"];
+  auto file = SafetensorsFile::open(tensors_path);
+  auto names = names_by_impl(named_params);
+  torch::NoGradGuard no_grad;
+  auto& state = optimizer.state();
+  for (auto& group : optimizer.param_groups()) {
+    adamw_options_of(group);
+    for (auto& p : group.params()) {
+      auto it = names.find(p.unsafeGetTensorImpl());
+      if (it == names.end()) {
+        throw_invalid(
+            "the optimizer holds a parameter that is not among the model's named "
+            "parameters",
+            "optimizer");
+      }
+      const std::string& name = it->second;
+      if (!steps.contains(name)) {
+        state.erase(p.unsafeGetTensorImpl());  // saved before its first update
+        continue;
+      }
+      auto moment = [&](const std::string& suffix) {
+        const std::string key = name + suffix;
+        if (!file->contains(key)) {
+          throw_corruption("tensor '" + key + "' is missing", tensors_path + ": " + key,
+                           "the checkpoint is damaged; resume from an older one");
+        }
+        torch::Tensor src = file->tensor(key);
+        if (src.sizes() != p.sizes()) {
+          throw_invalid(
+              "shape mismatch for '" + key + "': checkpoint has " + shape_string(src.sizes()) +
+                  ", parameter has " + shape_string(p.sizes()),
+              tensors_path + ": " + key, "the optimizer state belongs to a different model");
+        }
+        return src.to(p.options(), /*non_blocking=*/false, /*copy=*/true);
+      };
+      auto s = std::make_unique<torch::optim::AdamWParamState>();
+      s->step(steps[name].get<int64_t>());
+      s->exp_avg(moment(".exp_avg"));
+      s->exp_avg_sq(moment(".exp_avg_sq"));
+      state[p.unsafeGetTensorImpl()] = std::move(s);
+    }
+  }
+}
+
+}  // namespace
+
+CheckpointConfig CheckpointConfig::from_section(ConfigReader& section) {
+  CheckpointConfig c;
+  c.dir = section.get_string("dir");
+  if (c.dir.empty()) section.fail("dir", "must not be empty", "e.g. dir: runs/exp1/checkpoints");
+  c.every = section.get_int("every", c.every, 0);
+  c.keep_last = section.get_int("keep_last", c.keep_last, 0);
+  c.max_shard_bytes = static_cast<uint64_t>(
+      section.get_int("max_shard_bytes", static_cast<int64_t>(c.max_shard_bytes), 1));
+  c.resume = section.get_string("resume", c.resume);
+  if (c.resume.empty())
+    section.fail("resume", "must not be empty", "auto | none | <checkpoint path>");
+  section.finish();
+  return c;
+}
+
+Json CheckpointConfig::to_json() const {
+  return Json{{"dir", dir},
+              {"every", every},
+              {"keep_last", keep_last},
+              {"max_shard_bytes", max_shard_bytes},
+              {"resume", resume}};
+}
+
+Json TrainerState::to_json() const {
+  const size_t keep = std::min(loss_history.size(), kLossHistoryTail);
+  std::vector<double> tail(loss_history.end() - static_cast<std::ptrdiff_t>(keep),
+                           loss_history.end());
+  Json losses = Json::array();
+  for (double v : tail)  // JSON has no nan/inf: store them as null
+    losses.push_back(std::isfinite(v) ? Json(v) : Json(nullptr));
+  return Json{{"step", step},           {"tokens_seen", tokens_seen}, {"sampler", sampler},
+              {"scheduler", scheduler}, {"loss_history", losses},     {"extra", extra},
+              {"rng", kRngTensors}};
+}
+
+TrainerState TrainerState::from_json(const Json& json, const std::string& source) {
+  TrainerState s;
+  try {
+    s.step = json.at("step").get<int64_t>();
+    s.tokens_seen = json.at("tokens_seen").get<int64_t>();
+    s.sampler = json.value("sampler", Json::object());
+    s.scheduler = json.value("scheduler", Json::object());
+    s.extra = json.value("extra", Json::object());
+    for (const auto& v : json.value("loss_history", Json::array()))
+      s.loss_history.push_back(v.is_null() ? std::nan("") : v.get<double>());
+  } catch (const Json::exception& e) {
+    throw_corruption(std::string("malformed trainer state: ") + e.what(), source);
+  }
+  return s;
+}
+
+std::string checkpoint_dir_name(int64_t step) {
+  if (step < 0) throw_invalid("checkpoint step must be >= 0, got " + std::to_string(step));
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "step-%06lld", static_cast<long long>(step));
+  return buf;
+}
+
+void check_writable(const std::string& dir) {
+  const std::string hint = "set checkpoint.dir to a writable directory";
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) throw_io("cannot create the checkpoint directory: " + ec.message(), dir, hint);
+  if (!fs::is_directory(dir)) throw_io("not a directory", dir, hint);
+  std::string probe = (fs::path(dir) / ".aviary-write-probe-XXXXXX").string();
+  int fd = ::mkstemp(probe.data());
+  if (fd < 0) {
+    int err = errno;
+    throw_io("the checkpoint directory is not writable: " + errno_text(err), dir, hint);
+  }
+  bool ok = ::write(fd, "ok", 2) == 2 && ::fsync(fd) == 0;
+  int err = errno;
+  ::close(fd);
+  ::unlink(probe.c_str());
+  if (!ok) throw_io("cannot write to the checkpoint directory: " + errno_text(err), dir, hint);
+}
+
+std::string save_checkpoint(const CheckpointConfig& config, int64_t step, const Json& run_config,
+                            const NamedTensors& named_params,
+                            const torch::optim::Optimizer& optimizer, const TrainerState& state) {
+  if (state.step != step) {
+    throw_invalid("trainer state step " + std::to_string(state.step) +
+                  " differs from the checkpoint step " + std::to_string(step));
+  }
+  const char* armed = crash_stage();
+  const std::string& run_dir = config.dir;
+  check_writable(run_dir);
+  remove_stale_temp_dirs(run_dir);
+
+  const std::string name = checkpoint_dir_name(step);
+  const std::string final_dir = (fs::path(run_dir) / name).string();
+  const std::string tmp = make_temp_dir_path(run_dir, step);
+
+  // save_hf_weights builds `tmp` itself (its own temp dir + fsync + rename).
+  save_hf_weights(tmp, named_params, config.max_shard_bytes);
+  crash_point(armed, "after_model");
+  save_optimizer(tmp, named_params, optimizer);
+  crash_point(armed, "after_optimizer");
+  save_rng(tmp);
+  write_json((fs::path(tmp) / kTrainerState).string(), state.to_json());
+  crash_point(armed, "after_state");
+  write_json((fs::path(tmp) / kConfig).string(), run_config);
+  crash_point(armed, "before_complete");
+  write_json((fs::path(tmp) / kComplete).string(),
+             Json{{"step", step}, {"files", file_sizes(tmp)}});
+  fsync_directory(tmp);
+  crash_point(armed, "before_rename");
+
+  std::error_code ec;
+  if (fs::exists(final_dir, ec)) {
+    // Re-saving a step: swap the directories in one step, then drop the old one.
+    if (::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, final_dir.c_str(), RENAME_EXCHANGE) != 0) {
+      int err = errno;
+      throw_io("cannot replace the existing checkpoint: " + errno_text(err), final_dir);
+    }
+    fs::remove_all(tmp, ec);
+  } else if (::rename(tmp.c_str(), final_dir.c_str()) != 0) {
+    int err = errno;
+    throw_io("cannot rename " + tmp + " into place: " + errno_text(err), final_dir);
+  }
+  fsync_directory(run_dir);
+  crash_point(armed, "before_latest");
+
+  write_file_atomic((fs::path(run_dir) / kLatest).string(), std::string_view(name + "\n"));
+
+  if (config.keep_last > 0) {
+    auto complete = complete_checkpoints(run_dir);
+    const size_t keep = static_cast<size_t>(config.keep_last);
+    for (size_t i = 0; i + keep < complete.size(); ++i) {
+      if (complete[i].second == final_dir) continue;
+      spdlog::info("removing old checkpoint {}", complete[i].second);
+      fs::remove_all(complete[i].second, ec);
+      if (ec) spdlog::warn("cannot remove {}: {}", complete[i].second, ec.message());
+    }
+  }
+  spdlog::info("saved checkpoint {}", final_dir);
+  return final_dir;
+}
+
+bool is_complete_checkpoint(const std::string& step_dir) {
+  const fs::path marker = fs::path(step_dir) / kComplete;
+  std::error_code ec;
+  if (!fs::is_regular_file(marker, ec)) return false;
+  try {
+    Json j = Json::parse(read_text(marker.string()));
+    return j.is_object() && j.contains("step") && j.contains("files");
+  } catch (const std::exception&) {
+    return false;
+  }
+}
+
+std::optional<std::string> find_latest(const std::string& run_dir) {
+  auto complete = complete_checkpoints(run_dir);
+  if (complete.empty()) return std::nullopt;
+  const std::string newest = complete.back().second;
+  const fs::path latest_file = fs::path(run_dir) / kLatest;
+  std::error_code ec;
+  if (fs::is_regular_file(latest_file, ec)) {
+    std::string named;
+    try {
+      named = read_text(latest_file.string());
+    } catch (const Error&) {
+    }
+    while (!named.empty() && (named.back() == '\n' || named.back() == ' '))
+      named.pop_back();
+    const std::string pointed = (fs::path(run_dir) / named).string();
+    if (pointed != newest) {
+      spdlog::warn("{}: names '{}', but the newest complete checkpoint is {}; using the latter",
+                   latest_file.string(), named, newest);
+    }
+  }
+  return newest;
+}
+
+std::optional<std::string> resolve_resume(const std::string& resume, const std::string& run_dir) {
+  if (resume == "none") return std::nullopt;
+  if (resume == "auto") return find_latest(run_dir);
+  std::error_code ec;
+  if (!fs::is_directory(resume, ec)) {
+    throw_not_found("no such checkpoint directory", resume,
+                    "checkpoint.resume takes auto, none, a step-NNNNNN dir or a run dir");
+  }
+  if (fs::exists(fs::path(resume) / kComplete, ec)) {
+    if (!is_complete_checkpoint(resume))
+      throw_corruption("unreadable COMPLETE marker", (fs::path(resume) / kComplete).string());
+    return resume;
+  }
+  if (parse_step_dir_name(fs::path(resume).filename().string()) ||
+      is_temp_dir_name(fs::path(resume).filename().string())) {
+    throw_corruption("checkpoint is incomplete (no COMPLETE marker): its save was interrupted",
+                     resume, "resume from an older checkpoint, or use resume: auto");
+  }
+  auto latest = find_latest(resume);
+  if (!latest) {
+    throw_not_found("no complete checkpoint in this directory", resume,
+                    "use resume: none to start from scratch");
+  }
+  return latest;
+}
+
+LoadedCheckpoint load_checkpoint(const std::string& step_dir, const NamedTensors& named_params,
+                                 torch::optim::Optimizer* optimizer, bool restore_rng_state) {
+  const std::string marker = (fs::path(step_dir) / kComplete).string();
+  if (!fs::exists(marker)) {
+    throw_corruption("checkpoint is incomplete (no COMPLETE marker)", step_dir,
+                     "resume from an older checkpoint, or use resume: auto");
+  }
+  verify_file_sizes(step_dir, read_json(marker));
+  LoadedCheckpoint out;
+  out.path = step_dir;
+  out.config = read_json((fs::path(step_dir) / kConfig).string());
+  const std::string state_path = (fs::path(step_dir) / kTrainerState).string();
+  out.state = TrainerState::from_json(read_json(state_path), state_path);
+  load_model_tensors(step_dir, named_params);
+  if (optimizer) load_optimizer(step_dir, named_params, *optimizer);
+  if (restore_rng_state) restore_rng(step_dir);
+  return out;
+}
+
+}  // namespace aviary
