@@ -9,23 +9,11 @@
 #include "aviary/core/error.h"
 #include "aviary/io/weights.h"
 #include "aviary/models/aquila_weights.h"
+#include "aviary/tokenizer/tokenizer_files.h"
 
 namespace fs = std::filesystem;
 
 namespace aviary {
-namespace {
-
-// Tokenizer and generation files copied alongside exported weights.
-const char* const kSideFiles[] = {"tokenizer.json",
-                                  "vocab.json",
-                                  "merges.txt",
-                                  "tokenizer.model",
-                                  "tokenizer_config.json",
-                                  "special_tokens_map.json",
-                                  "added_tokens.json",
-                                  "generation_config.json"};
-
-}  // namespace
 
 std::unique_ptr<LanguageModel> LanguageModel::load(const std::string& path,
                                                    const LoadOptions& options) {
@@ -95,11 +83,7 @@ void LanguageModel::save_hf(const std::string& dir, uint64_t max_shard_bytes) co
   AquilaConfig config = model_->config();
   config.torch_dtype = dtype_name(model_->options().dtype().toScalarType());
   write_file_atomic((fs::path(dir) / "config.json").string(), config.to_hf_json().dump(2) + "\n");
-  for (const char* name : kSideFiles) {
-    fs::path src = fs::path(path_) / name;
-    if (fs::exists(src))
-      fs::copy_file(src, fs::path(dir) / name, fs::copy_options::overwrite_existing);
-  }
+  copy_tokenizer_files(path_, dir);
 }
 
 }  // namespace aviary

@@ -8,21 +8,13 @@
 #include "aviary/core/error.h"
 #include "aviary/io/weights.h"
 #include "aviary/models/aquila_config.h"
+#include "aviary/tokenizer/tokenizer_files.h"
 #include "aviary/train/checkpoint.h"
 
 namespace fs = std::filesystem;
 
 namespace aviary {
 namespace {
-
-const char* const kTokenizerFiles[] = {"tokenizer.json",
-                                       "vocab.json",
-                                       "merges.txt",
-                                       "tokenizer.model",
-                                       "tokenizer_config.json",
-                                       "special_tokens_map.json",
-                                       "added_tokens.json",
-                                       "generation_config.json"};
 
 Json read_config(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -45,13 +37,7 @@ void copy_tokenizer(const std::string& tokenizer, const std::string& out_dir) {
   }
   if (!fs::is_directory(tokenizer, ec))
     throw_not_found("no such tokenizer file or directory", tokenizer);
-  int copied = 0;
-  for (const char* name : kTokenizerFiles) {
-    fs::path src = fs::path(tokenizer) / name;
-    if (!fs::exists(src, ec)) continue;
-    fs::copy_file(src, fs::path(out_dir) / name, fs::copy_options::overwrite_existing);
-    ++copied;
-  }
+  const int copied = copy_tokenizer_files(tokenizer, out_dir);
   if (copied == 0) {
     throw_not_found("no tokenizer files in this directory", tokenizer,
                     "expected tokenizer.json, tokenizer.model or vocab.json + merges.txt");
