@@ -14,12 +14,15 @@
 #include "aviary/core/error.h"
 #include "aviary/infer/language_model.h"
 #include "aviary/io/safetensors.h"
+#include "expect_error.h"
 #include "test_util.h"
 
 namespace fs = std::filesystem;
 
 namespace aviary {
 namespace {
+
+using test::expect_error;
 
 using test::TempDir;
 
@@ -91,17 +94,6 @@ std::vector<std::string> list_dir(const std::string& dir) {
     out.push_back(e.path().filename().string());
   std::sort(out.begin(), out.end());
   return out;
-}
-
-template <typename F>
-Error expect_error(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e;
-  }
-  ADD_FAILURE() << "expected an aviary::Error";
-  return Error(ErrorKind::kInternal, "none");
 }
 
 bool contains(const std::string& haystack, const std::string& needle) {

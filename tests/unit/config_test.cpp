@@ -3,21 +3,11 @@
 #include "aviary/core/config.h"
 #include "aviary/core/error.h"
 #include "aviary/models/aquila_config.h"
+#include "expect_error.h"
 #include "test_util.h"
 
 namespace aviary {
 namespace {
-
-template <typename F>
-Error catch_error(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e;
-  }
-  ADD_FAILURE() << "expected aviary::Error";
-  return Error(ErrorKind::kInternal, "none");
-}
 
 TEST(Config, ReadsYamlWithTypes) {
   test::TempDir dir;
@@ -39,7 +29,7 @@ TEST(Config, UnknownKeySuggestsTheClosest) {
   ConfigReader root(j, "", "run.yaml");
   auto model = root.child("model");
   model.get_int("hidden_size", 8);
-  auto e = catch_error([&] { model.finish(); });
+  auto e = test::expect_error([&] { model.finish(); });
   EXPECT_EQ(e.context(), "run.yaml: model.hiden_size");
   EXPECT_NE(e.hint().find("hidden_size"), std::string::npos);
 }
@@ -48,12 +38,12 @@ TEST(Config, WrongTypeAndRangeNameTheKeyPath) {
   Json j = Json::parse(R"({"optim": {"lr": "fast", "steps": -1}})");
   ConfigReader root(j, "", "run.yaml");
   auto optim = root.child("optim");
-  auto e1 = catch_error([&] { optim.get_double("lr"); });
+  auto e1 = test::expect_error([&] { optim.get_double("lr"); });
   EXPECT_EQ(e1.context(), "run.yaml: optim.lr");
   EXPECT_NE(e1.message().find("expected a number"), std::string::npos);
-  auto e2 = catch_error([&] { optim.get_int("steps", 1, 1); });
+  auto e2 = test::expect_error([&] { optim.get_int("steps", 1, 1); });
   EXPECT_NE(e2.message().find("out of range"), std::string::npos);
-  auto e3 = catch_error([&] { optim.get_choice("missing", {"a", "b"}); });
+  auto e3 = test::expect_error([&] { optim.get_choice("missing", {"a", "b"}); });
   EXPECT_NE(e3.message().find("missing"), std::string::npos);
 }
 
@@ -72,7 +62,7 @@ TEST(Config, OverridesParseYamlValues) {
 TEST(Config, InvalidYamlNamesFileAndLine) {
   test::TempDir dir;
   test::write_file(dir.file("bad.yaml"), "model:\n  a: [1, 2\n");
-  auto e = catch_error([&] { load_config_file(dir.file("bad.yaml")); });
+  auto e = test::expect_error([&] { load_config_file(dir.file("bad.yaml")); });
   EXPECT_NE(e.context().find("bad.yaml"), std::string::npos);
   EXPECT_NE(e.message().find("line"), std::string::npos);
 }
@@ -104,14 +94,14 @@ TEST(AquilaConfig, PresetsHavePublishedSizes) {
   EXPECT_NEAR(seven.num_parameters() / 1e9, 7.2955, 0.001);
   Json bad = Json::parse(R"({"preset": "aquila-8b"})");
   ConfigReader rb(bad, "model", "run.yaml");
-  auto e = catch_error([&] { AquilaConfig::from_section(rb); });
+  auto e = test::expect_error([&] { AquilaConfig::from_section(rb); });
   EXPECT_EQ(e.context(), "run.yaml: model.preset");
 }
 
 TEST(AquilaConfig, RejectsInconsistentSizes) {
   Json j = aquila_preset("aquila2-34b");
   j["num_key_value_heads"] = 5;
-  auto e = catch_error([&] { AquilaConfig::from_hf_json(j, "config.json"); });
+  auto e = test::expect_error([&] { AquilaConfig::from_hf_json(j, "config.json"); });
   EXPECT_EQ(e.context(), "config.json: num_key_value_heads");
   Json k = aquila_preset("aquila-7b");
   k["eos_token_id"] = 200000;

@@ -9,25 +9,16 @@
 
 #include "aviary/core/error.h"
 #include "aviary/tokenizer/tokenizer.h"
+#include "expect_error.h"
 #include "test_util.h"
 
 namespace aviary::data {
 namespace {
 
+using test::expect_error;
+
 namespace fs = std::filesystem;
 using test::TempDir;
-
-template <typename Fn>
-Error expect_error(ErrorKind kind, Fn&& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    EXPECT_EQ(e.kind(), kind) << e.what();
-    return e;
-  }
-  ADD_FAILURE() << "no aviary::Error thrown";
-  return Error(ErrorKind::kInternal, "none");
-}
 
 bool contains(const std::string& haystack, const std::string& needle) {
   return haystack.find(needle) != std::string::npos;

@@ -8,28 +8,18 @@
 
 #include "aviary/core/error.h"
 #include "aviary/tokenizer/chat_template.h"
+#include "expect_error.h"
 #include "test_util.h"
 
 namespace aviary {
 namespace {
 
+using test::expect_error;
+
 namespace fs = std::filesystem;
 using test::fixture;
 using test::TempDir;
 using test::write_file;
-
-// Runs `fn`, expects an aviary::Error of `kind`, returns it for further checks.
-template <typename Fn>
-Error expect_error(ErrorKind kind, Fn&& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    EXPECT_EQ(e.kind(), kind) << e.what();
-    return e;
-  }
-  ADD_FAILURE() << "no aviary::Error thrown";
-  return Error(ErrorKind::kInternal, "none");
-}
 
 bool contains(const std::string& haystack, const std::string& needle) {
   return haystack.find(needle) != std::string::npos;

@@ -8,25 +8,17 @@
 #include <torch/torch.h>
 
 #include "aviary/core/error.h"
+#include "expect_error.h"
 
 namespace aviary {
 namespace {
+
+using test::expect_error;
 
 OptimizerConfig parse(const std::string& json) {
   Json node = Json::parse(json);
   ConfigReader reader(node, "optim", "test.yaml");
   return OptimizerConfig::from_section(reader);
-}
-
-template <typename F>
-Error expect_error(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e;
-  }
-  ADD_FAILURE() << "expected an aviary::Error";
-  return Error(ErrorKind::kInternal, "none");
 }
 
 torch::Tensor t(std::initializer_list<float> values) {
