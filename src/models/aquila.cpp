@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "aviary/nn/checkpoint.h"
 #include "aviary/ops/rope.h"
 
 namespace aviary {
@@ -64,9 +65,13 @@ torch::Tensor AquilaForCausalLMImpl::hidden_states(const torch::Tensor& ids,
   const int64_t max_pos =
       config_.rope_scaling.type == "dynamic" ? positions.max().item<int64_t>() : 0;
   auto rope = ops::rope_tables(positions, inv_freq_for(max_pos), h.scalar_type());
+  const bool recompute = checkpoint_blocks_ && !cache && torch::GradMode::is_enabled();
   int64_t layer = 0;
   for (const auto& block : *model->layers) {
-    h = block->as<nn::DecoderBlock>()->forward(h, rope, mask, cache, layer++);
+    auto* decoder = block->as<nn::DecoderBlock>();
+    h = recompute ? nn::checkpointed_block(*decoder, h, rope, mask)
+                  : decoder->forward(h, rope, mask, cache, layer);
+    ++layer;
   }
   if (cache) cache->advance(ids.size(1));
   return model->norm(h);

@@ -51,20 +51,35 @@ std::string errno_text(int err) {
   return std::string(std::strerror(err));
 }
 
-// Test-only crash injection (AVIARY_TEST_CRASH_AT); see checkpoint.h.
-const char* crash_stage() {
-  const char* stage = std::getenv("AVIARY_TEST_CRASH_AT");
-  if (!stage || !*stage) return nullptr;
-  for (const char* known : kCrashStages) {
-    if (std::strcmp(stage, known) == 0) return stage;
+// Test-only crash injection (AVIARY_TEST_CRASH_AT=<stage>[@<step>]); see checkpoint.h. Returns
+// the stage armed for a save of `step`, or "" when none.
+std::string crash_stage(int64_t step) {
+  const char* env = std::getenv("AVIARY_TEST_CRASH_AT");
+  if (!env || !*env) return {};
+  std::string stage = env;
+  const auto at = stage.find('@');
+  if (at != std::string::npos) {
+    const std::string step_text = stage.substr(at + 1);
+    stage.resize(at);
+    char* end = nullptr;
+    const long long armed_step = std::strtoll(step_text.c_str(), &end, 10);
+    if (step_text.empty() || *end != '\0') {
+      throw_invalid("expected <stage>@<step>, got '" + std::string(env) + "'",
+                    "AVIARY_TEST_CRASH_AT");
+    }
+    if (armed_step != step) return {};
   }
-  throw_invalid(std::string("unknown crash stage '") + stage + "'", "AVIARY_TEST_CRASH_AT",
+  for (const char* known : kCrashStages) {
+    if (stage == known) return stage;
+  }
+  throw_invalid("unknown crash stage '" + stage + "'", "AVIARY_TEST_CRASH_AT",
                 "one of: after_model, after_optimizer, after_state, before_complete, "
-                "before_rename, before_latest (test-only; unset it for real runs)");
+                "before_rename, before_latest, optionally @<step> (test-only; unset it for real "
+                "runs)");
 }
 
-void crash_point(const char* armed, const char* stage) {
-  if (armed && std::strcmp(armed, stage) == 0) ::_exit(kCrashExitCode);
+void crash_point(const std::string& armed, const char* stage) {
+  if (armed == stage) ::_exit(kCrashExitCode);
 }
 
 // step-NNNNNN (a complete checkpoint's name) -> N; nullopt for anything else.
@@ -441,7 +456,7 @@ std::string save_checkpoint(const CheckpointConfig& config, int64_t step, const 
     throw_invalid("trainer state step " + std::to_string(state.step) +
                   " differs from the checkpoint step " + std::to_string(step));
   }
-  const char* armed = crash_stage();
+  const std::string armed = crash_stage(step);
   const std::string& run_dir = config.dir;
   check_writable(run_dir);
   remove_stale_temp_dirs(run_dir);

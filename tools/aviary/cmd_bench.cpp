@@ -1,4 +1,4 @@
-// aviary bench decode: prefill and decode throughput and peak memory.
+// aviary bench decode | train: decode and training throughput and peak memory.
 //
 // Each case runs in a fresh child process (this binary re-executed with --case), so that the
 // peak RSS reported belongs to that case alone.
@@ -14,8 +14,12 @@
 
 #include "aviary/core/dtype.h"
 #include "aviary/core/error.h"
+#include "aviary/core/process.h"
 #include "aviary/infer/generator.h"
 #include "aviary/infer/language_model.h"
+#include "aviary/models/registry.h"
+#include "aviary/train/lm_loss.h"
+#include "aviary/train/optimizer.h"
 #include "commands.h"
 
 namespace aviary::cli {
@@ -46,15 +50,6 @@ AquilaConfig aquila_100m() {
   c.rms_norm_eps = 1e-5;
   c.eos_token_ids = {};
   return c;
-}
-
-int64_t peak_rss_bytes() {
-  std::ifstream in("/proc/self/status");
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.rfind("VmHWM:", 0) == 0) return std::stoll(line.substr(6)) * 1024;
-  }
-  return 0;
 }
 
 nlohmann::json run_case(const BenchArgs& a, const std::string& spec) {
@@ -124,31 +119,39 @@ std::string shell_quote(const std::string& s) {
   return out + "'";
 }
 
+// Runs `aviary --log-level warn bench <args>` in a child process and parses the JSON line it
+// prints, so that each case's peak RSS is its own.
+nlohmann::json run_child(const std::string& args, const std::string& label) {
+  char self[4096];
+  ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
+  if (n <= 0) throw_io("cannot locate the aviary executable", "/proc/self/exe");
+  self[n] = '\0';
+  const std::string cmd = shell_quote(self) + " --log-level warn bench " + args;
+  FILE* pipe = popen(cmd.c_str(), "r");
+  if (!pipe) throw_io("cannot start a bench child process", label);
+  std::string out;
+  char buf[4096];
+  size_t got = 0;
+  while ((got = fread(buf, 1, sizeof(buf), pipe)) > 0)
+    out.append(buf, got);
+  if (pclose(pipe) != 0 || out.find('{') == std::string::npos) {
+    throw_invalid("bench case failed: " + out, label);
+  }
+  return nlohmann::json::parse(out.substr(out.find('{')));
+}
+
 void run_decode(const BenchArgs& a) {
   if (!a.child_case.empty()) {
     std::printf("%s\n", run_case(a, a.child_case).dump().c_str());
     return;
   }
-  char self[4096];
-  ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
-  if (n <= 0) throw_io("cannot locate the aviary executable", "/proc/self/exe");
-  self[n] = '\0';
   nlohmann::json rows = nlohmann::json::array();
   for (const auto& c : a.cases) {
-    std::ostringstream cmd;
-    cmd << shell_quote(self) << " --log-level warn bench decode --case " << shell_quote(c)
-        << " --tiny-model " << shell_quote(a.tiny_model) << " --threads " << a.threads
-        << " --prompt-tokens " << a.prompt_tokens << " --new-tokens " << a.new_tokens << " --batch "
-        << a.batch << " --repeats " << a.repeats;
-    FILE* pipe = popen(cmd.str().c_str(), "r");
-    if (!pipe) throw_io("cannot start a bench child process", c);
-    std::string out;
-    char buf[4096];
-    size_t got = 0;
-    while ((got = fread(buf, 1, sizeof(buf), pipe)) > 0)
-      out.append(buf, got);
-    if (pclose(pipe) != 0) throw_invalid("bench case failed: " + out, c);
-    rows.push_back(nlohmann::json::parse(out.substr(out.find('{'))));
+    std::ostringstream args;
+    args << "decode --case " << shell_quote(c) << " --tiny-model " << shell_quote(a.tiny_model)
+         << " --threads " << a.threads << " --prompt-tokens " << a.prompt_tokens << " --new-tokens "
+         << a.new_tokens << " --batch " << a.batch << " --repeats " << a.repeats;
+    rows.push_back(run_child(args.str(), c));
   }
   if (a.json) {
     std::printf("%s\n", rows.dump(2).c_str());
@@ -170,6 +173,131 @@ void run_decode(const BenchArgs& a) {
   std::printf(
       "\nReference: tests/reference/bench_decode.py runs the same cases with HF transformers "
       "(same threads) and prints the ratios.\n");
+}
+
+// ---------------------------------------------------------------- bench train
+
+struct TrainBenchArgs {
+  std::string tiny_model = "tests/fixtures/tiny-llama";
+  std::vector<std::string> cases = {"tiny:fp32", "aquila-100m:fp32"};
+  int threads = 2;
+  int64_t seq_len = 0;      // 0: tiny 128, aquila-100m 256 (as tests/reference/bench_train.py)
+  int64_t micro_batch = 0;  // 0: tiny 8, aquila-100m 4
+  int64_t steps = 0;        // 0: tiny 20, aquila-100m 4
+  int64_t warmup = 2;
+  bool json = false;
+  std::string child_case;
+};
+
+// One training step exactly as the trainer runs it: causal_lm_loss (forward + cross-entropy),
+// backward, global-norm clipping, AdamW, zero_grad.
+nlohmann::json run_train_case(const TrainBenchArgs& a, const std::string& spec) {
+  auto colon = spec.find(':');
+  if (colon == std::string::npos) {
+    throw_invalid("case must be NAME:DTYPE", "--case " + spec, "e.g. aquila-100m:fp32");
+  }
+  const std::string name = spec.substr(0, colon);
+  const std::string precision = spec.substr(colon + 1);
+  if (precision != "fp32" && precision != "bf16") {
+    throw_invalid("training precision must be fp32 or bf16", "--case " + spec);
+  }
+  if (a.threads > 0) torch::set_num_threads(a.threads);
+  CausalLMSpec model_spec;
+  int64_t seq_len = 0, micro_batch = 0, steps = 0;
+  if (name == "tiny") {
+    model_spec.config = AquilaConfig::from_hf_file(a.tiny_model + "/config.json");
+    seq_len = 128, micro_batch = 8, steps = 20;
+  } else if (name == "aquila-100m") {
+    model_spec.config = aquila_100m();
+    seq_len = 256, micro_batch = 4, steps = 4;
+  } else {
+    throw_invalid("unknown bench case '" + name + "'", "--case", "use tiny or aquila-100m");
+  }
+  if (a.seq_len > 0) seq_len = a.seq_len;
+  if (a.micro_batch > 0) micro_batch = a.micro_batch;
+  if (a.steps > 0) steps = a.steps;
+
+  auto model = build_causal_lm(model_spec, torch::TensorOptions().dtype(torch::kFloat32), 1234);
+  model->train();
+  NamedTensors named;
+  std::vector<torch::Tensor> params;
+  for (const auto& item : model->named_parameters()) {
+    named.emplace_back(item.key(), item.value());
+    params.push_back(item.value());
+  }
+  OptimizerConfig optim;
+  optim.lr = 1e-4;
+  auto optimizer = make_adamw(named, optim);
+  auto gen = at::detail::createCPUGenerator(7);
+  std::vector<torch::Tensor> batches;
+  for (int64_t i = 0; i < a.warmup + steps; ++i) {
+    batches.push_back(torch::randint(0, model_spec.config.vocab_size, {micro_batch, seq_len + 1},
+                                     gen, torch::kInt64));
+  }
+  LmLossOptions loss_options;
+  loss_options.bf16 = precision == "bf16";
+  auto step = [&](const torch::Tensor& batch) {
+    auto loss = causal_lm_loss(*model, batch, loss_options);
+    loss.backward();
+    clip_grad_norm(params, optim.grad_clip);
+    optimizer->step();
+    optimizer->zero_grad(/*set_to_none=*/true);
+    return loss.item<double>();
+  };
+  for (int64_t i = 0; i < a.warmup; ++i)
+    step(batches[static_cast<size_t>(i)]);
+  const auto start = std::chrono::steady_clock::now();
+  for (int64_t i = a.warmup; i < a.warmup + steps; ++i)
+    step(batches[static_cast<size_t>(i)]);
+  const double step_time =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() /
+      static_cast<double>(steps);
+  int64_t n_params = 0;
+  for (const auto& p : params)
+    n_params += p.numel();
+  return {{"case", name},
+          {"dtype", precision},
+          {"params", n_params},
+          {"threads", torch::get_num_threads()},
+          {"seq_len", seq_len},
+          {"micro_batch", micro_batch},
+          {"tokens_per_s", static_cast<double>(micro_batch * seq_len) / step_time},
+          {"step_time_s", step_time},
+          {"peak_rss_mb", peak_rss_bytes() / 1048576.0},
+          {"optimizer", "aviary AdamW"}};
+}
+
+void run_train(const TrainBenchArgs& a) {
+  if (!a.child_case.empty()) {
+    std::printf("%s\n", run_train_case(a, a.child_case).dump().c_str());
+    return;
+  }
+  nlohmann::json rows = nlohmann::json::array();
+  for (const auto& c : a.cases) {
+    std::ostringstream args;
+    args << "train --case " << shell_quote(c) << " --tiny-model " << shell_quote(a.tiny_model)
+         << " --threads " << a.threads << " --seq-len " << a.seq_len << " --micro-batch "
+         << a.micro_batch << " --steps " << a.steps << " --warmup " << a.warmup;
+    rows.push_back(run_child(args.str(), c));
+  }
+  if (a.json) {
+    std::printf("%s\n", rows.dump(2).c_str());
+    return;
+  }
+  std::printf("| case | dtype | params | threads | seq x batch | tok/s | step s | peak RSS MB |\n");
+  std::printf("|---|---|---|---|---|---|---|---|\n");
+  for (const auto& r : rows) {
+    std::printf("| %s | %s | %.2fM | %d | %lld x %lld | %.1f | %.3f | %.0f |\n",
+                r["case"].get<std::string>().c_str(), r["dtype"].get<std::string>().c_str(),
+                r["params"].get<double>() / 1e6, r["threads"].get<int>(),
+                static_cast<long long>(r["seq_len"].get<int64_t>()),
+                static_cast<long long>(r["micro_batch"].get<int64_t>()),
+                r["tokens_per_s"].get<double>(), r["step_time_s"].get<double>(),
+                r["peak_rss_mb"].get<double>());
+  }
+  std::printf(
+      "\nReference: tests/reference/bench_train.py --aviary-json FILE runs the same steps in "
+      "eager PyTorch (SDPA, F.rms_norm, fused AdamW; same threads) and prints the ratios.\n");
 }
 
 }  // namespace
@@ -200,6 +328,32 @@ void register_bench(CLI::App& app) {
   decode->add_option("--case", args->child_case, "run one case in this process (internal)")
       ->group("");
   decode->callback([args] { run_decode(*args); });
+
+  auto targs = std::make_shared<TrainBenchArgs>();
+  auto* train = bench->add_subcommand(
+      "train",
+      "Training tokens/s and peak RSS (forward, loss, backward, clipping, AdamW), one child "
+      "process per case");
+  train
+      ->add_option("--cases", targs->cases,
+                   "NAME:PRECISION with NAME tiny | aquila-100m, "
+                   "PRECISION fp32 | bf16")
+      ->capture_default_str();
+  train->add_option("--tiny-model", targs->tiny_model, "model dir whose config the tiny case uses")
+      ->capture_default_str();
+  train->add_option("--threads", targs->threads, "CPU threads (0 = default)")
+      ->capture_default_str();
+  train->add_option("--seq-len", targs->seq_len, "0 = per case (tiny 128, aquila-100m 256)")
+      ->capture_default_str();
+  train->add_option("--micro-batch", targs->micro_batch, "0 = per case (tiny 8, aquila-100m 4)")
+      ->capture_default_str();
+  train->add_option("--steps", targs->steps, "timed steps; 0 = per case (tiny 20, aquila-100m 4)")
+      ->capture_default_str();
+  train->add_option("--warmup", targs->warmup, "untimed steps first")->capture_default_str();
+  train->add_flag("--json", targs->json, "print JSON instead of a markdown table");
+  train->add_option("--case", targs->child_case, "run one case in this process (internal)")
+      ->group("");
+  train->callback([targs] { run_train(*targs); });
 }
 
 }  // namespace aviary::cli

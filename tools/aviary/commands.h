@@ -13,5 +13,7 @@ void register_tokenizer(CLI::App& app);
 void register_convert(CLI::App& app);
 void register_bench(CLI::App& app);
 void register_data(CLI::App& app);
+void register_train(CLI::App& app);
+void register_export(CLI::App& app);
 
 }  // namespace aviary::cli

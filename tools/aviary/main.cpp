@@ -21,6 +21,8 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.parse_complete_callback([&] { aviary::init_logging(log_level); });
 
+  aviary::cli::register_train(app);
+  aviary::cli::register_export(app);
   aviary::cli::register_info(app);
   aviary::cli::register_generate(app);
   aviary::cli::register_chat(app);

@@ -40,6 +40,9 @@ class AquilaForCausalLMImpl : public torch::nn::Module {
   // Standard init: normal(0, std) for matrices and embeddings, residual output projections
   // (o_proj, down_proj) scaled by 1/sqrt(2 * layers), norms at 1.
   void init_weights(double std, uint64_t seed);
+  // Per-block activation checkpointing for training (see nn/checkpoint.h). It applies to forward
+  // calls with gradients on and no KV cache; inference is unaffected.
+  void set_activation_checkpointing(bool enabled) { checkpoint_blocks_ = enabled; }
 
   const AquilaConfig& config() const { return config_; }
   torch::TensorOptions options() const { return options_; }
@@ -53,7 +56,8 @@ class AquilaForCausalLMImpl : public torch::nn::Module {
   AquilaConfig config_;
   torch::TensorOptions options_;
   torch::Tensor inv_freq_;
-  int64_t rope_len_cached_ = 0;  // dynamic NTK: the longest sequence the base was grown for
+  int64_t rope_len_cached_ = 0;
+  bool checkpoint_blocks_ = false;  // dynamic NTK: the longest sequence the base was grown for
 };
 TORCH_MODULE(AquilaForCausalLM);
 

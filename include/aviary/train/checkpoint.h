@@ -21,9 +21,9 @@
 // `latest` intact. See docs/checkpoints.md.
 //
 // Test-only crash hook: with AVIARY_TEST_CRASH_AT=<stage> in the environment, save_checkpoint
-// calls _exit(86) at that stage. Stages, in order: after_model, after_optimizer, after_state,
-// before_complete, before_rename, before_latest. An unknown stage name is an error. Never set it
-// outside tests.
+// calls _exit(86) at that stage; <stage>@<step> arms it for the save of that step only. Stages,
+// in order: after_model, after_optimizer, after_state, before_complete, before_rename,
+// before_latest. An unknown stage name is an error. Never set it outside tests.
 #pragma once
 
 #include <cstdint>

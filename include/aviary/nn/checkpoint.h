@@ -1,0 +1,25 @@
+// Activation checkpointing of a decoder block: the forward pass keeps only the block's input; the
+// backward pass runs the block again with gradients on and backpropagates through that re-run.
+// Activation memory drops from O(layers x block internals) to O(layers x hidden) at the price of
+// a second forward of each block (about +33% compute).
+//
+// This is the "reentrant" form (PyTorch's torch.utils.checkpoint with use_reentrant=True): the
+// re-run's backward accumulates straight into the parameters' .grad, which is exactly what
+// gradient accumulation expects. The block must be deterministic (no dropout: the LLaMA blocks
+// have none) and must outlive the backward pass. The autocast state of the forward pass is
+// restored for the re-run, so bf16 training recomputes the same bf16 activations.
+#pragma once
+
+#include <torch/types.h>
+
+#include "aviary/nn/attention.h"
+#include "aviary/ops/rope.h"
+
+namespace aviary::nn {
+
+// block(x, rope, mask) with activation checkpointing. Falls back to a plain call when gradients
+// are off or x does not require grad (nothing to recompute for).
+torch::Tensor checkpointed_block(DecoderBlockImpl& block, const torch::Tensor& x,
+                                 const ops::RopeTables& rope, const AttentionMask& mask);
+
+}  // namespace aviary::nn

@@ -1,0 +1,112 @@
+#include "aviary/models/registry.h"
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "aviary/core/error.h"
+#include "aviary/io/weights.h"
+#include "aviary/models/aquila_weights.h"
+#include "aviary/train/checkpoint.h"
+
+namespace fs = std::filesystem;
+
+namespace aviary {
+namespace {
+
+Json read_json_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw_not_found("cannot open", path);
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  try {
+    return Json::parse(ss.str());
+  } catch (const Json::parse_error& e) {
+    throw_corruption(std::string("invalid JSON: ") + e.what(), path);
+  }
+}
+
+}  // namespace
+
+std::vector<std::string> causal_lm_archs() {
+  return {"aquila", "llama"};
+}
+
+CausalLMSpec CausalLMSpec::from_section(ConfigReader& model) {
+  CausalLMSpec spec;
+  spec.arch = model.get_choice("arch", causal_lm_archs(), std::string("aquila"));
+  spec.init_std = model.get_double("init_std", 0.02, 0.0, 10.0);
+  spec.init_from = model.get_string("init_from", std::string());
+  if (spec.init_from.empty()) {
+    spec.config = AquilaConfig::from_section(model);
+    model.finish();
+    return spec;
+  }
+
+  // The sizes come from init_from; a size key here would silently disagree with the weights.
+  const std::string key = model.path_of("init_from");
+  std::error_code ec;
+  if (!fs::is_directory(spec.init_from, ec)) {
+    throw_not_found("no such model directory", model.source() + ": " + key + " = " + spec.init_from,
+                    "init_from takes an HF model directory or an Aviary checkpoint directory");
+  }
+  const bool is_checkpoint = is_complete_checkpoint(spec.init_from) ||
+                             fs::exists(fs::path(spec.init_from) / "latest", ec) ||
+                             !fs::exists(fs::path(spec.init_from) / "config.json", ec);
+  if (is_checkpoint) {
+    auto step_dir = resolve_resume(spec.init_from, spec.init_from);
+    if (!step_dir) {
+      throw_not_found("no complete checkpoint here, and no HF config.json",
+                      model.source() + ": " + key + " = " + spec.init_from);
+    }
+    spec.init_from_kind = "checkpoint";
+    spec.init_from_path = *step_dir;
+    const std::string config_path = (fs::path(*step_dir) / "config.json").string();
+    Json run_config = read_json_file(config_path);
+    if (!run_config.contains("model") || !run_config["model"].is_object()) {
+      throw_corruption("the checkpoint config has no 'model' section", config_path);
+    }
+    ConfigReader inner(run_config["model"], "model", config_path);
+    spec.config = AquilaConfig::from_section(inner);
+  } else {
+    spec.init_from_kind = "hf";
+    spec.init_from_path = spec.init_from;
+    spec.config = AquilaConfig::from_hf_file((fs::path(spec.init_from) / "config.json").string());
+  }
+  // Any other key (preset, sizes) is unread: finish() reports it; say why first.
+  try {
+    model.finish();
+  } catch (const Error& e) {
+    throw Error(e.kind(),
+                e.message() + " (with init_from, the sizes come from " + spec.init_from + ")",
+                e.context(), "remove the size keys, or remove init_from to train from scratch");
+  }
+  return spec;
+}
+
+Json CausalLMSpec::resolved_section() const {
+  Json hf = config.to_hf_json();
+  Json section{{"arch", arch}};
+  for (const char* key : {"hidden_size", "intermediate_size", "num_hidden_layers",
+                          "num_attention_heads", "num_key_value_heads", "vocab_size",
+                          "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_scaling",
+                          "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id"}) {
+    if (hf.contains(key) && !hf[key].is_null()) section[key] = hf[key];
+  }
+  section["init_std"] = init_std;
+  return section;
+}
+
+AquilaForCausalLM build_causal_lm(const CausalLMSpec& spec, const torch::TensorOptions& options,
+                                  uint64_t seed) {
+  AquilaForCausalLM model(spec.config, options);
+  if (spec.init_from.empty()) {
+    model->init_weights(spec.init_std, seed);
+  } else {
+    auto reader = WeightReader::open(spec.init_from_path);
+    load_aquila_weights(*model, *reader);
+  }
+  return model;
+}
+
+}  // namespace aviary

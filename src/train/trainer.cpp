@@ -1,0 +1,505 @@
+#include "aviary/train/trainer.h"
+
+#include <spdlog/spdlog.h>
+#include <torch/torch.h>
+
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <numeric>
+
+#include "aviary/core/atomic_file.h"
+#include "aviary/core/dtype.h"
+#include "aviary/core/error.h"
+#include "aviary/core/process.h"
+#include "aviary/data/sampler.h"
+#include "aviary/models/registry.h"
+#include "aviary/tokenizer/tokenizer.h"
+#include "aviary/train/checkpoint.h"
+#include "aviary/train/lm_loss.h"
+#include "aviary/train/lr_schedule.h"
+#include "aviary/train/metrics.h"
+#include "aviary/train/optimizer.h"
+#include "aviary/train/train_data.h"
+#include "stop_signal.h"
+
+namespace fs = std::filesystem;
+
+namespace aviary {
+
+TrainConfig TrainConfig::from_section(ConfigReader& r) {
+  TrainConfig c;
+  c.steps = r.get_int("steps", std::nullopt, 1);
+  c.global_batch = r.get_int("global_batch", std::nullopt, 1);
+  c.micro_batch = r.get_int("micro_batch", 0, 0);
+  c.precision = r.get_choice("precision", {"fp32", "bf16"}, std::string("fp32"));
+  c.activation_checkpointing = r.get_bool("activation_checkpointing", false);
+  c.seed = static_cast<uint64_t>(r.get_int("seed", 1234, 0));
+  c.threads = r.get_int("threads", 0, 0, 4096);
+  c.device = r.get_string("device", std::string("cpu"));
+  c.eval_every = r.get_int("eval_every", 0, 0);
+  c.eval_batches = r.get_int("eval_batches", 16, 0);
+  c.max_bad_steps = r.get_int("max_bad_steps", 5, 1);
+  c.spike_window = r.get_int("spike_window", 100, 2);
+  c.spike_factor = r.get_double("spike_factor", 2.0, 1.0);
+  c.peak_tflops = r.get_double("peak_tflops", 0.0, 0.0);
+  Json schedule = r.get_raw("lr_schedule");
+  if (!schedule.is_null() && !schedule.is_object())
+    r.fail("lr_schedule", "expected a mapping", "lr_schedule: {type: cosine, warmup_steps: 100}");
+  c.lr_schedule = schedule.is_null() ? Json::object() : schedule;
+  r.finish();
+  return c;
+}
+
+Json TrainConfig::to_json() const {
+  return Json{{"steps", steps},
+              {"global_batch", global_batch},
+              {"micro_batch", micro_batch},
+              {"precision", precision},
+              {"activation_checkpointing", activation_checkpointing},
+              {"seed", seed},
+              {"threads", threads},
+              {"device", device},
+              {"eval_every", eval_every},
+              {"eval_batches", eval_batches},
+              {"max_bad_steps", max_bad_steps},
+              {"spike_window", spike_window},
+              {"spike_factor", spike_factor},
+              {"peak_tflops", peak_tflops},
+              {"lr_schedule", lr_schedule}};
+}
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
+
+std::string absolute_path(const std::string& path) {
+  if (path.empty()) return path;
+  return fs::absolute(path).lexically_normal().string();
+}
+
+std::string format_count(double n) {
+  char buf[32];
+  if (n >= 1e9) {
+    std::snprintf(buf, sizeof(buf), "%.2fB", n / 1e9);
+  } else if (n >= 1e6) {
+    std::snprintf(buf, sizeof(buf), "%.2fM", n / 1e6);
+  } else if (n >= 1e3) {
+    std::snprintf(buf, sizeof(buf), "%.1fk", n / 1e3);
+  } else {
+    std::snprintf(buf, sizeof(buf), "%.0f", n);
+  }
+  return buf;
+}
+
+}  // namespace
+
+struct Trainer::State {
+  Json config;
+  std::string source;
+  TrainConfig train;
+  OptimizerConfig optim;
+  std::unique_ptr<LrSchedule> schedule;
+  CheckpointConfig checkpoint;
+  LogConfig log;
+  DataConfig data;
+  CausalLMSpec model_spec;
+  Json resolved;
+
+  torch::Device device{torch::kCPU};
+  int64_t data_parallel = 1;
+  int64_t accumulation = 1;
+  std::unique_ptr<Tokenizer> tokenizer;
+  TrainingData sources;
+  std::unique_ptr<data::Sampler> sampler;
+  AquilaForCausalLM model{nullptr};
+  NamedTensors named_params;
+  std::vector<torch::Tensor> params;
+  std::unique_ptr<AdamW> optimizer;
+  double flops_per_token = 0;
+
+  TrainerState state;
+  int64_t bad_steps = 0;  // consecutive non-finite steps
+  std::string resumed_from;
+
+  std::string where(const std::string& key) const { return source + ": " + key; }
+  void read_config(const std::string& resume_override);
+  void open_data();
+  void build_model_and_optimizer();
+  void resume();
+
+  torch::Tensor batch_loss(const data::Batch& batch);
+  std::pair<double, int64_t> evaluate();
+  std::string save(double lr);
+};
+
+void Trainer::State::read_config(const std::string& resume_override) {
+  ConfigReader root(config, "", source);
+  // optim first: the schedule's ranges depend on the peak LR.
+  auto optim_section = root.child("optim");
+  optim = OptimizerConfig::from_section(optim_section);
+  auto train_section = root.child("train");
+  train = TrainConfig::from_section(train_section);
+  {
+    ConfigReader schedule_section(train.lr_schedule, "train.lr_schedule", source);
+    auto schedule_config = LrScheduleConfig::from_section(schedule_section, train.steps, optim.lr);
+    schedule = std::make_unique<LrSchedule>(schedule_config, optim.lr);
+    train.lr_schedule = schedule_config.to_json();
+  }
+  auto model_section = root.child("model");
+  model_spec = CausalLMSpec::from_section(model_section);
+  auto data_section = root.child("data");
+  data = DataConfig::from_section(data_section);
+  auto checkpoint_section = root.child("checkpoint");
+  checkpoint = CheckpointConfig::from_section(checkpoint_section);
+  if (!resume_override.empty()) checkpoint.resume = resume_override;
+  auto log_section = root.child("log");
+  log = LogConfig::from_section(log_section);
+  if (log.dir.empty()) log.dir = checkpoint.dir;
+  root.finish();
+
+  const int64_t max_positions = model_spec.config.max_position_embeddings;
+  if (data.seq_len > max_positions) {
+    throw_invalid("seq_len " + std::to_string(data.seq_len) +
+                      " is longer than the model's max_position_embeddings " +
+                      std::to_string(max_positions),
+                  where("data.seq_len"),
+                  "use data.seq_len <= " + std::to_string(max_positions) +
+                      " or raise model.max_position_embeddings");
+  }
+  if (train.micro_batch == 0) train.micro_batch = train.global_batch / data_parallel;
+  if (train.micro_batch == 0 || train.global_batch % (train.micro_batch * data_parallel) != 0) {
+    throw_invalid("global_batch " + std::to_string(train.global_batch) +
+                      " is not divisible by micro_batch x data-parallel size = " +
+                      std::to_string(train.micro_batch) + " x " + std::to_string(data_parallel),
+                  where("train.global_batch"),
+                  "global batch = micro_batch x accumulation steps x data-parallel size; pick "
+                  "a global_batch that is a multiple of " +
+                      std::to_string(std::max<int64_t>(1, train.micro_batch) * data_parallel));
+  }
+  accumulation = train.global_batch / (train.micro_batch * data_parallel);
+  device = parse_device(train.device, where("train.device"));
+  if (device.is_cuda() && !torch::cuda::is_available()) {
+    throw_unsupported("train.device is " + train.device + " but no CUDA device is available",
+                      where("train.device"), "use device: cpu");
+  }
+  if (train.threads > 0) torch::set_num_threads(static_cast<int>(train.threads));
+}
+
+void Trainer::State::open_data() {
+  std::string tokenizer_path = data.tokenizer;
+  if (tokenizer_path.empty() && model_spec.init_from_kind == "hf") {
+    // An HF model directory brings its tokenizer: datasets must have been made with it.
+    std::error_code ec;
+    for (const char* name : {"tokenizer.json", "tokenizer.model", "vocab.json"}) {
+      if (fs::exists(fs::path(model_spec.init_from_path) / name, ec)) {
+        tokenizer_path = model_spec.init_from_path;
+        break;
+      }
+    }
+  }
+  if (!tokenizer_path.empty()) {
+    try {
+      tokenizer = Tokenizer::load(tokenizer_path);
+    } catch (const Error& e) {
+      throw e.with_outer_context(where("data.tokenizer"));
+    }
+    if (tokenizer->vocab_size() > model_spec.config.vocab_size) {
+      throw_invalid("the tokenizer has " + std::to_string(tokenizer->vocab_size()) +
+                        " tokens but model.vocab_size is " +
+                        std::to_string(model_spec.config.vocab_size),
+                    where("data.tokenizer") + " = " + tokenizer_path,
+                    "set model.vocab_size >= the tokenizer's size");
+    }
+    data.tokenizer = absolute_path(tokenizer_path);
+  } else {
+    spdlog::warn("{}: no data.tokenizer: datasets are not checked against a tokenizer", source);
+  }
+  sources = open_training_data(data, tokenizer.get());
+  if (sources.max_vocab_size > model_spec.config.vocab_size) {
+    throw_invalid("the datasets were made with a vocabulary of " +
+                      std::to_string(sources.max_vocab_size) + " tokens but model.vocab_size is " +
+                      std::to_string(model_spec.config.vocab_size),
+                  where("data.datasets"), "use the tokenizer of this model to prepare the data");
+  }
+  if (train.eval_every > 0 && !sources.validation) {
+    throw_invalid("evaluation needs a validation split", where("train.eval_every"),
+                  "set data.val_fraction (e.g. 0.01) or train.eval_every: 0");
+  }
+  data::SamplerOptions options;
+  options.global_batch = train.global_batch;
+  options.seed = data.seed;
+  options.shuffle = data.shuffle;
+  options.document_boundaries = data.document_mask;
+  try {
+    sampler = std::make_unique<data::Sampler>(sources.train, options);
+  } catch (const Error& e) {
+    throw e.with_outer_context(where("data.datasets"));
+  }
+}
+
+void Trainer::State::build_model_and_optimizer() {
+  model = build_causal_lm(model_spec, torch::TensorOptions().dtype(torch::kFloat32).device(device),
+                          train.seed);
+  model->set_activation_checkpointing(train.activation_checkpointing);
+  model->train();
+  for (const auto& item : model->named_parameters()) {
+    named_params.emplace_back(item.key(), item.value());
+    params.push_back(item.value());
+  }
+  optimizer = make_adamw(named_params, optim);
+  // 6 FLOPs per parameter per token (forward + backward), plus attention scores and values:
+  // 12 x layers x hidden x seq_len, halved by the causal mask.
+  const auto& c = model_spec.config;
+  flops_per_token = 6.0 * static_cast<double>(c.num_parameters()) +
+                    6.0 * static_cast<double>(c.num_hidden_layers * c.hidden_size * data.seq_len);
+}
+
+void Trainer::State::resume() {
+  check_writable(checkpoint.dir);
+  check_writable(log.dir);
+  auto path = resolve_resume(checkpoint.resume, checkpoint.dir);
+  if (!path) return;
+  auto loaded = load_checkpoint(*path, named_params, optimizer.get(), /*restore_rng=*/true);
+  state = loaded.state;
+  try {
+    sampler->restore(state.sampler);
+  } catch (const Error& e) {
+    throw e.with_outer_context(*path + "/trainer_state.json");
+  }
+  bad_steps = state.extra.value("bad_steps", int64_t{0});
+  resumed_from = *path;
+}
+
+Trainer::Trainer(const Json& config, const std::string& source, const std::string& resume)
+    : s_(std::make_unique<State>()) {
+  s_->config = config;
+  s_->source = source;
+  s_->read_config(resume);
+  s_->open_data();
+  s_->build_model_and_optimizer();
+  s_->resume();
+
+  Json resolved = Json::object();
+  resolved["model"] = s_->model_spec.resolved_section();
+  resolved["data"] = s_->data.to_json();
+  for (auto& d : resolved["data"]["datasets"])
+    d["path"] = absolute_path(d["path"].get<std::string>());
+  resolved["train"] = s_->train.to_json();
+  resolved["optim"] = s_->optim.to_json();
+  resolved["checkpoint"] = s_->checkpoint.to_json();
+  resolved["log"] = s_->log.to_json();
+  s_->resolved = resolved;
+}
+
+Trainer::~Trainer() = default;
+
+const Json& Trainer::resolved_config() const {
+  return s_->resolved;
+}
+
+torch::Tensor Trainer::State::batch_loss(const data::Batch& batch) {
+  LmLossOptions options;
+  options.bf16 = train.precision == "bf16";
+  if (data.document_mask) options.documents = &batch.cu_lengths;
+  return causal_lm_loss(*model, batch.tokens, options);
+}
+
+std::pair<double, int64_t> Trainer::State::evaluate() {
+  const auto& source_ = *sources.validation;
+  const int64_t available = source_.size();
+  const int64_t wanted = train.eval_batches == 0
+                             ? available
+                             : std::min(available, train.eval_batches * train.micro_batch);
+  torch::NoGradGuard no_grad;
+  model->eval();
+  double loss_sum = 0;
+  int64_t tokens = 0;
+  const int64_t len = source_.seq_len();
+  for (int64_t begin = 0; begin < wanted; begin += train.micro_batch) {
+    const int64_t rows = std::min(train.micro_batch, wanted - begin);
+    data::Batch batch;
+    batch.tokens = torch::empty({rows, len + 1}, torch::kInt32);
+    batch.cu_lengths.resize(static_cast<size_t>(rows));
+    for (int64_t r = 0; r < rows; ++r) {
+      source_.get(begin + r, batch.tokens[r].data_ptr<int32_t>(),
+                  data.document_mask ? &batch.cu_lengths[static_cast<size_t>(r)] : nullptr);
+    }
+    batch.tokens = batch.tokens.to(torch::kInt64);
+    loss_sum += batch_loss(batch).item<double>() * static_cast<double>(rows * len);
+    tokens += rows * len;
+  }
+  model->train();
+  return {loss_sum / static_cast<double>(tokens), tokens};
+}
+
+std::string Trainer::State::save(double lr) {
+  state.sampler = sampler->state();
+  state.scheduler = schedule->to_json();
+  state.scheduler["last_lr"] = lr;
+  state.extra["bad_steps"] = bad_steps;
+  return save_checkpoint(checkpoint, state.step, resolved, named_params, *optimizer, state);
+}
+
+TrainResult Trainer::run() {
+  State& s = *s_;
+  TrainResult result;
+  result.run_dir = s.log.dir;
+  StopSignal stop;
+
+  write_file_atomic((fs::path(s.log.dir) / "config.json").string(), s.resolved.dump(2) + "\n");
+  MetricsLogger metrics(s.log, s.train.steps, s.state.step, true);
+
+  const auto& c = s.model_spec.config;
+  const int64_t tokens_per_step = s.train.global_batch * s.data.seq_len;
+  spdlog::info("model: {} ({} parameters, {} layers, hidden {}, heads {}/{}), {} on {}",
+               s.model_spec.arch, format_count(static_cast<double>(c.num_parameters())),
+               c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
+               s.train.precision, s.device.str());
+  spdlog::info("data: {} training tokens, {} validation tokens; {} samples of {} tokens",
+               format_count(static_cast<double>(s.sources.train_tokens)),
+               format_count(static_cast<double>(s.sources.validation_tokens)),
+               s.sources.train->size(), s.data.seq_len);
+  if (s.sources.unigram_loss) {
+    spdlog::info("unigram baseline loss (entropy of the training tokens): {:.4f}",
+                 *s.sources.unigram_loss);
+  }
+  spdlog::info("batch: {} x {} accumulation = {} samples = {} tokens per step, {} steps",
+               s.train.micro_batch, s.accumulation, s.train.global_batch, tokens_per_step,
+               s.train.steps);
+  if (!s.resumed_from.empty()) {
+    metrics.event(s.state.step, "resume", "resumed from " + s.resumed_from);
+  }
+
+  const auto run_start = Clock::now();
+  double lr = s.schedule->lr(s.state.step);
+  double last_loss = std::nan("");
+  int64_t last_eval_step = -1;
+  std::string last_checkpoint;
+  int64_t last_checkpoint_step = s.resumed_from.empty() ? -1 : s.state.step;
+  if (!s.resumed_from.empty()) last_checkpoint = s.resumed_from;
+
+  auto run_eval = [&] {
+    auto [loss, tokens] = s.evaluate();
+    metrics.eval(s.state.step, loss, std::exp(loss), tokens);
+    result.val_loss = loss;
+    last_eval_step = s.state.step;
+  };
+
+  while (s.state.step < s.train.steps && stop.received() == 0) {
+    const auto step_start = Clock::now();
+    lr = s.schedule->lr(s.state.step);
+    set_learning_rate(*s.optimizer, lr);
+    s.optimizer->zero_grad(/*set_to_none=*/true);
+    double loss = 0;
+    for (int64_t m = 0; m < s.accumulation; ++m) {
+      auto batch = s.sampler->next_batch(s.train.micro_batch);
+      auto micro_loss = s.batch_loss(batch) / static_cast<double>(s.accumulation);
+      micro_loss.backward();
+      loss += micro_loss.item<double>();
+    }
+    const double grad_norm = clip_grad_norm(s.params, s.optim.grad_clip);
+    const bool finite = std::isfinite(loss) && std::isfinite(grad_norm);
+    if (finite) {
+      s.optimizer->step();
+      s.bad_steps = 0;
+    } else {
+      ++s.bad_steps;
+    }
+    ++s.state.step;
+    s.state.tokens_seen += tokens_per_step;
+
+    TrainStepMetrics m;
+    m.step = s.state.step;
+    m.loss = loss;
+    m.lr = lr;
+    m.grad_norm = grad_norm;
+    m.tokens = s.state.tokens_seen;
+    m.step_time_s = seconds_since(step_start);
+    m.tokens_per_s = static_cast<double>(tokens_per_step) / m.step_time_s;
+    if (s.train.peak_tflops > 0) {
+      m.mfu = m.tokens_per_s * s.flops_per_token / (s.train.peak_tflops * 1e12);
+    }
+    m.peak_rss_mb = static_cast<double>(peak_rss_bytes()) / (1 << 20);
+    m.elapsed_s = seconds_since(run_start);
+    m.skipped = !finite;
+
+    if (finite) {
+      // Spike: well above the recent mean (enough history first).
+      auto& history = s.state.loss_history;
+      const size_t window = static_cast<size_t>(s.train.spike_window);
+      const size_t have = std::min(history.size(), window);
+      if (have >= std::min<size_t>(10, window)) {
+        const double mean =
+            std::accumulate(history.end() - static_cast<std::ptrdiff_t>(have), history.end(), 0.0) /
+            static_cast<double>(have);
+        if (loss > s.train.spike_factor * mean) {
+          m.spike = true;
+          char msg[160];
+          std::snprintf(msg, sizeof(msg), "loss spike: %.4f > %.1f x recent mean %.4f", loss,
+                        s.train.spike_factor, mean);
+          metrics.event(s.state.step, "spike", msg);
+        }
+      }
+      history.push_back(loss);
+      if (history.size() > TrainerState::kLossHistoryTail) history.erase(history.begin());
+      last_loss = loss;
+    }
+    metrics.train_step(m);
+    if (!finite) {
+      char msg[200];
+      std::snprintf(msg, sizeof(msg),
+                    "non-finite loss %g or gradient norm %g: update skipped (%lld in a row)", loss,
+                    grad_norm, static_cast<long long>(s.bad_steps));
+      metrics.event(s.state.step, "skipped", msg);
+      if (s.bad_steps >= s.train.max_bad_steps) {
+        metrics.close();
+        throw_invalid(
+            "training diverged: " + std::to_string(s.bad_steps) +
+                " consecutive steps had a non-finite loss or gradient norm (step " +
+                std::to_string(s.state.step) + ")",
+            s.where("train.max_bad_steps"),
+            last_checkpoint.empty()
+                ? "lower optim.lr, raise the warmup, or check the data"
+                : "resume from " + last_checkpoint + " with a lower optim.lr or longer warmup");
+      }
+    }
+
+    const bool last = s.state.step == s.train.steps;
+    if (s.sources.validation && s.train.eval_every > 0 && s.state.step % s.train.eval_every == 0) {
+      run_eval();
+    }
+    const bool periodic = s.checkpoint.every > 0 && s.state.step % s.checkpoint.every == 0;
+    if (periodic || last || stop.received() != 0) {
+      last_checkpoint = s.save(lr);
+      last_checkpoint_step = s.state.step;
+      metrics.event(s.state.step, "checkpoint", "saved " + last_checkpoint);
+    }
+  }
+
+  if (stop.received() != 0 && s.state.step < s.train.steps) {
+    if (last_checkpoint_step != s.state.step) {
+      last_checkpoint = s.save(lr);
+      metrics.event(s.state.step, "checkpoint", "saved " + last_checkpoint);
+    }
+    metrics.event(s.state.step, "interrupted",
+                  std::string("stopped by ") + (stop.received() == SIGINT ? "SIGINT" : "SIGTERM") +
+                      " at step " + std::to_string(s.state.step) + "; continue with --resume auto");
+    result.status = "interrupted";
+  } else {
+    if (s.sources.validation && last_eval_step != s.state.step) run_eval();
+    result.status = "completed";
+  }
+  metrics.close();
+  result.step = s.state.step;
+  result.tokens = s.state.tokens_seen;
+  result.last_loss = last_loss;
+  result.checkpoint = last_checkpoint;
+  return result;
+}
+
+}  // namespace aviary

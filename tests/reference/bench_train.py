@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""Reference for `aviary bench train`: the same training steps in eager PyTorch, same threads.
+
+    ~/.cache/aviary/venv/bin/python tests/reference/bench_train.py --threads 2 \
+        --aviary-json aviary.json          # aviary.json from `aviary bench train --json`
+
+Cases: `tiny` (the config of tests/fixtures/tiny-llama) and `aquila-100m` (hidden 768, 12 layers,
+12 heads, 4 KV heads, intermediate 2048, vocab 32000, untied), both randomly initialised, built
+with train_model.py. One step = forward + cross-entropy + backward over one micro-batch of random
+tokens [micro_batch, seq_len], clip_grad_norm_(1.0), AdamW step, zero_grad. `--dtype bf16` runs
+forward and loss under torch.autocast(cpu, bfloat16) with fp32 master weights and optimizer
+state. AdamW is the fused CPU kernel when this torch has one, else the foreach one (the table
+says which). After --warmup untimed steps, step time is the mean over --steps timed steps.
+
+Each case runs in its own process so that its peak RSS (ru_maxrss) is its own.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY_CONFIG = os.path.join(HERE, "..", "fixtures", "tiny-llama", "config.json")
+AQUILA_100M = {"vocab_size": 32000, "hidden_size": 768, "intermediate_size": 2048,
+               "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 4,
+               "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+# Per-case defaults: seq_len, micro_batch, timed steps.
+DEFAULTS = {"tiny": (128, 8, 20), "aquila-100m": (256, 4, 4)}
+
+
+def make_optimizer(params, lr=1e-4):
+    import torch
+    params = list(params)  # a generator would be spent by a failed first attempt
+    try:
+        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.1, fused=True), "fused"
+    except (RuntimeError, ValueError):  # builds without a fused CPU kernel refuse at construction
+        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.1, foreach=True), "foreach"
+
+
+def run_case(args):
+    import torch
+    import torch.nn.functional as F
+    sys.path.insert(0, HERE)
+    from train_model import Llama, config_from_hf, count_params
+
+    torch.set_num_threads(args.threads)
+    if args.case == "tiny":
+        with open(TINY_CONFIG, encoding="utf-8") as f:
+            hf = json.load(f)
+    else:
+        hf = AQUILA_100M
+    torch.manual_seed(1234)
+    model = Llama(config_from_hf(hf)).train()
+    vocab = model.config.vocab_size
+    opt, kind = make_optimizer(model.parameters())
+    g = torch.Generator().manual_seed(7)
+    batches = [torch.randint(0, vocab, (args.micro_batch, args.seq_len + 1), generator=g)
+               for _ in range(args.warmup + args.steps)]
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+
+    def step(batch):
+        with autocast:
+            logits = model(batch[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, vocab).float(), batch[:, 1:].reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    for b in batches[:args.warmup]:
+        step(b)
+    t0 = time.perf_counter()
+    for b in batches[args.warmup:]:
+        step(b)
+    step_time = (time.perf_counter() - t0) / args.steps
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return {"case": args.case, "dtype": args.dtype, "params": count_params(model),
+            "threads": args.threads, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
+            "tokens_per_s": args.micro_batch * args.seq_len / step_time, "step_time_s": step_time,
+            "peak_rss_mb": peak, "optimizer": f"torch AdamW {kind}"}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cases", nargs="+", default=list(DEFAULTS), choices=list(DEFAULTS))
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seq-len", type=int, help="default: tiny 128, aquila-100m 256")
+    ap.add_argument("--micro-batch", type=int, help="default: tiny 8, aquila-100m 4")
+    ap.add_argument("--steps", type=int, help="timed steps; default: tiny 20, aquila-100m 4")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    ap.add_argument("--json", action="store_true", help="print the rows as a JSON list")
+    ap.add_argument("--aviary-json", help="output of `aviary bench train --json` to compare with")
+    ap.add_argument("--case", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.case:
+        print(json.dumps(run_case(args)))
+        return
+    rows = []
+    for case in args.cases:
+        seq_len, micro_batch, steps = DEFAULTS[case]
+        cmd = [sys.executable, os.path.abspath(__file__), "--case", case, "--dtype", args.dtype,
+               "--threads", str(args.threads), "--seq-len", str(args.seq_len or seq_len),
+               "--micro-batch", str(args.micro_batch or micro_batch),
+               "--steps", str(args.steps or steps), "--warmup", str(args.warmup)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return
+    ours = {}
+    if args.aviary_json:
+        names = {"float32": "fp32", "bfloat16": "bf16"}
+        with open(args.aviary_json) as f:
+            ours = {(r["case"], names.get(r["dtype"], r["dtype"])): r for r in json.load(f)}
+    print("| case | dtype | params | threads | seq x batch | optimizer | torch tok/s | torch step s |"
+          " torch peak MB | aviary tok/s | x torch | aviary peak MB | x torch |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        o = ours.get((r["case"], r["dtype"]))
+        extra = (f"{o['tokens_per_s']:.1f} | {o['tokens_per_s'] / r['tokens_per_s']:.2f} | "
+                 f"{o['peak_rss_mb']:.0f} | {o['peak_rss_mb'] / r['peak_rss_mb']:.2f}"
+                 if o else "- | - | - | -")
+        print(f"| {r['case']} | {r['dtype']} | {r['params'] / 1e6:.2f}M | {r['threads']} | "
+              f"{r['seq_len']} x {r['micro_batch']} | {r['optimizer']} | {r['tokens_per_s']:.1f} | "
+              f"{r['step_time_s']:.3f} | {r['peak_rss_mb']:.0f} | {extra} |")
+
+if __name__ == "__main__":
+    main()
