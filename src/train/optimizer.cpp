@@ -2,6 +2,8 @@
 
 #include <fnmatch.h>
 
+#include <ATen/ops/_fused_adamw.h>
+
 #include <cmath>
 #include <limits>
 
@@ -55,6 +57,7 @@ OptimizerConfig OptimizerConfig::from_section(ConfigReader& optim) {
   c.no_decay = optim.get_string_list("no_decay", c.no_decay);
   if (!c.decay_embeddings) c.no_decay.push_back("embed");
   c.grad_clip = optim.get_double("grad_clip", c.grad_clip, 0.0, 1e12);
+  c.fused = optim.get_bool("fused", c.fused);
   optim.finish();
   return c;
 }
@@ -66,7 +69,8 @@ Json OptimizerConfig::to_json() const {
               {"weight_decay", weight_decay},
               {"decay_embeddings", decay_embeddings},
               {"no_decay", no_decay},
-              {"grad_clip", grad_clip}};
+              {"grad_clip", grad_clip},
+              {"fused", fused}};
 }
 
 bool OptimizerConfig::is_no_decay(const std::string& name) const {
@@ -90,8 +94,8 @@ ParamGroups split_param_groups(const NamedTensors& named_params, const Optimizer
 }
 
 AdamW::AdamW(const std::vector<torch::optim::OptimizerParamGroup>& groups,
-             torch::optim::AdamWOptions defaults)
-    : torch::optim::AdamW(groups, defaults) {
+             torch::optim::AdamWOptions defaults, bool fused)
+    : torch::optim::AdamW(groups, defaults), fused_(fused) {
   for (const auto& group : param_groups()) {
     const auto& options = static_cast<const torch::optim::AdamWOptions&>(group.options());
     if (options.amsgrad()) throw_unsupported("AdamW with amsgrad is not supported", "optim");
@@ -100,6 +104,19 @@ AdamW::AdamW(const std::vector<torch::optim::OptimizerParamGroup>& groups,
 
 // The single-tensor update of torch/optim/adam.py (_single_tensor_adam with
 // decoupled_weight_decay=True, maximize=False, amsgrad=False), op for op.
+torch::optim::AdamWParamState& AdamW::state_of(const torch::Tensor& p) {
+  auto key = p.unsafeGetTensorImpl();
+  auto it = state().find(key);
+  if (it == state().end()) {
+    auto fresh = std::make_unique<torch::optim::AdamWParamState>();
+    fresh->step(0);
+    fresh->exp_avg(torch::zeros_like(p, torch::MemoryFormat::Preserve));
+    fresh->exp_avg_sq(torch::zeros_like(p, torch::MemoryFormat::Preserve));
+    it = state().emplace(key, std::move(fresh)).first;
+  }
+  return static_cast<torch::optim::AdamWParamState&>(*it->second);
+}
+
 torch::Tensor AdamW::step(LossClosure closure) {
   torch::NoGradGuard no_grad;
   torch::Tensor loss;
@@ -112,20 +129,34 @@ torch::Tensor AdamW::step(LossClosure closure) {
     const double lr = options.lr();
     const double beta1 = std::get<0>(options.betas());
     const double beta2 = std::get<1>(options.betas());
+    if (fused_) {
+      // torch/optim/adam.py _fused_adam: state_steps are fp32 scalars incremented before the call
+      // (exact for integer counts below 2^24); the kernel applies decay, both moments, the bias
+      // corrections and the update in one pass.
+      std::vector<torch::Tensor> params, grads, exp_avgs, exp_avg_sqs, steps;
+      for (auto& p : group.params()) {
+        if (!p.grad().defined()) continue;
+        TORCH_CHECK(!p.grad().is_sparse(), "AdamW does not support sparse gradients");
+        auto& s = state_of(p);
+        s.step(s.step() + 1);
+        params.push_back(p);
+        grads.push_back(p.grad());
+        exp_avgs.push_back(s.exp_avg());
+        exp_avg_sqs.push_back(s.exp_avg_sq());
+        steps.push_back(torch::full({}, static_cast<float>(s.step()),
+                                    torch::dtype(torch::kFloat32).device(p.device())));
+      }
+      if (params.empty()) continue;
+      at::_fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, {}, steps, lr, beta1, beta2,
+                        options.weight_decay(), options.eps(), /*amsgrad=*/false,
+                        /*maximize=*/false);
+      continue;
+    }
     for (auto& p : group.params()) {
       if (!p.grad().defined()) continue;
       const auto& grad = p.grad();
       TORCH_CHECK(!grad.is_sparse(), "AdamW does not support sparse gradients");
-      auto key = p.unsafeGetTensorImpl();
-      auto it = state().find(key);
-      if (it == state().end()) {
-        auto fresh = std::make_unique<torch::optim::AdamWParamState>();
-        fresh->step(0);
-        fresh->exp_avg(torch::zeros_like(p, torch::MemoryFormat::Preserve));
-        fresh->exp_avg_sq(torch::zeros_like(p, torch::MemoryFormat::Preserve));
-        it = state().emplace(key, std::move(fresh)).first;
-      }
-      auto& s = static_cast<torch::optim::AdamWParamState&>(*it->second);
+      auto& s = state_of(p);
       s.step(s.step() + 1);
       if (options.weight_decay() != 0) p.mul_(1 - lr * options.weight_decay());
       s.exp_avg().lerp_(grad, 1 - beta1);
@@ -151,7 +182,7 @@ std::unique_ptr<AdamW> make_adamw(const NamedTensors& named_params, const Optimi
                                                    adamw_options(config, config.weight_decay)));
   groups.emplace_back(tensors_of(split.no_decay),
                       std::make_unique<torch::optim::AdamWOptions>(adamw_options(config, 0.0)));
-  return std::make_unique<AdamW>(groups, adamw_options(config, config.weight_decay));
+  return std::make_unique<AdamW>(groups, adamw_options(config, config.weight_decay), config.fused);
 }
 
 void set_learning_rate(torch::optim::Optimizer& optimizer, double lr) {

@@ -107,7 +107,12 @@ def main():
                "--threads", str(args.threads), "--seq-len", str(args.seq_len or seq_len),
                "--micro-batch", str(args.micro_batch or micro_batch),
                "--steps", str(args.steps or steps), "--warmup", str(args.warmup)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        # The same OpenMP wait policy as the aviary binary sets for itself (tools/aviary/main.cpp):
+        # libgomp's default parks workers on slow futex wake-ups on small VMs, which would make
+        # the reference needlessly slow at 2 threads. A value set by the caller is kept.
+        env = dict(os.environ)
+        env.setdefault("OMP_WAIT_POLICY", "active")
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
     if args.json:
         print(json.dumps(rows, indent=1))

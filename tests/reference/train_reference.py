@@ -19,7 +19,8 @@ The run reproduces the trainer's semantics: with val_fraction 0 and shuffle fals
 stream[i*L : i*L + L + 1] of all tokens concatenated (inputs = first L, targets = last L,
 positions 0..L-1, no document mask); step s takes samples [s*G, (s+1)*G) in micro-batches of M
 rows, each contributing (mean CE over its tokens) / (G/M) to the gradient and the reported loss;
-clip_grad_norm_ over all parameters; AdamW (single-tensor update) with a decay group (names
+clip_grad_norm_ over all parameters; AdamW (fused=True, the kernel the trainer's default
+optim.fused calls) with a decay group (names
 without "norm"/"bias", embeddings and lm_head included) then a no-decay group, HF order within
 each. Before training, the model of train_model.py is checked against transformers.
 """
@@ -59,7 +60,7 @@ train:
   threads: {threads}
   eval_every: 0
   lr_schedule: {{type: cosine, warmup_steps: {warmup_steps}, warmup_init_lr: {warmup_init_lr}, min_lr: {min_lr}}}
-optim: {{lr: {lr}, betas: [{beta1}, {beta2}], eps: {eps}, weight_decay: {weight_decay}, grad_clip: {grad_clip}}}
+optim: {{lr: {lr}, betas: [{beta1}, {beta2}], eps: {eps}, weight_decay: {weight_decay}, grad_clip: {grad_clip}, fused: true}}
 checkpoint: {{dir: runs/train-parity, every: 0, keep_last: 1}}
 log: {{every: 1, tensorboard: false, progress: plain}}
 """
@@ -146,7 +147,7 @@ def train(model, stream, s):
     decay = [p for n, p in named if not ("norm" in n or "bias" in n)]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": s["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=s["lr"], betas=(s["beta1"], s["beta2"]), eps=s["eps"], foreach=False)
+        lr=s["lr"], betas=(s["beta1"], s["beta2"]), eps=s["eps"], fused=True)
     params = [p for _, p in named]
 
     losses, grad_norms, lrs = [], [], []
@@ -195,6 +196,7 @@ def main():
         "seq_len": 32, "steps": 20, "global_batch": 8, "micro_batch": 4,
         "lr_schedule": "cosine", "warmup_steps": 5, "warmup_init_lr": 0.0, "min_lr": 1e-3,
         "lr": 1e-2, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1, "grad_clip": 1.0,
+        "adamw": "fused",
         "val_fraction": 0, "shuffle": False,
     }
 

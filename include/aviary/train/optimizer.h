@@ -9,6 +9,9 @@
 //     decay_embeddings: true  # false adds "embed" to the no_decay patterns
 //     no_decay: [norm, bias]  # parameter name patterns kept out of weight decay (see below)
 //     grad_clip: 1.0        # max global L2 gradient norm; 0 = no clipping
+//     fused: true           # one multi-tensor ATen kernel per param group, the kernel of
+//                           # torch.optim.AdamW(fused=True); false: the single-tensor update of
+//                           # torch.optim.AdamW(foreach=False), op for op
 //
 // A `no_decay` pattern with a glob character (`*`, `?`, `[`) must match the whole parameter name
 // (fnmatch); any other pattern matches when it occurs anywhere in the name, so `norm` covers
@@ -38,6 +41,7 @@ struct OptimizerConfig {
   bool decay_embeddings = true;  // false: embeddings join the no-decay group
   std::vector<std::string> no_decay = {"norm", "bias"};  // name patterns (see above)
   double grad_clip = 1.0;                                // max global L2 norm, >= 0; 0 = off
+  bool fused = true;                                     // see the section comment above
 
   // Reads the `optim` section (calls finish(): unknown keys are errors).
   static OptimizerConfig from_section(ConfigReader& optim);
@@ -53,17 +57,25 @@ struct ParamGroups {
 };
 ParamGroups split_param_groups(const NamedTensors& named_params, const OptimizerConfig& config);
 
-// torch::optim::AdamW with the update of Python's `torch.optim.AdamW` (single-tensor path),
-// bit for bit in fp32. LibTorch's AdamW::step updates the first moment with
-// `exp_avg.mul_(beta1).add_(grad, 1 - beta1)` where Python uses `exp_avg.lerp_(grad, 1 - beta1)`;
-// the two differ in the last bits (about 2e-7 absolute after 100 steps), so only step() is
-// replaced. Options, per-parameter state (AdamWParamState) and param groups are LibTorch's.
-// amsgrad is not supported (rejected at construction).
+// torch::optim::AdamW with the updates of Python's `torch.optim.AdamW`, bit for bit in fp32:
+//   fused = true:  at::_fused_adamw_ over each param group, as AdamW(fused=True) calls it (one
+//                  pass over parameter, gradient and both moments: the fastest on CPU and GPU);
+//   fused = false: the single-tensor path (foreach=False), op for op.
+// LibTorch's own AdamW::step updates the first moment with `exp_avg.mul_(beta1).add_(grad, 1 -
+// beta1)` where Python uses `exp_avg.lerp_(grad, 1 - beta1)`; the two differ in the last bits
+// (about 2e-7 absolute after 100 steps), so only step() is replaced. Options, per-parameter
+// state (AdamWParamState, so checkpoints are the same either way) and param groups are
+// LibTorch's. amsgrad is not supported (rejected at construction).
 class AdamW : public torch::optim::AdamW {
  public:
   explicit AdamW(const std::vector<torch::optim::OptimizerParamGroup>& groups,
-                 torch::optim::AdamWOptions defaults = {});
+                 torch::optim::AdamWOptions defaults = {}, bool fused = true);
   torch::Tensor step(LossClosure closure = nullptr) override;
+  bool fused() const { return fused_; }
+
+ private:
+  torch::optim::AdamWParamState& state_of(const torch::Tensor& p);
+  bool fused_;
 };
 
 // AdamW with two param groups, always in this order (both present even if empty):
