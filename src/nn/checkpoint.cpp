@@ -3,31 +3,10 @@
 #include <ATen/autocast_mode.h>
 #include <torch/autograd.h>
 
+#include "aviary/ops/autocast.h"
+
 namespace aviary::nn {
 namespace {
-
-// Sets the autocast state of one device type for a scope and puts the previous one back.
-class AutocastState {
- public:
-  AutocastState(at::DeviceType device, bool enabled, at::ScalarType dtype)
-      : device_(device),
-        was_enabled_(at::autocast::is_autocast_enabled(device)),
-        was_dtype_(at::autocast::get_autocast_dtype(device)) {
-    at::autocast::set_autocast_enabled(device_, enabled);
-    at::autocast::set_autocast_dtype(device_, dtype);
-  }
-  ~AutocastState() {
-    at::autocast::set_autocast_enabled(device_, was_enabled_);
-    at::autocast::set_autocast_dtype(device_, was_dtype_);
-  }
-  AutocastState(const AutocastState&) = delete;
-  AutocastState& operator=(const AutocastState&) = delete;
-
- private:
-  at::DeviceType device_;
-  bool was_enabled_;
-  at::ScalarType was_dtype_;
-};
 
 struct BlockCheckpoint : public torch::autograd::Function<BlockCheckpoint> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
@@ -61,7 +40,7 @@ struct BlockCheckpoint : public torch::autograd::Function<BlockCheckpoint> {
     torch::Tensor y;
     {
       torch::AutoGradMode grad(true);
-      AutocastState autocast(
+      ops::AutocastGuard autocast(
           x.device().type(), ctx->saved_data["autocast"].toBool(),
           static_cast<at::ScalarType>(ctx->saved_data["autocast_dtype"].toInt()));
       y = block->forward(x, rope, mask, nullptr, 0);

@@ -13,7 +13,7 @@
 #include "aviary/core/error.h"
 #include "aviary/core/process.h"
 #include "aviary/data/sampler.h"
-#include "aviary/models/registry.h"
+#include "aviary/train/model_spec.h"
 #include "aviary/tokenizer/tokenizer.h"
 #include "aviary/train/checkpoint.h"
 #include "aviary/train/lm_loss.h"

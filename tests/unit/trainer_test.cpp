@@ -20,7 +20,7 @@
 #include "aviary/data/token_dataset.h"
 #include "aviary/io/safetensors.h"
 #include "aviary/models/aquila.h"
-#include "aviary/models/registry.h"
+#include "aviary/train/model_spec.h"
 #include "aviary/nn/document_mask.h"
 #include "aviary/train/trainer.h"
 #include "expect_error.h"

@@ -4,7 +4,7 @@
 //   aviary::Trainer trainer(config, "configs/quickstart.yaml");   // validates everything first
 //   aviary::TrainResult result = trainer.run();
 //
-// The `train` section (the others: model -> models/registry.h, data -> train/train_data.h,
+// The `train` section (the others: model -> train/model_spec.h, data -> train/train_data.h,
 // optim -> train/optimizer.h, checkpoint -> train/checkpoint.h, log -> train/metrics.h):
 //
 //   train:

@@ -1,8 +1,6 @@
-#include "aviary/models/registry.h"
+#include "aviary/train/model_spec.h"
 
 #include <filesystem>
-#include <fstream>
-#include <sstream>
 
 #include "aviary/core/error.h"
 #include "aviary/io/weights.h"
@@ -12,22 +10,6 @@
 namespace fs = std::filesystem;
 
 namespace aviary {
-namespace {
-
-Json read_json_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw_not_found("cannot open", path);
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  try {
-    return Json::parse(ss.str());
-  } catch (const Json::parse_error& e) {
-    throw_corruption(std::string("invalid JSON: ") + e.what(), path);
-  }
-}
-
-}  // namespace
-
 std::vector<std::string> causal_lm_archs() {
   return {"aquila", "llama"};
 }
@@ -62,7 +44,7 @@ CausalLMSpec CausalLMSpec::from_section(ConfigReader& model) {
     spec.init_from_kind = "checkpoint";
     spec.init_from_path = *step_dir;
     const std::string config_path = (fs::path(*step_dir) / "config.json").string();
-    Json run_config = read_json_file(config_path);
+    Json run_config = load_config_file(config_path);
     if (!run_config.contains("model") || !run_config["model"].is_object()) {
       throw_corruption("the checkpoint config has no 'model' section", config_path);
     }

@@ -1,4 +1,6 @@
-// Model registry: `model.arch` -> how to build, initialise or load that model for training.
+// The `model` section of a training config: `model.arch` -> how to build, initialise or load that
+// model for training. It lives in the train layer because init_from may name a training
+// checkpoint (train/checkpoint.h).
 //
 //   model:
 //     arch: aquila          # aquila | llama (the same decoder; names the HF architecture)
