@@ -17,8 +17,8 @@
 #include "aviary/core/process.h"
 #include "aviary/infer/generator.h"
 #include "aviary/infer/language_model.h"
-#include "aviary/train/model_spec.h"
 #include "aviary/train/lm_loss.h"
+#include "aviary/train/model_spec.h"
 #include "aviary/train/optimizer.h"
 #include "commands.h"
 
