@@ -23,7 +23,8 @@ log() { printf '[setup] %s\n' "$*"; }
 # ---- Debian packages --------------------------------------------------------------------------
 APT_PACKAGES=(build-essential cmake ninja-build pkg-config python3-venv
   libspdlog-dev libfmt-dev nlohmann-json3-dev libyaml-cpp-dev libcli11-dev
-  libsentencepiece-dev libre2-dev libgtest-dev libgmock-dev libbenchmark-dev)
+  libsentencepiece-dev libre2-dev libgtest-dev libgmock-dev libbenchmark-dev
+  libopenmpi-dev openmpi-bin)
 if [[ "${AVIARY_SKIP_APT:-0}" != 1 ]]; then
   missing=()
   for p in "${APT_PACKAGES[@]}"; do

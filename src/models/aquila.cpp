@@ -69,7 +69,7 @@ torch::Tensor AquilaForCausalLMImpl::hidden_states(const torch::Tensor& ids,
   int64_t layer = 0;
   for (const auto& block : *model->layers) {
     auto* decoder = block->as<nn::DecoderBlock>();
-    h = recompute ? nn::checkpointed_block(*decoder, h, rope, mask)
+    h = recompute ? nn::checkpointed_block(*decoder, h, rope, mask, block_hooks_)
                   : decoder->forward(h, rope, mask, cache, layer);
     ++layer;
   }

@@ -11,12 +11,14 @@ namespace {
 struct BlockCheckpoint : public torch::autograd::Function<BlockCheckpoint> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
                                const torch::Tensor& cos, const torch::Tensor& sin,
-                               DecoderBlockImpl* block, const AttentionMask& mask) {
+                               DecoderBlockImpl* block, const AttentionMask& mask,
+                               BlockHooks* hooks) {
     const auto device = x.device().type();
     ctx->save_for_backward({x});
     // Saved data holds IValues only; the block is a module of the model being trained, which
     // outlives the step, so its address is kept as an integer.
     ctx->saved_data["block"] = static_cast<int64_t>(reinterpret_cast<intptr_t>(block));
+    ctx->saved_data["hooks"] = static_cast<int64_t>(reinterpret_cast<intptr_t>(hooks));
     ctx->saved_data["cos"] = cos;
     ctx->saved_data["sin"] = sin;
     ctx->saved_data["causal"] = mask.causal;
@@ -25,13 +27,19 @@ struct BlockCheckpoint : public torch::autograd::Function<BlockCheckpoint> {
     ctx->saved_data["autocast_dtype"] =
         static_cast<int64_t>(at::autocast::get_autocast_dtype(device));
     torch::NoGradGuard no_grad;
-    return block->forward(x, {cos, sin}, mask, nullptr, 0);
+    if (hooks) hooks->before_forward(*block);
+    auto y = block->forward(x, {cos, sin}, mask, nullptr, 0);
+    if (hooks) hooks->after_forward(*block);
+    return y;
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_output) {
     auto* block = reinterpret_cast<DecoderBlockImpl*>(
         static_cast<intptr_t>(ctx->saved_data["block"].toInt()));
+    auto* hooks =
+        reinterpret_cast<BlockHooks*>(static_cast<intptr_t>(ctx->saved_data["hooks"].toInt()));
+    if (hooks) hooks->before_backward(*block);
     auto x = ctx->get_saved_variables()[0].detach().requires_grad_(true);
     ops::RopeTables rope{ctx->saved_data["cos"].toTensor(), ctx->saved_data["sin"].toTensor()};
     AttentionMask mask;
@@ -46,19 +54,23 @@ struct BlockCheckpoint : public torch::autograd::Function<BlockCheckpoint> {
       y = block->forward(x, rope, mask, nullptr, 0);
     }
     torch::autograd::backward({y}, {grad_output[0]});
-    // One gradient per forward input: x, cos, sin, block, mask.
-    return {x.grad(), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
+    y = torch::Tensor();  // the re-run's graph (and its references to the parameters) goes now
+    if (hooks) hooks->after_backward(*block);
+    // One gradient per forward input: x, cos, sin, block, mask, hooks.
+    return {x.grad(),        torch::Tensor(), torch::Tensor(),
+            torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
 
 }  // namespace
 
 torch::Tensor checkpointed_block(DecoderBlockImpl& block, const torch::Tensor& x,
-                                 const ops::RopeTables& rope, const AttentionMask& mask) {
+                                 const ops::RopeTables& rope, const AttentionMask& mask,
+                                 BlockHooks* hooks) {
   if (!torch::GradMode::is_enabled() || !x.requires_grad()) {
     return block.forward(x, rope, mask, nullptr, 0);
   }
-  return BlockCheckpoint::apply(x, rope.cos, rope.sin, &block, mask);
+  return BlockCheckpoint::apply(x, rope.cos, rope.sin, &block, mask, hooks);
 }
 
 }  // namespace aviary::nn

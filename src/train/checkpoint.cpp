@@ -12,6 +12,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <random>
 #include <regex>
@@ -27,6 +28,7 @@
 
 #include "aviary/core/atomic_file.h"
 #include "aviary/core/error.h"
+#include "aviary/dist/comm.h"
 #include "aviary/io/safetensors.h"
 #include "aviary/io/weights.h"
 
@@ -37,7 +39,6 @@ namespace {
 
 constexpr const char* kComplete = "COMPLETE";
 constexpr const char* kLatest = "latest";
-constexpr const char* kOptimizerTensors = "optimizer.safetensors";
 constexpr const char* kOptimizerJson = "optimizer.json";
 constexpr const char* kRngTensors = "rng_state.safetensors";
 constexpr const char* kTrainerState = "trainer_state.json";
@@ -53,9 +54,12 @@ std::string errno_text(int err) {
 
 // Test-only crash injection (AVIARY_TEST_CRASH_AT=<stage>[@<step>]); see checkpoint.h. Returns
 // the stage armed for a save of `step`, or "" when none.
-std::string crash_stage(int64_t step) {
+std::string crash_stage(int64_t step, int rank) {
   const char* env = std::getenv("AVIARY_TEST_CRASH_AT");
   if (!env || !*env) return {};
+  if (const char* only = std::getenv("AVIARY_TEST_CRASH_RANK"); only && *only) {
+    if (std::atoi(only) != rank) return {};
+  }
   std::string stage = env;
   const auto at = stage.find('@');
   if (at != std::string::npos) {
@@ -177,8 +181,11 @@ const torch::optim::AdamWOptions& adamw_options_of(const torch::optim::Optimizer
   return *options;
 }
 
+// Writes <stem>.safetensors and <stem>.json: "optimizer" for a whole optimizer, or
+// "optimizer-0000r-of-0000w" for rank r's shard (shard / shards recorded in the JSON).
 void save_optimizer(const std::string& dir, const NamedTensors& named_params,
-                    const torch::optim::Optimizer& optimizer) {
+                    const torch::optim::Optimizer& optimizer, const std::string& stem, int shard,
+                    int shards) {
   auto names = names_by_impl(named_params);
   NamedTensors tensors;
   Json groups = Json::array();
@@ -210,10 +217,19 @@ void save_optimizer(const std::string& dir, const NamedTensors& named_params,
                           {"weight_decay", options.weight_decay()},
                           {"params", param_names}});
   }
-  save_safetensors((fs::path(dir) / kOptimizerTensors).string(), tensors);
-  write_json(
-      (fs::path(dir) / kOptimizerJson).string(),
-      Json{{"type", "adamw"}, {"format_version", 1}, {"param_groups", groups}, {"step", steps}});
+  save_safetensors((fs::path(dir) / (stem + ".safetensors")).string(), tensors);
+  write_json((fs::path(dir) / (stem + ".json")).string(), Json{{"type", "adamw"},
+                                                               {"format_version", 1},
+                                                               {"shard", shard},
+                                                               {"shards", shards},
+                                                               {"param_groups", groups},
+                                                               {"step", steps}});
+}
+
+std::string optimizer_shard_stem(int rank, int world) {
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), "optimizer-%05d-of-%05d", rank, world);
+  return buf;
 }
 
 void save_rng(const std::string& dir) {
@@ -316,18 +332,55 @@ void load_model_tensors(const std::string& step_dir, const NamedTensors& named_p
   }
 }
 
+// Optimizer state of every parameter, from optimizer.json or from all the optimizer-*-of-*.json
+// shards, whatever world size wrote them: state is matched by parameter name, so a checkpoint
+// loads into an optimizer that holds any subset of the parameters (resharding).
 void load_optimizer(const std::string& step_dir, const NamedTensors& named_params,
                     torch::optim::Optimizer& optimizer) {
-  const std::string json_path = (fs::path(step_dir) / kOptimizerJson).string();
-  const std::string tensors_path = (fs::path(step_dir) / kOptimizerTensors).string();
-  Json meta = read_json(json_path);
-  if (meta.value("type", "") != "adamw")
-    throw_corruption("expected optimizer type 'adamw', found " + meta.value("type", Json()).dump(),
-                     json_path);
-  if (!meta.contains("step") || !meta["step"].is_object())
-    throw_corruption("missing per-parameter 'step' object", json_path);
-  const Json& steps = meta["step"];
-  auto file = SafetensorsFile::open(tensors_path);
+  std::vector<std::string> stems;
+  if (fs::exists(fs::path(step_dir) / kOptimizerJson)) {
+    stems.push_back("optimizer");
+  } else {
+    static const std::regex re("^(optimizer-[0-9]+-of-([0-9]+))\\.json$");
+    int64_t declared = -1;
+    for (const auto& entry : fs::directory_iterator(step_dir)) {
+      std::smatch m;
+      const std::string name = entry.path().filename().string();
+      if (!std::regex_match(name, m, re)) continue;
+      stems.push_back(m[1].str());
+      declared = std::stoll(m[2].str());
+    }
+    std::sort(stems.begin(), stems.end());
+    if (stems.empty() || static_cast<int64_t>(stems.size()) != declared) {
+      throw_corruption(
+          "expected optimizer.json or a complete set of optimizer-*-of-*.json "
+          "shards, found " +
+              std::to_string(stems.size()) + " shard(s)" +
+              (declared > 0 ? " of " + std::to_string(declared) : ""),
+          step_dir, "the checkpoint is damaged; resume from an older one");
+    }
+  }
+  struct Source {
+    int64_t step;
+    std::string tensors_path;
+  };
+  std::unordered_map<std::string, Source> sources;  // parameter name -> where its state is
+  std::map<std::string, std::shared_ptr<SafetensorsFile>> files;
+  for (const auto& stem : stems) {
+    const std::string json_path = (fs::path(step_dir) / (stem + ".json")).string();
+    Json meta = read_json(json_path);
+    if (meta.value("type", "") != "adamw") {
+      throw_corruption(
+          "expected optimizer type 'adamw', found " + meta.value("type", Json()).dump(), json_path);
+    }
+    if (!meta.contains("step") || !meta["step"].is_object())
+      throw_corruption("missing per-parameter 'step' object", json_path);
+    const std::string tensors_path = (fs::path(step_dir) / (stem + ".safetensors")).string();
+    for (const auto& [name, step] : meta["step"].items()) {
+      if (!step.is_number_integer()) throw_corruption("bad step for '" + name + "'", json_path);
+      sources[name] = Source{step.get<int64_t>(), tensors_path};
+    }
+  }
   auto names = names_by_impl(named_params);
   torch::NoGradGuard no_grad;
   auto& state = optimizer.state();
@@ -342,10 +395,14 @@ void load_optimizer(const std::string& step_dir, const NamedTensors& named_param
             "optimizer");
       }
       const std::string& name = it->second;
-      if (!steps.contains(name)) {
+      auto source = sources.find(name);
+      if (source == sources.end()) {
         state.erase(p.unsafeGetTensorImpl());  // saved before its first update
         continue;
       }
+      const std::string& tensors_path = source->second.tensors_path;
+      auto& file = files[tensors_path];
+      if (!file) file = SafetensorsFile::open(tensors_path);
       auto moment = [&](const std::string& suffix) {
         const std::string key = name + suffix;
         if (!file->contains(key)) {
@@ -362,7 +419,7 @@ void load_optimizer(const std::string& step_dir, const NamedTensors& named_param
         return src.to(p.options(), /*non_blocking=*/false, /*copy=*/true);
       };
       auto s = std::make_unique<torch::optim::AdamWParamState>();
-      s->step(steps[name].get<int64_t>());
+      s->step(source->second.step);
       s->exp_avg(moment(".exp_avg"));
       s->exp_avg_sq(moment(".exp_avg_sq"));
       state[p.unsafeGetTensorImpl()] = std::move(s);
@@ -449,65 +506,117 @@ void check_writable(const std::string& dir) {
   if (!ok) throw_io("cannot write to the checkpoint directory: " + errno_text(err), dir, hint);
 }
 
+namespace {
+
+// Runs `body` on the ranks where `active` is set, then makes every rank agree on the outcome:
+// when a rank failed, that rank rethrows its error and every other rank throws one naming it, so
+// no rank waits forever for a peer that gave up.
+void on_ranks_then_agree(dist::Comm* comm, bool active, const char* what,
+                         const std::function<void()>& body) {
+  std::exception_ptr failure;
+  if (active) {
+    try {
+      body();
+    } catch (...) {
+      failure = std::current_exception();
+    }
+  }
+  if (!comm || comm->world() == 1) {
+    if (failure) std::rethrow_exception(failure);
+    return;
+  }
+  const int rank = comm->rank();
+  const double first_failed =
+      comm->all_reduce_scalar(failure ? rank : comm->world(), dist::ReduceOp::kMin);
+  if (failure) std::rethrow_exception(failure);
+  if (first_failed < comm->world()) {
+    throw_io("rank " + std::to_string(static_cast<int>(first_failed)) + " failed while " + what,
+             "checkpoint", "see that rank's log; the previous checkpoint is untouched");
+  }
+}
+
+}  // namespace
+
 std::string save_checkpoint(const CheckpointConfig& config, int64_t step, const Json& run_config,
                             const NamedTensors& named_params,
-                            const torch::optim::Optimizer& optimizer, const TrainerState& state) {
+                            const torch::optim::Optimizer& optimizer, const TrainerState& state,
+                            const CheckpointRanks& ranks) {
   if (state.step != step) {
     throw_invalid("trainer state step " + std::to_string(state.step) +
                   " differs from the checkpoint step " + std::to_string(step));
   }
-  const std::string armed = crash_stage(step);
+  dist::Comm* comm = ranks.comm;
+  const int rank = comm ? comm->rank() : 0;
+  const int world = comm ? comm->world() : 1;
+  const bool leader = rank == 0;
+  const std::string armed = crash_stage(step, rank);
   const std::string& run_dir = config.dir;
-  check_writable(run_dir);
-  remove_stale_temp_dirs(run_dir);
-
   const std::string name = checkpoint_dir_name(step);
   const std::string final_dir = (fs::path(run_dir) / name).string();
-  const std::string tmp = make_temp_dir_path(run_dir, step);
 
-  // save_hf_weights builds `tmp` itself (its own temp dir + fsync + rename).
-  save_hf_weights(tmp, named_params, config.max_shard_bytes);
-  crash_point(armed, "after_model");
-  save_optimizer(tmp, named_params, optimizer);
-  crash_point(armed, "after_optimizer");
-  save_rng(tmp);
-  write_json((fs::path(tmp) / kTrainerState).string(), state.to_json());
-  crash_point(armed, "after_state");
-  write_json((fs::path(tmp) / kConfig).string(), run_config);
-  crash_point(armed, "before_complete");
-  write_json((fs::path(tmp) / kComplete).string(),
-             Json{{"step", step}, {"files", file_sizes(tmp)}});
-  fsync_directory(tmp);
-  crash_point(armed, "before_rename");
+  // 1. Rank 0 writes the model (save_hf_weights builds `tmp` itself: its own temp dir + fsync +
+  //    rename) and tells the others where the checkpoint is being assembled.
+  std::string tmp;
+  on_ranks_then_agree(comm, leader, "writing the model", [&] {
+    check_writable(run_dir);
+    remove_stale_temp_dirs(run_dir);
+    tmp = make_temp_dir_path(run_dir, step);
+    save_hf_weights(tmp, named_params, config.max_shard_bytes);
+    crash_point(armed, "after_model");
+  });
+  if (world > 1) tmp = comm->broadcast_string(tmp, 0);
 
-  std::error_code ec;
-  if (fs::exists(final_dir, ec)) {
-    // Re-saving a step: swap the directories in one step, then drop the old one.
-    if (::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, final_dir.c_str(), RENAME_EXCHANGE) != 0) {
+  // 2. Optimizer state: every rank its own shard (zero1 / zero2), or rank 0 all of it.
+  const bool sharded = world > 1 && ranks.optimizer_sharded;
+  on_ranks_then_agree(comm, sharded || leader, "writing its optimizer shard", [&] {
+    if (sharded) {
+      save_optimizer(tmp, named_params, optimizer, optimizer_shard_stem(rank, world), rank, world);
+    } else {
+      save_optimizer(tmp, named_params, optimizer, "optimizer", 0, 1);
+    }
+    crash_point(armed, "after_optimizer");
+  });
+
+  // 3. Rank 0 completes the checkpoint once every shard is on disk, then moves `latest`.
+  on_ranks_then_agree(comm, leader, "completing the checkpoint", [&] {
+    save_rng(tmp);
+    write_json((fs::path(tmp) / kTrainerState).string(), state.to_json());
+    crash_point(armed, "after_state");
+    write_json((fs::path(tmp) / kConfig).string(), run_config);
+    crash_point(armed, "before_complete");
+    write_json((fs::path(tmp) / kComplete).string(),
+               Json{{"step", step}, {"world_size", world}, {"files", file_sizes(tmp)}});
+    fsync_directory(tmp);
+    crash_point(armed, "before_rename");
+
+    std::error_code ec;
+    if (fs::exists(final_dir, ec)) {
+      // Re-saving a step: swap the directories in one step, then drop the old one.
+      if (::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, final_dir.c_str(), RENAME_EXCHANGE) != 0) {
+        int err = errno;
+        throw_io("cannot replace the existing checkpoint: " + errno_text(err), final_dir);
+      }
+      fs::remove_all(tmp, ec);
+    } else if (::rename(tmp.c_str(), final_dir.c_str()) != 0) {
       int err = errno;
-      throw_io("cannot replace the existing checkpoint: " + errno_text(err), final_dir);
+      throw_io("cannot rename " + tmp + " into place: " + errno_text(err), final_dir);
     }
-    fs::remove_all(tmp, ec);
-  } else if (::rename(tmp.c_str(), final_dir.c_str()) != 0) {
-    int err = errno;
-    throw_io("cannot rename " + tmp + " into place: " + errno_text(err), final_dir);
-  }
-  fsync_directory(run_dir);
-  crash_point(armed, "before_latest");
+    fsync_directory(run_dir);
+    crash_point(armed, "before_latest");
 
-  write_file_atomic((fs::path(run_dir) / kLatest).string(), std::string_view(name + "\n"));
+    write_file_atomic((fs::path(run_dir) / kLatest).string(), std::string_view(name + "\n"));
 
-  if (config.keep_last > 0) {
-    auto complete = complete_checkpoints(run_dir);
-    const size_t keep = static_cast<size_t>(config.keep_last);
-    for (size_t i = 0; i + keep < complete.size(); ++i) {
-      if (complete[i].second == final_dir) continue;
-      spdlog::info("removing old checkpoint {}", complete[i].second);
-      fs::remove_all(complete[i].second, ec);
-      if (ec) spdlog::warn("cannot remove {}: {}", complete[i].second, ec.message());
+    if (config.keep_last > 0) {
+      auto complete = complete_checkpoints(run_dir);
+      const size_t keep = static_cast<size_t>(config.keep_last);
+      for (size_t i = 0; i + keep < complete.size(); ++i) {
+        if (complete[i].second == final_dir) continue;
+        spdlog::info("removing old checkpoint {}", complete[i].second);
+        fs::remove_all(complete[i].second, ec);
+        if (ec) spdlog::warn("cannot remove {}: {}", complete[i].second, ec.message());
+      }
     }
-  }
-  spdlog::info("saved checkpoint {}", final_dir);
+  });
   return final_dir;
 }
 

@@ -322,7 +322,9 @@ void MetricsLogger::train_step(const TrainStepMetrics& m) {
                        {"peak_gpu_mb", or_null(m.peak_gpu_mb)},
                        {"elapsed_s", m.elapsed_s},
                        {"skipped", m.skipped},
-                       {"spike", m.spike}});
+                       {"spike", m.spike},
+                       {"comm_mb", or_null(m.comm_mb)},
+                       {"comm_overlap", or_null(m.comm_overlap)}});
 
   if (tensorboard_) {
     tensorboard_->add_scalar("train/loss", m.loss, m.step);

@@ -174,7 +174,10 @@ torch::Tensor AdamW::step(LossClosure closure) {
 }
 
 std::unique_ptr<AdamW> make_adamw(const NamedTensors& named_params, const OptimizerConfig& config) {
-  ParamGroups split = split_param_groups(named_params, config);
+  return make_adamw(split_param_groups(named_params, config), config);
+}
+
+std::unique_ptr<AdamW> make_adamw(const ParamGroups& split, const OptimizerConfig& config) {
   if (split.decay.empty() && split.no_decay.empty())
     throw_invalid("the model has no trainable parameters (none requires grad)", "optim");
   std::vector<torch::optim::OptimizerParamGroup> groups;

@@ -5,6 +5,8 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <numeric>
 
@@ -13,6 +15,11 @@
 #include "aviary/core/error.h"
 #include "aviary/core/process.h"
 #include "aviary/data/sampler.h"
+#include "aviary/dist/comm.h"
+#include "aviary/dist/data_parallel.h"
+#include "aviary/dist/environment.h"
+#include "aviary/dist/fsdp.h"
+#include "aviary/nn/attention.h"
 #include "aviary/tokenizer/tokenizer.h"
 #include "aviary/train/checkpoint.h"
 #include "aviary/train/lm_loss.h"
@@ -108,7 +115,14 @@ struct Trainer::State {
   LogConfig log;
   DataConfig data;
   CausalLMSpec model_spec;
+  dist::ParallelConfig parallel;
   Json resolved;
+
+  dist::DistEnvironment env;
+  std::unique_ptr<dist::Comm> comm;                      // world > 1 only
+  std::unique_ptr<dist::DataParallel> ddp;               // world > 1, ddp / zero1 / zero2
+  std::unique_ptr<dist::FullyShardedDataParallel> fsdp;  // world > 1, fsdp
+  bool leader = true;                                    // rank 0: logs, metrics, config.json
 
   torch::Device device{torch::kCPU};
   int64_t data_parallel = 1;
@@ -130,11 +144,14 @@ struct Trainer::State {
   void read_config(const std::string& resume_override);
   void open_data();
   void build_model_and_optimizer();
+  void build_fsdp();
   void resume();
 
   torch::Tensor batch_loss(const data::Batch& batch);
   std::pair<double, int64_t> evaluate();
   std::string save(double lr);
+  void log_samples(const data::Batch& batch) const;
+  void maybe_die_for_test() const;
 };
 
 void Trainer::State::read_config(const std::string& resume_override) {
@@ -160,7 +177,18 @@ void Trainer::State::read_config(const std::string& resume_override) {
   auto log_section = root.child("log");
   log = LogConfig::from_section(log_section);
   if (log.dir.empty()) log.dir = checkpoint.dir;
+  auto parallel_section = root.child("parallel");
+  parallel = dist::ParallelConfig::from_section(parallel_section);
   root.finish();
+
+  env = dist::DistEnvironment::detect();
+  data_parallel = env.world;
+  leader = env.rank == 0;
+  if (parallel.strategy == "fsdp" && env.world > 1 && !train.activation_checkpointing) {
+    // Blocks are gathered again for their backward pass, which is the checkpoint's recompute.
+    spdlog::info("{}: parallel.strategy fsdp turns on train.activation_checkpointing", source);
+    train.activation_checkpointing = true;
+  }
 
   const int64_t max_positions = model_spec.config.max_position_embeddings;
   if (data.seq_len > max_positions) {
@@ -235,6 +263,8 @@ void Trainer::State::open_data() {
   options.seed = data.seed;
   options.shuffle = data.shuffle;
   options.document_boundaries = data.document_mask;
+  options.rank = env.rank;
+  options.world = env.world;
   try {
     sampler = std::make_unique<data::Sampler>(sources.train, options);
   } catch (const Error& e) {
@@ -251,7 +281,23 @@ void Trainer::State::build_model_and_optimizer() {
     named_params.emplace_back(item.key(), item.value());
     params.push_back(item.value());
   }
-  optimizer = make_adamw(named_params, optim);
+  if (env.world > 1) {
+    // Every rank built the same model from the same seed; rank 0's copy is broadcast anyway, so a
+    // rank that somehow differs cannot go unnoticed into training.
+    {
+      torch::NoGradGuard no_grad;
+      for (auto& p : params)
+        comm->broadcast(p.data(), 0);
+    }
+    if (parallel.strategy == "fsdp") {
+      build_fsdp();
+    } else {
+      ddp = std::make_unique<dist::DataParallel>(*comm, named_params, parallel);
+      optimizer = make_adamw(ddp->owned(), optim);
+    }
+  } else {
+    optimizer = make_adamw(named_params, optim);
+  }
   // 6 FLOPs per parameter per token (forward + backward), plus attention scores and values:
   // 12 x layers x hidden x seq_len, halved by the causal mask.
   const auto& c = model_spec.config;
@@ -259,12 +305,52 @@ void Trainer::State::build_model_and_optimizer() {
                     6.0 * static_cast<double>(c.num_hidden_layers * c.hidden_size * data.seq_len);
 }
 
+// FSDP units: one per decoder block, and a root unit with the rest (embeddings, final norm,
+// lm_head), which stays gathered for the whole step.
+void Trainer::State::build_fsdp() {
+  std::vector<dist::FullyShardedDataParallel::Unit> units;
+  const std::string prefix = "model.layers.";
+  size_t index = 0;
+  for (const auto& layer : *model->model->layers) {
+    dist::FullyShardedDataParallel::Unit unit;
+    unit.name = prefix + std::to_string(index++);
+    unit.block = layer->as<nn::DecoderBlock>();
+    for (const auto& item : layer->named_parameters()) {
+      unit.params.emplace_back(unit.name + "." + item.key(), item.value());
+    }
+    units.push_back(std::move(unit));
+  }
+  dist::FullyShardedDataParallel::Unit root;
+  root.name = "root";
+  for (const auto& [name, p] : named_params) {
+    if (name.rfind(prefix, 0) != 0) root.params.emplace_back(name, p);
+  }
+  units.push_back(std::move(root));
+  fsdp = std::make_unique<dist::FullyShardedDataParallel>(
+      *comm, std::move(units), [this](const std::string& name) { return optim.is_no_decay(name); });
+  model->set_block_hooks(fsdp.get());
+  ParamGroups groups;
+  groups.decay = fsdp->decay_shards();
+  groups.no_decay = fsdp->no_decay_shards();
+  optimizer = make_adamw(groups, optim);
+}
+
 void Trainer::State::resume() {
   check_writable(checkpoint.dir);
   check_writable(log.dir);
   auto path = resolve_resume(checkpoint.resume, checkpoint.dir);
   if (!path) return;
-  auto loaded = load_checkpoint(*path, named_params, optimizer.get(), /*restore_rng=*/true);
+  LoadedCheckpoint loaded;
+  if (fsdp) {
+    // Load into the whole model and a whole optimizer, then keep this rank's slices.
+    fsdp->materialize();
+    auto full = make_adamw(named_params, optim);
+    loaded = load_checkpoint(*path, named_params, full.get(), /*restore_rng=*/true);
+    fsdp->scatter_state(*full, *optimizer);
+    fsdp->release();
+  } else {
+    loaded = load_checkpoint(*path, named_params, optimizer.get(), /*restore_rng=*/true);
+  }
   state = loaded.state;
   try {
     sampler->restore(state.sampler);
@@ -280,6 +366,15 @@ Trainer::Trainer(const Json& config, const std::string& source, const std::strin
   s_->config = config;
   s_->source = source;
   s_->read_config(resume);
+  if (s_->env.world > 1) {
+    dist::CommOptions options;
+    options.backend = s_->parallel.backend;
+    options.timeout_s = s_->parallel.timeout_s;
+    options.cuda = s_->device.is_cuda();
+    s_->comm = dist::open_comm(s_->env, options);
+    spdlog::info("{}: {} over {}, {}", s_->env.describe(), s_->parallel.strategy,
+                 s_->comm->backend(), "global batch split across ranks");
+  }
   s_->open_data();
   s_->build_model_and_optimizer();
   s_->resume();
@@ -293,6 +388,7 @@ Trainer::Trainer(const Json& config, const std::string& source, const std::strin
   resolved["optim"] = s_->optim.to_json();
   resolved["checkpoint"] = s_->checkpoint.to_json();
   resolved["log"] = s_->log.to_json();
+  resolved["parallel"] = s_->parallel.to_json();
   s_->resolved = resolved;
 }
 
@@ -317,10 +413,15 @@ std::pair<double, int64_t> Trainer::State::evaluate() {
                              : std::min(available, train.eval_batches * train.micro_batch);
   torch::NoGradGuard no_grad;
   model->eval();
+  if (fsdp) fsdp->materialize();
   double loss_sum = 0;
   int64_t tokens = 0;
   const int64_t len = source_.seq_len();
-  for (int64_t begin = 0; begin < wanted; begin += train.micro_batch) {
+  const int rank = comm ? comm->rank() : 0;
+  const int world = comm ? comm->world() : 1;
+  int64_t index = 0;
+  for (int64_t begin = 0; begin < wanted; begin += train.micro_batch, ++index) {
+    if (index % world != rank) continue;  // the ranks share the validation batches
     const int64_t rows = std::min(train.micro_batch, wanted - begin);
     data::Batch batch;
     batch.tokens = torch::empty({rows, len + 1}, torch::kInt32);
@@ -334,6 +435,14 @@ std::pair<double, int64_t> Trainer::State::evaluate() {
     tokens += rows * len;
   }
   model->train();
+  if (fsdp) fsdp->release();
+  if (comm) {
+    auto sums =
+        torch::tensor({loss_sum, static_cast<double>(tokens)}, torch::kFloat64).to(comm->device());
+    comm->all_reduce(sums, dist::ReduceOp::kSum);
+    loss_sum = sums[0].item<double>();
+    tokens = static_cast<int64_t>(sums[1].item<double>());
+  }
   return {loss_sum / static_cast<double>(tokens), tokens};
 }
 
@@ -342,7 +451,50 @@ std::string Trainer::State::save(double lr) {
   state.scheduler = schedule->to_json();
   state.scheduler["last_lr"] = lr;
   state.extra["bad_steps"] = bad_steps;
-  return save_checkpoint(checkpoint, state.step, resolved, named_params, *optimizer, state);
+  CheckpointRanks ranks;
+  ranks.comm = comm.get();
+  ranks.optimizer_sharded = ddp && parallel.shards_optimizer();
+  if (fsdp) {
+    // Gathered into whole tensors, and written by rank 0 like a one-process checkpoint.
+    fsdp->materialize();
+    auto full = make_adamw(named_params, optim);
+    fsdp->gather_optimizer_state(*optimizer, *full);
+    auto path =
+        save_checkpoint(checkpoint, state.step, resolved, named_params, *full, state, ranks);
+    fsdp->release();
+    return path;
+  }
+  return save_checkpoint(checkpoint, state.step, resolved, named_params, *optimizer, state, ranks);
+}
+
+// Test-only: AVIARY_TEST_KILL_RANK=<rank>@<step> makes that rank SIGKILL itself in the middle of
+// that step (after the first forward), as a crashed or OOM-killed worker would die.
+void Trainer::State::maybe_die_for_test() const {
+  const char* spec = std::getenv("AVIARY_TEST_KILL_RANK");
+  if (spec == nullptr || *spec == '\0') return;
+  int rank = -1;
+  long long step = -1;
+  if (std::sscanf(spec, "%d@%lld", &rank, &step) != 2) {
+    throw_invalid("expected <rank>@<step>, got '" + std::string(spec) + "'",
+                  "AVIARY_TEST_KILL_RANK");
+  }
+  if (rank == env.rank && step == state.step + 1) std::raise(SIGKILL);
+}
+
+// Test-only: with AVIARY_TEST_SAMPLE_LOG=<path>, each rank appends "<step> <sample index>..." for
+// every micro-batch to <path>.rank<r>, so tests can count that no sample is repeated or skipped
+// across a resume at another world size.
+void Trainer::State::log_samples(const data::Batch& batch) const {
+  const char* path = std::getenv("AVIARY_TEST_SAMPLE_LOG");
+  if (path == nullptr || *path == '\0') return;
+  const std::string file = std::string(path) + ".rank" + std::to_string(env.rank);
+  std::FILE* f = std::fopen(file.c_str(), "a");
+  if (f == nullptr) return;
+  std::fprintf(f, "%lld", static_cast<long long>(state.step + 1));
+  for (int64_t i : batch.indices)
+    std::fprintf(f, " %lld", static_cast<long long>(i));
+  std::fprintf(f, "\n");
+  std::fclose(f);
 }
 
 TrainResult Trainer::run() {
@@ -351,8 +503,19 @@ TrainResult Trainer::run() {
   result.run_dir = s.log.dir;
   StopSignal stop;
 
-  write_file_atomic((fs::path(s.log.dir) / "config.json").string(), s.resolved.dump(2) + "\n");
-  MetricsLogger metrics(s.log, s.train.steps, s.state.step, true);
+  if (s.leader) {
+    write_file_atomic((fs::path(s.log.dir) / "config.json").string(), s.resolved.dump(2) + "\n");
+  }
+  MetricsLogger metrics(s.log, s.train.steps, s.state.step, s.leader);
+  // A stop signal counts once any rank has it, so that every rank stops after the same step.
+  int stop_signal = 0;
+  auto poll_stop = [&] {
+    stop_signal = stop.received();
+    if (s.comm) {
+      stop_signal = static_cast<int>(s.comm->all_reduce_scalar(stop_signal, dist::ReduceOp::kMax));
+    }
+    return stop_signal;
+  };
 
   const auto& c = s.model_spec.config;
   const int64_t tokens_per_step = s.train.global_batch * s.data.seq_len;
@@ -390,26 +553,48 @@ TrainResult Trainer::run() {
     last_eval_step = s.state.step;
   };
 
-  while (s.state.step < s.train.steps && stop.received() == 0) {
+  while (s.state.step < s.train.steps && stop_signal == 0) {
     const auto step_start = Clock::now();
+    const dist::CommStats comm_before = s.comm ? s.comm->stats() : dist::CommStats{};
     lr = s.schedule->lr(s.state.step);
     set_learning_rate(*s.optimizer, lr);
-    s.optimizer->zero_grad(/*set_to_none=*/true);
+    // Every parameter, not just the optimizer's: with zero1 a rank's optimizer holds only its
+    // shard.
+    for (auto& p : s.params)
+      p.mutable_grad() = torch::Tensor();
     double loss = 0;
     for (int64_t m = 0; m < s.accumulation; ++m) {
       auto batch = s.sampler->next_batch(s.train.micro_batch);
+      s.log_samples(batch);
+      if (s.fsdp) s.fsdp->begin_micro_batch();
       auto micro_loss = s.batch_loss(batch) / static_cast<double>(s.accumulation);
+      if (m == 0) s.maybe_die_for_test();
+      // Data parallel: only the last micro-batch's backward reduces gradients (as they are ready).
+      if (s.ddp && m + 1 == s.accumulation) s.ddp->sync_next_backward();
       micro_loss.backward();
+      if (s.fsdp) s.fsdp->after_backward();
       loss += micro_loss.item<double>();
     }
-    const double grad_norm = clip_grad_norm(s.params, s.optim.grad_clip);
+    double grad_norm = 0;
+    if (s.fsdp) {
+      loss = s.comm->all_reduce_scalar(loss, dist::ReduceOp::kSum) / s.comm->world();
+      grad_norm = s.fsdp->clip_grad_norm(s.optim.grad_clip);
+    } else if (s.ddp) {
+      s.ddp->finish_gradient_sync();
+      loss = s.comm->all_reduce_scalar(loss, dist::ReduceOp::kSum) / s.comm->world();
+      grad_norm = s.ddp->clip_grad_norm(s.optim.grad_clip);
+    } else {
+      grad_norm = clip_grad_norm(s.params, s.optim.grad_clip);
+    }
     const bool finite = std::isfinite(loss) && std::isfinite(grad_norm);
     if (finite) {
       s.optimizer->step();
+      if (s.ddp) s.ddp->sync_parameters();
       s.bad_steps = 0;
     } else {
       ++s.bad_steps;
     }
+    if (s.fsdp) s.fsdp->end_step();
     ++s.state.step;
     s.state.tokens_seen += tokens_per_step;
 
@@ -427,6 +612,11 @@ TrainResult Trainer::run() {
     m.peak_rss_mb = static_cast<double>(peak_rss_bytes()) / (1 << 20);
     m.elapsed_s = seconds_since(run_start);
     m.skipped = !finite;
+    if (s.comm) {
+      const auto used = s.comm->stats() - comm_before;
+      m.comm_mb = used.wire_bytes(s.comm->world()) / 1e6;
+      if (used.busy_s > 0) m.comm_overlap = std::max(0.0, 1.0 - used.wait_s / used.busy_s);
+    }
 
     if (finite) {
       // Spike: well above the recent mean (enough history first).
@@ -474,20 +664,21 @@ TrainResult Trainer::run() {
       run_eval();
     }
     const bool periodic = s.checkpoint.every > 0 && s.state.step % s.checkpoint.every == 0;
-    if (periodic || last || stop.received() != 0) {
+    poll_stop();
+    if (periodic || last || stop_signal != 0) {
       last_checkpoint = s.save(lr);
       last_checkpoint_step = s.state.step;
       metrics.event(s.state.step, "checkpoint", "saved " + last_checkpoint);
     }
   }
 
-  if (stop.received() != 0 && s.state.step < s.train.steps) {
+  if (stop_signal != 0 && s.state.step < s.train.steps) {
     if (last_checkpoint_step != s.state.step) {
       last_checkpoint = s.save(lr);
       metrics.event(s.state.step, "checkpoint", "saved " + last_checkpoint);
     }
     metrics.event(s.state.step, "interrupted",
-                  std::string("stopped by ") + (stop.received() == SIGINT ? "SIGINT" : "SIGTERM") +
+                  std::string("stopped by ") + (stop_signal == SIGINT ? "SIGINT" : "SIGTERM") +
                       " at step " + std::to_string(s.state.step) + "; continue with --resume auto");
     result.status = "interrupted";
   } else {

@@ -4,14 +4,20 @@
 // peak RSS reported belongs to that case alone.
 #include <unistd.h>
 
+#include <stdlib.h>
+
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 
+#include <fmt/format.h>
 #include <torch/torch.h>
 #include <nlohmann/json.hpp>
 
+#include "aviary/core/config.h"
 #include "aviary/core/dtype.h"
 #include "aviary/core/error.h"
 #include "aviary/core/process.h"
@@ -187,6 +193,8 @@ struct TrainBenchArgs {
   int64_t warmup = 2;
   bool json = false;
   std::string child_case;
+  int nproc = 0;  // > 0: the distributed comparison instead (run_train_distributed)
+  std::string data = "tests/fixtures/train-parity/data";
 };
 
 // One training step exactly as the trainer runs it: causal_lm_loss (forward + cross-entropy),
@@ -267,7 +275,130 @@ nlohmann::json run_train_case(const TrainBenchArgs& a, const std::string& spec) 
           {"optimizer", "aviary AdamW"}};
 }
 
+// bench train --nproc N: the real trainer under `aviary launch`, once per strategy, on the tiny
+// model and the fixture dataset. Each rank takes global_batch / N samples in one micro-batch, so
+// the volume per step is one forward + backward's worth. Reported from metrics.jsonl (steps after
+// the first two): tokens/s, the bytes rank 0 sent per step (CommStats::wire_bytes) beside the
+// theory for ring collectives, and the share of communication time hidden behind compute.
+void run_train_distributed(const TrainBenchArgs& a) {
+  namespace fs = std::filesystem;
+  const std::string self = fs::read_symlink("/proc/self/exe").string();
+  char tmpl[] = "/tmp/aviary-bench-XXXXXX";
+  if (!mkdtemp(tmpl)) throw_io("cannot create a temp dir", "/tmp");
+  const fs::path dir = tmpl;
+  const int64_t steps = a.steps > 0 ? a.steps : 12;
+  const int64_t global_batch = 8 * a.nproc;
+  nlohmann::json model_section = {{"arch", "aquila"},
+                                  {"init_from", fs::absolute(a.tiny_model).string()}};
+  ConfigReader model_reader(model_section, "model", "bench");
+  const auto model_config = CausalLMSpec::from_section(model_reader).config;
+  const int64_t params = model_config.num_parameters();
+  // FSDP's root unit (embeddings, final norm, lm_head) is gathered once per step, not twice.
+  const int64_t root = model_config.vocab_size * model_config.hidden_size *
+                           (model_config.tie_word_embeddings ? 1 : 2) +
+                       model_config.hidden_size;
+  const double root_share = static_cast<double>(root) / static_cast<double>(params);
+  const double param_mb = 4.0 * static_cast<double>(params) / 1e6;
+  const double f = static_cast<double>(a.nproc - 1) / a.nproc;
+  struct Row {
+    std::string strategy;
+    double theory_factor;
+  };
+  const std::vector<Row> strategies = {{"single", 0},
+                                       {"ddp", 2 * f},
+                                       {"zero1", 3 * f},
+                                       {"zero2", 2 * f},
+                                       {"fsdp", (3 - root_share) * f}};
+  nlohmann::json rows = nlohmann::json::array();
+  for (const auto& [strategy, theory] : strategies) {
+    const fs::path run = dir / strategy;
+    nlohmann::json c;
+    c["model"] = {{"arch", "aquila"}, {"init_from", fs::absolute(a.tiny_model).string()}};
+    c["data"] = {{"datasets", {fs::absolute(a.data).string()}},
+                 {"seq_len", a.seq_len > 0 ? a.seq_len : 32}};
+    c["train"] = {{"steps", steps},
+                  {"global_batch", global_batch},
+                  {"micro_batch", strategy == "single" ? global_batch : 8},
+                  {"threads", strategy == "single" ? a.threads : 1}};
+    c["checkpoint"] = {{"dir", (run / "checkpoints").string()}, {"every", 0}};
+    c["log"] = {{"dir", run.string()}, {"every", 1}, {"tensorboard", false}, {"progress", "none"}};
+    if (strategy != "single") c["parallel"] = {{"strategy", strategy}};
+    fs::create_directories(run);
+    const std::string config = (run / "config.yaml").string();
+    std::ofstream(config) << c.dump(2);
+    std::string cmd;
+    if (strategy != "single") {
+      cmd = shell_quote(self) + " launch -n " + std::to_string(a.nproc) + " --log-dir " +
+            shell_quote((run / "logs").string()) + " -- ";
+    }
+    cmd += shell_quote(self) + " --log-level warn train -c " + shell_quote(config) + " > " +
+           shell_quote((run / "out.txt").string()) + " 2>&1";
+    if (std::system(cmd.c_str()) != 0) {
+      throw_io("the " + strategy + " run failed", (run / "out.txt").string(), "see its output");
+    }
+    double tps = 0, comm = 0, overlap = 0, rss = 0;
+    int n = 0, n_overlap = 0;
+    std::ifstream in(run / "metrics.jsonl");
+    std::string line;
+    while (std::getline(in, line)) {
+      auto r = nlohmann::json::parse(line);
+      if (r["type"] != "train" || r["step"].get<int64_t>() <= 2) continue;
+      tps += r["tokens_per_s"].get<double>();
+      if (r["comm_mb"].is_number()) comm += r["comm_mb"].get<double>();
+      if (r["comm_overlap"].is_number()) {
+        overlap += r["comm_overlap"].get<double>();
+        ++n_overlap;
+      }
+      rss = std::max(rss, r["peak_rss_mb"].get<double>());
+      ++n;
+    }
+    if (n == 0) throw_io("no timed steps in metrics.jsonl", run.string());
+    rows.push_back({{"strategy", strategy},
+                    {"ranks", strategy == "single" ? 1 : a.nproc},
+                    {"tokens_per_s", tps / n},
+                    {"comm_mb_per_step", comm / n},
+                    {"theory_mb_per_step", theory * param_mb},
+                    {"overlap", n_overlap ? nlohmann::json(overlap / n_overlap) : nlohmann::json()},
+                    {"rank0_peak_rss_mb", rss}});
+  }
+  fs::remove_all(dir);
+  if (a.json) {
+    std::printf("%s\n", rows.dump(2).c_str());
+    return;
+  }
+  std::printf("tiny model: %lld parameters = %.3f MB fp32; %d ranks, global batch %lld\n\n",
+              static_cast<long long>(params), param_mb, a.nproc,
+              static_cast<long long>(global_batch));
+  std::printf(
+      "| strategy | ranks | tok/s | sent MB/step (rank 0) | theory MB/step | ratio | "
+      "overlap | rank-0 peak RSS MB |\n|---|---|---|---|---|---|---|---|\n");
+  for (const auto& r : rows) {
+    const double theory = r["theory_mb_per_step"].get<double>();
+    const double sent = r["comm_mb_per_step"].get<double>();
+    std::printf("| %s | %d | %.0f | %.3f | %.3f | %s | %s | %.0f |\n",
+                r["strategy"].get<std::string>().c_str(), r["ranks"].get<int>(),
+                r["tokens_per_s"].get<double>(), sent, theory,
+                theory > 0 ? fmt::format("{:.2f}", sent / theory).c_str() : "-",
+                r["overlap"].is_number()
+                    ? fmt::format("{:.0f}%", 100 * r["overlap"].get<double>()).c_str()
+                    : "-",
+                r["rank0_peak_rss_mb"].get<double>());
+  }
+  std::printf(
+      "\nTheory (ring collectives, per rank per step, P = parameter bytes, W ranks): ddp 2P(W-1)/W "
+      "(all-reduce); zero1 3P(W-1)/W (+ parameter broadcast); zero2 2P(W-1)/W (reduce + "
+      "broadcast); fsdp 3P(W-1)/W (all-gather forward and backward, reduce-scatter), less the "
+      "root unit's second gather (embeddings, norm and lm_head stay gathered for the step: "
+      "(3P - P_root)(W-1)/W). The small "
+      "excess is the per-step loss / norm / stop scalars. On a CPU machine with fewer cores than "
+      "ranks, tokens/s measures oversubscription, not scaling.\n");
+}
+
 void run_train(const TrainBenchArgs& a) {
+  if (a.nproc > 0) {
+    run_train_distributed(a);
+    return;
+  }
   if (!a.child_case.empty()) {
     std::printf("%s\n", run_train_case(a, a.child_case).dump().c_str());
     return;
@@ -351,6 +482,13 @@ void register_bench(CLI::App& app) {
       ->capture_default_str();
   train->add_option("--warmup", targs->warmup, "untimed steps first")->capture_default_str();
   train->add_flag("--json", targs->json, "print JSON instead of a markdown table");
+  train
+      ->add_option("--nproc", targs->nproc,
+                   "> 1: run the trainer under `aviary launch` with each strategy (ddp, zero1, "
+                   "zero2, fsdp) and report communication volume vs theory and overlap")
+      ->check(CLI::Range(2, 64));
+  train->add_option("--data", targs->data, "dataset prefix for --nproc runs")
+      ->capture_default_str();
   train->add_option("--case", targs->child_case, "run one case in this process (internal)")
       ->group("");
   train->callback([targs] { run_train(*targs); });

@@ -2,6 +2,7 @@
 #include <cstdio>
 
 #include "aviary/core/config.h"
+#include "aviary/dist/environment.h"
 #include "aviary/train/trainer.h"
 #include "commands.h"
 
@@ -20,6 +21,7 @@ void run(const TrainArgs& a) {
     apply_config_override(config, assignment);
   Trainer trainer(config, a.config, a.resume);
   TrainResult result = trainer.run();
+  if (dist::DistEnvironment::detect().rank != 0) return;  // rank 0 reports for the job
   if (result.status == "interrupted") {
     std::printf(
         "interrupted at step %lld; checkpoint %s\nresume with: aviary train --config %s "

@@ -15,5 +15,6 @@ void register_bench(CLI::App& app);
 void register_data(CLI::App& app);
 void register_train(CLI::App& app);
 void register_export(CLI::App& app);
+void register_launch(CLI::App& app);
 
 }  // namespace aviary::cli

@@ -51,6 +51,7 @@ int main(int argc, char** argv) {
   aviary::cli::register_convert(app);
   aviary::cli::register_bench(app);
   aviary::cli::register_data(app);
+  aviary::cli::register_launch(app);
 
   try {
     app.parse(argc, argv);

@@ -9,6 +9,7 @@
 
 #include "aviary/models/aquila_config.h"
 #include "aviary/nn/attention.h"
+#include "aviary/nn/checkpoint.h"
 #include "aviary/nn/kv_cache.h"
 #include "aviary/nn/linear.h"
 
@@ -43,6 +44,9 @@ class AquilaForCausalLMImpl : public torch::nn::Module {
   // Per-block activation checkpointing for training (see nn/checkpoint.h). It applies to forward
   // calls with gradients on and no KV cache; inference is unaffected.
   void set_activation_checkpointing(bool enabled) { checkpoint_blocks_ = enabled; }
+  // Hooks around each checkpointed block (FSDP materialises and releases block parameters with
+  // them); nullptr for none. Only used with activation checkpointing.
+  void set_block_hooks(nn::BlockHooks* hooks) { block_hooks_ = hooks; }
 
   const AquilaConfig& config() const { return config_; }
   torch::TensorOptions options() const { return options_; }
@@ -56,8 +60,9 @@ class AquilaForCausalLMImpl : public torch::nn::Module {
   AquilaConfig config_;
   torch::TensorOptions options_;
   torch::Tensor inv_freq_;
-  int64_t rope_len_cached_ = 0;
-  bool checkpoint_blocks_ = false;  // dynamic NTK: the longest sequence the base was grown for
+  int64_t rope_len_cached_ = 0;  // dynamic NTK: the longest sequence the base was grown for
+  bool checkpoint_blocks_ = false;
+  nn::BlockHooks* block_hooks_ = nullptr;  // set by FSDP
 };
 TORCH_MODULE(AquilaForCausalLM);
 

@@ -17,9 +17,25 @@
 
 namespace aviary::nn {
 
+// Called around each run of a checkpointed block, so that a parameter-sharding strategy (FSDP /
+// ZeRO-3) can materialise the block's parameters just before they are used and release them
+// after: before/after the forward pass (run without gradients), and before the recompute /
+// after the block's backward in the backward pass, when the block's parameter gradients are
+// complete.
+class BlockHooks {
+ public:
+  virtual ~BlockHooks() = default;
+  virtual void before_forward(DecoderBlockImpl& block) = 0;
+  virtual void after_forward(DecoderBlockImpl& block) = 0;
+  virtual void before_backward(DecoderBlockImpl& block) = 0;
+  virtual void after_backward(DecoderBlockImpl& block) = 0;
+};
+
 // block(x, rope, mask) with activation checkpointing. Falls back to a plain call when gradients
-// are off or x does not require grad (nothing to recompute for).
+// are off or x does not require grad (nothing to recompute for). `hooks` (optional) must outlive
+// the backward pass.
 torch::Tensor checkpointed_block(DecoderBlockImpl& block, const torch::Tensor& x,
-                                 const ops::RopeTables& rope, const AttentionMask& mask);
+                                 const ops::RopeTables& rope, const AttentionMask& mask,
+                                 BlockHooks* hooks = nullptr);
 
 }  // namespace aviary::nn

@@ -7,10 +7,11 @@
 //     optimizer.safetensors          "<param>.exp_avg", "<param>.exp_avg_sq" per parameter
 //     optimizer.json                 type, param groups (hyper-parameters + parameter names),
 //                                    per-parameter step counts
+//     (or, for zero1 / zero2 runs, optimizer-0000r-of-0000w.{safetensors,json}: rank r's shard)
 //     rng_state.safetensors          "cpu" (+ "cuda:N"): torch generator states (uint8)
 //     trainer_state.json             step, tokens seen, sampler cursor, scheduler, loss tail
 //     config.json                    the resolved run config
-//     COMPLETE                       written last: {"step", "files": {name: bytes}}
+//     COMPLETE                       written last: {"step", "world_size", "files": {name: bytes}}
 //   latest                           "step-000200\n", rewritten only after a checkpoint completes
 //   step-000300.tmp-XXXXXXXX/        a save in progress (or left by a crash): never loaded,
 //                                    removed by the next save
@@ -21,7 +22,8 @@
 // `latest` intact. See docs/checkpoints.md.
 //
 // Test-only crash hook: with AVIARY_TEST_CRASH_AT=<stage> in the environment, save_checkpoint
-// calls _exit(86) at that stage; <stage>@<step> arms it for the save of that step only. Stages,
+// calls _exit(86) at that stage; <stage>@<step> arms it for the save of that step only, and
+// AVIARY_TEST_CRASH_RANK=<r> for rank r only. Stages,
 // in order: after_model, after_optimizer, after_state, before_complete, before_rename,
 // before_latest. An unknown stage name is an error. Never set it outside tests.
 #pragma once
@@ -37,6 +39,9 @@
 #include "aviary/train/optimizer.h"
 
 namespace aviary {
+namespace dist {
+class Comm;
+}
 
 //   checkpoint:
 //     dir: runs/exp1/checkpoints   # run directory (required); created if missing
@@ -77,14 +82,27 @@ std::string checkpoint_dir_name(int64_t step);
 // Throws kIO naming `dir` (with a hint) otherwise. The trainer calls it before step 1.
 void check_writable(const std::string& dir);
 
+// Who writes what when the ranks of a job save one checkpoint together (see docs/checkpoints.md):
+// rank 0 writes the model, the trainer state and COMPLETE; the optimizer state is written by
+// rank 0 alone, or, when `optimizer_sharded` (zero1 / zero2: each rank's optimizer holds only the
+// parameters it owns), by every rank as optimizer-0000r-of-0000w.{json,safetensors}. A rank that
+// fails makes every rank throw (the temp dir is left for the next save to remove), and COMPLETE
+// is only written once every shard is on disk. Loading matches state by parameter name, so a
+// checkpoint resumes at any world size and strategy.
+struct CheckpointRanks {
+  dist::Comm* comm = nullptr;  // nullptr: one process
+  bool optimizer_sharded = false;
+};
+
 // Saves a checkpoint of `step` into `config.dir` following the sequence above and returns the
-// path of the new step directory. `named_params` are the model's parameters (HF names for
-// Aquila); `optimizer` must be a torch::optim::AdamW (aviary::AdamW included) whose parameters are
-// all among `named_params`. An existing complete checkpoint of the same step is replaced
-// atomically. `state.step` must equal `step`.
+// path of the new step directory (on every rank). `named_params` are the model's parameters (HF
+// names for Aquila); `optimizer` must be a torch::optim::AdamW (aviary::AdamW included) whose
+// parameters are all among `named_params`. An existing complete checkpoint of the same step is
+// replaced atomically. `state.step` must equal `step`.
 std::string save_checkpoint(const CheckpointConfig& config, int64_t step, const Json& run_config,
                             const NamedTensors& named_params,
-                            const torch::optim::Optimizer& optimizer, const TrainerState& state);
+                            const torch::optim::Optimizer& optimizer, const TrainerState& state,
+                            const CheckpointRanks& ranks = {});
 
 // True when `step_dir` holds a COMPLETE marker that parses.
 bool is_complete_checkpoint(const std::string& step_dir);

@@ -56,6 +56,10 @@ struct TrainStepMetrics {
   double elapsed_s = 0;  // wall time since the run (or the resumed run) started
   bool skipped = false;  // non-finite loss or gradient norm: the update was skipped
   bool spike = false;    // loss spike detected
+  // Distributed runs: bytes this rank sent in the step (CommStats::wire_bytes), and the share of
+  // the time spent in collectives that compute hid (1 - blocked / busy).
+  std::optional<double> comm_mb;
+  std::optional<double> comm_overlap;
 };
 
 class MetricsLogger {

@@ -82,6 +82,8 @@ class AdamW : public torch::optim::AdamW {
 //   group 0: decay     (weight_decay = config.weight_decay)
 //   group 1: no-decay  (weight_decay = 0)
 std::unique_ptr<AdamW> make_adamw(const NamedTensors& named_params, const OptimizerConfig& config);
+// The same from groups already split (FSDP's flat shards, whose names match no pattern).
+std::unique_ptr<AdamW> make_adamw(const ParamGroups& groups, const OptimizerConfig& config);
 
 // Sets the learning rate of every param group.
 void set_learning_rate(torch::optim::Optimizer& optimizer, double lr);

@@ -5,7 +5,8 @@
 //   aviary::TrainResult result = trainer.run();
 //
 // The `train` section (the others: model -> train/model_spec.h, data -> train/train_data.h,
-// optim -> train/optimizer.h, checkpoint -> train/checkpoint.h, log -> train/metrics.h):
+// optim -> train/optimizer.h, checkpoint -> train/checkpoint.h, log -> train/metrics.h,
+// parallel -> dist/data_parallel.h; under `aviary launch` the ranks split every global batch):
 //
 //   train:
 //     steps: 10000                 # optimizer steps (>= 1)

@@ -1,0 +1,103 @@
+// FSDP / ZeRO-3: parameters, gradients and optimizer state sharded flat, per transformer block.
+//
+// Units: one per decoder block, plus a root unit with everything else (embeddings, final norm,
+// lm_head). Each unit keeps up to two flat fp32 segments (weight-decay and no-decay parameters,
+// so AdamW's two param groups survive flattening), padded to a multiple of the world size W.
+// Rank r holds slice r of each segment (its "shard": the master weights the optimizer updates)
+// and nothing else between uses. The model's parameter tensors stay the same objects (autograd
+// and names are untouched); their data is swapped between views into a gathered buffer and an
+// empty tensor.
+//
+// One micro-batch, with activation checkpointing (required, as in BMTrain's CheckpointBlock):
+//   begin_micro_batch()        all-gather the root unit (kept until the step ends)
+//   block forward              before: all-gather the block (waiting for the prefetch issued by
+//                              the previous block), prefetch the next block; after: release it
+//   block backward             before: all-gather again (prefetching the block before it), then
+//                              the recompute and its backward; after: the block's gradients are
+//                              reduce-scattered into the shards' .grad (averaged over ranks,
+//                              accumulated over micro-batches) and the block is released
+//   after_backward()           reduce-scatter the root unit's gradients
+// Then clip_grad_norm() over the shards, the optimizer steps the shards, end_step() releases the
+// root. materialize() / release() gather and drop every unit (evaluation, checkpoints).
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include <torch/optim/optimizer.h>
+#include <torch/types.h>
+
+#include "aviary/dist/comm.h"
+#include "aviary/nn/checkpoint.h"
+
+namespace aviary::dist {
+
+class FullyShardedDataParallel : public nn::BlockHooks {
+ public:
+  using NamedParams = std::vector<std::pair<std::string, torch::Tensor>>;
+
+  struct Unit {
+    std::string name;                       // "model.layers.3" or "root"
+    NamedParams params;                     // the model's parameters in this unit
+    nn::DecoderBlockImpl* block = nullptr;  // nullptr for the root
+  };
+
+  // `units` must cover every trainable parameter once; their current values (identical on every
+  // rank) become the shards. `no_decay(name)` puts a parameter in the no-decay segment.
+  // Afterwards every unit is released.
+  FullyShardedDataParallel(Comm& comm, std::vector<Unit> units,
+                           const std::function<bool(const std::string&)>& no_decay);
+  ~FullyShardedDataParallel() override;
+
+  // The tensors the optimizer updates: this rank's shards, grouped like make_adamw's groups.
+  const NamedParams& decay_shards() const { return decay_shards_; }
+  const NamedParams& no_decay_shards() const { return no_decay_shards_; }
+
+  void begin_micro_batch();
+  void after_backward();
+  double clip_grad_norm(double max_norm);
+  void end_step();
+
+  // Gather every unit (the whole model is then usable, e.g. for evaluation or saving) / drop them.
+  void materialize();
+  void release();
+
+  // Checkpoints. With the model materialised: fills `full` (an optimizer over the model's full
+  // parameters, as make_adamw builds it) with the gathered optimizer state of `shards` (the
+  // optimizer over decay_shards / no_decay_shards) ...
+  void gather_optimizer_state(const torch::optim::Optimizer& shards, torch::optim::Optimizer& full);
+  // ... and the reverse: copies the materialised parameters into the shards and `full`'s state
+  // into `shards`.
+  void scatter_state(const torch::optim::Optimizer& full, torch::optim::Optimizer& shards);
+
+  // BlockHooks
+  void before_forward(nn::DecoderBlockImpl& block) override;
+  void after_forward(nn::DecoderBlockImpl& block) override;
+  void before_backward(nn::DecoderBlockImpl& block) override;
+  void after_backward(nn::DecoderBlockImpl& block) override;
+
+  // Bytes of parameters all-gathered and gradients reduce-scattered so far (per rank, payload).
+  uint64_t gathered_bytes() const { return gathered_bytes_; }
+
+ private:
+  struct Segment;
+  struct UnitState;
+  void gather(size_t unit, bool wait);
+  void wait_gathered(size_t unit);
+  void release(size_t unit);
+  void reduce_gradients(size_t unit);
+  size_t unit_of(nn::DecoderBlockImpl& block) const;
+
+  Comm& comm_;
+  std::vector<std::unique_ptr<UnitState>> units_;
+  std::unordered_map<const nn::DecoderBlockImpl*, size_t> by_block_;
+  NamedParams decay_shards_;
+  NamedParams no_decay_shards_;
+  uint64_t gathered_bytes_ = 0;
+};
+
+}  // namespace aviary::dist

@@ -1,0 +1,338 @@
+#include "aviary/dist/fsdp.h"
+
+#include <torch/optim/adamw.h>
+
+#include <cmath>
+
+#include "aviary/core/error.h"
+
+namespace aviary::dist {
+
+// A flat run of parameters with the same weight-decay treatment, sharded across the ranks.
+struct FullyShardedDataParallel::Segment {
+  std::vector<size_t> params;  // indices into the unit's params
+  std::vector<int64_t> offsets;
+  int64_t numel = 0;
+  int64_t shard_numel = 0;       // padded numel / world
+  torch::Tensor shard;           // this rank's slice: the master weights the optimizer updates
+  torch::Tensor full;            // the gathered segment while the unit is materialised
+  std::shared_ptr<Work> gather;  // in flight
+  torch::Tensor reduced;         // reduce-scatter output in flight
+  torch::Tensor reduce_input;    // kept alive until the reduce-scatter completes
+  std::shared_ptr<Work> reduce;
+  int64_t full_numel_ = 0;  // numel padded to a multiple of the world size
+};
+
+struct FullyShardedDataParallel::UnitState {
+  Unit unit;
+  std::vector<std::vector<int64_t>> shapes;  // per param
+  std::vector<Segment> segments;             // decay, no-decay (either may be absent)
+  bool gathered = false;
+};
+
+namespace {
+
+torch::Tensor flat_of(const std::vector<torch::Tensor>& parts, int64_t padded) {
+  auto flat = torch::zeros({padded}, parts.at(0).options());
+  int64_t offset = 0;
+  for (const auto& t : parts) {
+    flat.narrow(0, offset, t.numel()).copy_(t.reshape({-1}));
+    offset += t.numel();
+  }
+  return flat;
+}
+
+}  // namespace
+
+FullyShardedDataParallel::FullyShardedDataParallel(
+    Comm& comm, std::vector<Unit> units, const std::function<bool(const std::string&)>& no_decay)
+    : comm_(comm) {
+  const int world = comm_.world();
+  const int rank = comm_.rank();
+  torch::NoGradGuard no_grad;
+  for (auto& unit : units) {
+    auto state = std::make_unique<UnitState>();
+    state->unit = std::move(unit);
+    Segment decay, plain;
+    for (size_t i = 0; i < state->unit.params.size(); ++i) {
+      const auto& [name, p] = state->unit.params[i];
+      state->shapes.push_back(p.sizes().vec());
+      if (!p.requires_grad()) {
+        throw_invalid("FSDP shards trainable parameters only; '" + name + "' is frozen",
+                      "parallel.strategy");
+      }
+      Segment& s = no_decay(name) ? plain : decay;
+      s.params.push_back(i);
+      s.offsets.push_back(s.numel);
+      s.numel += p.numel();
+    }
+    for (Segment* s : {&decay, &plain}) {
+      if (s->params.empty()) continue;
+      s->shard_numel = (s->numel + world - 1) / world;
+      s->full_numel_ = s->shard_numel * world;
+      std::vector<torch::Tensor> parts;
+      for (size_t i : s->params)
+        parts.push_back(state->unit.params[i].second.detach());
+      auto flat = flat_of(parts, s->full_numel_).to(torch::kFloat32);
+      s->shard = flat.narrow(0, rank * s->shard_numel, s->shard_numel).clone();
+      const std::string name = state->unit.name + (s == &decay ? ".decay" : ".no_decay");
+      (s == &decay ? decay_shards_ : no_decay_shards_).emplace_back(name, s->shard);
+      state->segments.push_back(std::move(*s));
+    }
+    if (state->unit.block) by_block_[state->unit.block] = units_.size();
+    units_.push_back(std::move(state));
+  }
+  release();
+}
+
+FullyShardedDataParallel::~FullyShardedDataParallel() {
+  for (auto& u : units_) {
+    for (auto& s : u->segments) {
+      try {
+        if (s.gather) s.gather->wait();
+        if (s.reduce) s.reduce->wait();
+      } catch (...) {
+      }
+    }
+  }
+}
+
+size_t FullyShardedDataParallel::unit_of(nn::DecoderBlockImpl& block) const {
+  auto it = by_block_.find(&block);
+  if (it == by_block_.end()) {
+    throw Error(ErrorKind::kInternal, "FSDP hook called for a block it does not shard");
+  }
+  return it->second;
+}
+
+void FullyShardedDataParallel::gather(size_t u, bool wait) {
+  UnitState& unit = *units_[u];
+  if (!unit.gathered) {
+    for (auto& s : unit.segments) {
+      if (s.gather) continue;  // prefetched
+      s.full = torch::empty({s.full_numel_}, s.shard.options());
+      s.gather = comm_.all_gather_async(s.full, s.shard);
+      gathered_bytes_ += static_cast<uint64_t>(s.full.nbytes());
+    }
+  }
+  if (wait) wait_gathered(u);
+}
+
+void FullyShardedDataParallel::wait_gathered(size_t u) {
+  UnitState& unit = *units_[u];
+  if (unit.gathered) return;
+  torch::NoGradGuard no_grad;
+  for (auto& s : unit.segments) {
+    s.gather->wait();
+    s.gather.reset();
+    for (size_t k = 0; k < s.params.size(); ++k) {
+      const size_t i = s.params[k];
+      auto& p = unit.unit.params[i].second;
+      const auto& shape = unit.shapes[i];
+      int64_t n = 1;
+      for (int64_t d : shape)
+        n *= d;
+      p.set_data(s.full.narrow(0, s.offsets[k], n).view(shape));
+    }
+  }
+  unit.gathered = true;
+}
+
+void FullyShardedDataParallel::release(size_t u) {
+  UnitState& unit = *units_[u];
+  for (auto& s : unit.segments) {
+    if (s.gather) {  // a prefetch nobody used
+      s.gather->wait();
+      s.gather.reset();
+    }
+    s.full = torch::Tensor();
+  }
+  torch::NoGradGuard no_grad;
+  for (auto& [name, p] : unit.unit.params)
+    p.set_data(torch::empty({0}, p.options()));
+  unit.gathered = false;
+}
+
+void FullyShardedDataParallel::reduce_gradients(size_t u) {
+  UnitState& unit = *units_[u];
+  torch::NoGradGuard no_grad;
+  for (auto& s : unit.segments) {
+    if (s.reduce) throw Error(ErrorKind::kInternal, "FSDP: a unit reduced twice in one backward");
+    auto flat = torch::zeros({s.full_numel_}, s.shard.options());
+    for (size_t k = 0; k < s.params.size(); ++k) {
+      auto& p = unit.unit.params[s.params[k]].second;
+      if (p.grad().defined()) flat.narrow(0, s.offsets[k], p.numel()).copy_(p.grad().reshape({-1}));
+      p.mutable_grad() = torch::Tensor();
+    }
+    s.reduce_input = flat;
+    s.reduced = torch::empty({s.shard_numel}, s.shard.options());
+    s.reduce = comm_.reduce_scatter_async(s.reduced, flat, ReduceOp::kSum);
+    gathered_bytes_ += static_cast<uint64_t>(flat.nbytes());
+  }
+}
+
+void FullyShardedDataParallel::before_forward(nn::DecoderBlockImpl& block) {
+  const size_t u = unit_of(block);
+  gather(u, /*wait=*/true);
+  if (u + 1 < units_.size() && units_[u + 1]->unit.block) gather(u + 1, /*wait=*/false);
+}
+
+void FullyShardedDataParallel::after_forward(nn::DecoderBlockImpl& block) {
+  release(unit_of(block));
+}
+
+void FullyShardedDataParallel::before_backward(nn::DecoderBlockImpl& block) {
+  const size_t u = unit_of(block);
+  gather(u, /*wait=*/true);
+  if (u > 0 && units_[u - 1]->unit.block) gather(u - 1, /*wait=*/false);
+}
+
+void FullyShardedDataParallel::after_backward(nn::DecoderBlockImpl& block) {
+  const size_t u = unit_of(block);
+  reduce_gradients(u);
+  release(u);
+}
+
+void FullyShardedDataParallel::begin_micro_batch() {
+  for (size_t u = 0; u < units_.size(); ++u) {
+    if (!units_[u]->unit.block) gather(u, /*wait=*/true);
+  }
+}
+
+void FullyShardedDataParallel::after_backward() {
+  for (size_t u = 0; u < units_.size(); ++u) {
+    if (!units_[u]->unit.block) reduce_gradients(u);
+  }
+  // Every reduce-scatter of this micro-batch: average over ranks, accumulate into the shards.
+  const double scale = 1.0 / comm_.world();
+  torch::NoGradGuard no_grad;
+  for (auto& unit : units_) {
+    for (auto& s : unit->segments) {
+      if (!s.reduce) continue;
+      s.reduce->wait();
+      s.reduce.reset();
+      s.reduce_input = torch::Tensor();
+      s.reduced.mul_(scale);
+      if (s.shard.grad().defined()) {
+        s.shard.mutable_grad().add_(s.reduced);
+      } else {
+        s.shard.mutable_grad() = s.reduced;
+      }
+      s.reduced = torch::Tensor();
+    }
+  }
+}
+
+double FullyShardedDataParallel::clip_grad_norm(double max_norm) {
+  double local = 0;
+  for (auto& unit : units_) {
+    for (auto& s : unit->segments) {
+      if (s.shard.grad().defined())
+        local += s.shard.grad().to(torch::kFloat64).pow(2).sum().item<double>();
+    }
+  }
+  const double norm = std::sqrt(comm_.all_reduce_scalar(local, ReduceOp::kSum));
+  if (!std::isfinite(norm) || max_norm <= 0) return norm;
+  const double coef = max_norm / (norm + 1e-6);
+  if (coef < 1.0) {
+    torch::NoGradGuard no_grad;
+    for (auto& unit : units_) {
+      for (auto& s : unit->segments) {
+        if (s.shard.grad().defined()) s.shard.mutable_grad().mul_(coef);
+      }
+    }
+  }
+  return norm;
+}
+
+void FullyShardedDataParallel::end_step() {
+  release();
+  for (auto& unit : units_) {
+    for (auto& s : unit->segments)
+      s.shard.mutable_grad() = torch::Tensor();
+  }
+}
+
+void FullyShardedDataParallel::materialize() {
+  for (size_t u = 0; u < units_.size(); ++u)
+    gather(u, /*wait=*/true);
+}
+
+void FullyShardedDataParallel::release() {
+  for (size_t u = 0; u < units_.size(); ++u)
+    release(u);
+}
+
+void FullyShardedDataParallel::gather_optimizer_state(const torch::optim::Optimizer& shards,
+                                                      torch::optim::Optimizer& full) {
+  torch::NoGradGuard no_grad;
+  for (auto& unit : units_) {
+    if (!unit->gathered)
+      throw Error(ErrorKind::kInternal, "gather_optimizer_state: materialize first");
+    for (auto& s : unit->segments) {
+      auto it = shards.state().find(s.shard.unsafeGetTensorImpl());
+      // Collective calls must match on every rank: a shard's state exists on all or on none,
+      // since every rank steps every step.
+      if (it == shards.state().end()) continue;
+      const auto& st = static_cast<const torch::optim::AdamWParamState&>(*it->second);
+      auto m = torch::empty({s.full_numel_}, st.exp_avg().options());
+      auto v = torch::empty({s.full_numel_}, st.exp_avg_sq().options());
+      comm_.all_gather(m, st.exp_avg().contiguous());
+      comm_.all_gather(v, st.exp_avg_sq().contiguous());
+      for (size_t k = 0; k < s.params.size(); ++k) {
+        const size_t i = s.params[k];
+        auto& p = unit->unit.params[i].second;
+        auto state = std::make_unique<torch::optim::AdamWParamState>();
+        state->step(st.step());
+        state->exp_avg(m.narrow(0, s.offsets[k], p.numel()).view(p.sizes()).clone());
+        state->exp_avg_sq(v.narrow(0, s.offsets[k], p.numel()).view(p.sizes()).clone());
+        full.state()[p.unsafeGetTensorImpl()] = std::move(state);
+      }
+    }
+  }
+}
+
+void FullyShardedDataParallel::scatter_state(const torch::optim::Optimizer& full,
+                                             torch::optim::Optimizer& shards) {
+  torch::NoGradGuard no_grad;
+  const int rank = comm_.rank();
+  for (auto& unit : units_) {
+    if (!unit->gathered) throw Error(ErrorKind::kInternal, "scatter_state: materialize first");
+    for (auto& s : unit->segments) {
+      std::vector<torch::Tensor> values, m, v;
+      int64_t step = -1;
+      bool complete = true;
+      for (size_t i : s.params) {
+        const auto& p = unit->unit.params[i].second;
+        values.push_back(p.detach());
+        auto it = full.state().find(p.unsafeGetTensorImpl());
+        if (it == full.state().end()) {
+          complete = false;
+          continue;
+        }
+        const auto& st = static_cast<const torch::optim::AdamWParamState&>(*it->second);
+        m.push_back(st.exp_avg());
+        v.push_back(st.exp_avg_sq());
+        step = std::max(step, st.step());
+      }
+      auto slice = [&](const std::vector<torch::Tensor>& parts) {
+        return flat_of(parts, s.full_numel_)
+            .to(torch::kFloat32)
+            .narrow(0, rank * s.shard_numel, s.shard_numel)
+            .clone();
+      };
+      s.shard.copy_(slice(values));
+      if (complete && step >= 0) {
+        auto state = std::make_unique<torch::optim::AdamWParamState>();
+        state->step(step);
+        state->exp_avg(slice(m));
+        state->exp_avg_sq(slice(v));
+        shards.state()[s.shard.unsafeGetTensorImpl()] = std::move(state);
+      } else {
+        shards.state().erase(s.shard.unsafeGetTensorImpl());
+      }
+    }
+  }
+}
+
+}  // namespace aviary::dist

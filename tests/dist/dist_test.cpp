@@ -1,0 +1,372 @@
+// Distributed training for real: several processes started by `aviary launch` (Open MPI), on the
+// tiny fixture model. Checks the collectives, that ddp / zero1 / zero2 at world sizes 2 and 4
+// train like one process, that checkpoints reshard across world sizes and strategies without
+// repeating or skipping a sample, and that dead ranks, crashed saves and SIGTERM are handled.
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <thread>
+
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include "aviary/core/config.h"
+#include "aviary/io/safetensors.h"
+#include "test_util.h"
+
+extern char** environ;
+
+namespace aviary {
+namespace {
+
+namespace fs = std::filesystem;
+using test::fixture;
+using test::TempDir;
+using Clock = std::chrono::steady_clock;
+
+// The parity fixture run at global batch 8, micro-batch 1: 8 accumulation steps on one process,
+// 4 on two ranks, 2 on four, so accumulation and the gradient hooks are exercised too.
+Json dist_config(const std::string& run_dir, int64_t steps) {
+  Json c;
+  c["model"] = {{"arch", "aquila"}, {"init_from", fixture("tiny-llama")}};
+  c["data"] = {{"datasets", Json::array({fixture("train-parity/data")})},
+               {"seq_len", 32},
+               {"val_fraction", 0.1},
+               {"shuffle", true}};
+  c["train"] = {{"steps", steps},  {"global_batch", 8}, {"micro_batch", 1},   {"threads", 1},
+                {"eval_every", 0}, {"eval_batches", 2}, {"precision", "fp32"}};
+  c["train"]["lr_schedule"] = {{"type", "cosine"}, {"warmup_steps", 1}, {"min_lr", 1e-4}};
+  c["optim"] = {{"lr", 5e-3}};
+  c["checkpoint"] = {{"dir", run_dir + "/checkpoints"}, {"every", 0}, {"keep_last", 0}};
+  c["log"] = {{"dir", run_dir}, {"every", 1}, {"tensorboard", false}, {"progress", "none"}};
+  return c;
+}
+
+std::string write_config(const TempDir& dir, const std::string& name, const Json& config) {
+  const std::string path = dir.file(name);
+  test::write_file(path, config.dump(2));  // JSON is YAML
+  return path;
+}
+
+struct Child {
+  pid_t pid = -1;
+  // Exit code (128 + signal when killed); -1 after `timeout` (the child is then killed).
+  int wait(std::chrono::seconds timeout = std::chrono::seconds(300)) const {
+    const auto deadline = Clock::now() + timeout;
+    int status = 0;
+    while (waitpid(pid, &status, WNOHANG) == 0) {
+      if (Clock::now() > deadline) {
+        kill(pid, SIGKILL);
+        waitpid(pid, &status, 0);
+        return -1;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  }
+};
+
+// Runs argv with output appended to `log`; `env_extra` entries ("K=V") are added, and any
+// AVIARY_TEST_* variable of this process is dropped.
+Child spawn(std::vector<std::string> argv_s, const std::string& log,
+            const std::vector<std::string>& env_extra = {}) {
+  std::vector<char*> argv;
+  for (auto& a : argv_s)
+    argv.push_back(a.data());
+  argv.push_back(nullptr);
+  std::vector<std::string> env_s;
+  for (char** e = environ; *e; ++e) {
+    if (std::string(*e).rfind("AVIARY_TEST_", 0) != 0) env_s.emplace_back(*e);
+  }
+  env_s.insert(env_s.end(), env_extra.begin(), env_extra.end());
+  std::vector<char*> envp;
+  for (auto& e : env_s)
+    envp.push_back(e.data());
+  envp.push_back(nullptr);
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_addopen(&actions, 1, log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+  posix_spawn_file_actions_adddup2(&actions, 1, 2);
+  Child child;
+  const int rc = posix_spawn(&child.pid, argv[0], &actions, nullptr, argv.data(), envp.data());
+  posix_spawn_file_actions_destroy(&actions);
+  EXPECT_EQ(rc, 0) << "posix_spawn " << argv[0];
+  return child;
+}
+
+// `aviary train -c config [--set strategy]`, on one process (nproc 0) or under `aviary launch`.
+Child train(int nproc, const std::string& config, const std::string& strategy,
+            const std::string& log, const std::vector<std::string>& env_extra = {},
+            const std::vector<std::string>& extra_args = {}) {
+  std::vector<std::string> argv;
+  if (nproc > 0) {
+    argv = {AVIARY_CLI_PATH,
+            "launch",
+            "-n",
+            std::to_string(nproc),
+            "--log-dir",
+            fs::path(log).parent_path().string() + "/launch-logs",
+            "--"};
+  }
+  argv.insert(argv.end(), {AVIARY_CLI_PATH, "--log-level", "warn", "train", "-c", config, "--set",
+                           "parallel.strategy=" + strategy});
+  argv.insert(argv.end(), extra_args.begin(), extra_args.end());
+  return spawn(argv, log, env_extra);
+}
+
+std::vector<double> losses(const std::string& run_dir) {
+  std::map<int64_t, double> by_step;  // a resumed run rewrites the steps after its checkpoint
+  std::istringstream in(test::read_file(run_dir + "/metrics.jsonl"));
+  std::string line;
+  while (std::getline(in, line)) {
+    Json j = Json::parse(line);
+    if (j["type"] == "train") by_step[j["step"].get<int64_t>()] = j["loss"].get<double>();
+  }
+  std::vector<double> out;
+  for (const auto& [step, loss] : by_step)
+    out.push_back(loss);
+  return out;
+}
+
+double max_weight_difference(const std::string& a_dir, const std::string& b_dir) {
+  auto a = SafetensorsFile::open(a_dir + "/model.safetensors");
+  auto b = SafetensorsFile::open(b_dir + "/model.safetensors");
+  double worst = 0;
+  for (const auto& name : a->names()) {
+    worst = std::max(worst, (a->tensor(name) - b->tensor(name)).abs().max().item<double>());
+  }
+  return worst;
+}
+
+void expect_same_losses(const std::vector<double>& expected, const std::vector<double>& got,
+                        const std::string& what) {
+  ASSERT_EQ(got.size(), expected.size()) << what;
+  double worst = 0;
+  for (size_t i = 0; i < expected.size(); ++i) {
+    const double rel = std::abs(got[i] - expected[i]) / std::abs(expected[i]);
+    worst = std::max(worst, rel);
+    // Tolerance: 1e-5 relative (fp32; the ranks sum gradients in another order than one process).
+    EXPECT_LE(rel, 1e-5) << what << " step " << i + 1 << ": " << got[i] << " vs " << expected[i];
+  }
+  std::printf("%s: max relative loss difference %.3g\n", what.c_str(), worst);
+}
+
+// ---------------------------------------------------------------------------------------------
+
+TEST(DistComm, EveryCollectiveGivesTheRightValuesAtWorldSizes2And4) {
+  const std::string helper =
+      (fs::path(AVIARY_CLI_PATH).parent_path() / "tests" / "dist_comm_helper").string();
+  ASSERT_TRUE(fs::exists(helper)) << helper;
+  for (int world : {2, 4}) {
+    TempDir dir;
+    Child c = spawn({AVIARY_CLI_PATH, "launch", "-n", std::to_string(world), "--log-dir",
+                     dir.file("logs"), "--", helper},
+                    dir.file("out.txt"));
+    ASSERT_EQ(c.wait(std::chrono::seconds(120)), 0) << test::read_file(dir.file("out.txt"));
+    for (int r = 0; r < world; ++r) {
+      const std::string log = test::read_file(dir.file("logs/rank-" + std::to_string(r) + ".log"));
+      EXPECT_NE(log.find("rank " + std::to_string(r) + ": "), std::string::npos) << log;
+      EXPECT_NE(log.find("checks passed"), std::string::npos) << log;
+    }
+  }
+}
+
+TEST(DistTrain, DdpZero1Zero2FsdpAtWorldSizes2And4TrainLikeOneProcess) {
+  constexpr int64_t kSteps = 10;
+  TempDir single;
+  const auto single_config = write_config(single, "c.json", dist_config(single.path(), kSteps));
+  ASSERT_EQ(train(0, single_config, "ddp", single.file("log.txt")).wait(), 0)
+      << test::read_file(single.file("log.txt"));
+  const auto expected = losses(single.path());
+  ASSERT_EQ(expected.size(), static_cast<size_t>(kSteps));
+  for (const char* strategy : {"ddp", "zero1", "zero2", "fsdp"}) {
+    for (int world : {2, 4}) {
+      const std::string what = std::string(strategy) + " x" + std::to_string(world);
+      TempDir dir;
+      const auto config = write_config(dir, "c.json", dist_config(dir.path(), kSteps));
+      ASSERT_EQ(train(world, config, strategy, dir.file("log.txt")).wait(), 0)
+          << what << "\n"
+          << test::read_file(dir.file("log.txt"));
+      expect_same_losses(expected, losses(dir.path()), what);
+      const double dw = max_weight_difference(single.path() + "/checkpoints/step-000010",
+                                              dir.path() + "/checkpoints/step-000010");
+      std::printf("%s: max |final weight difference| %.3g\n", what.c_str(), dw);
+      // Tolerance: 5e-5 absolute, 1% of one AdamW step at lr 5e-3. Adam divides by sqrt(v), so
+      // last-bit gradient differences (another summation order) move a weight by up to ~1e-5.
+      EXPECT_LE(dw, 5e-5) << what;
+      // zero1 / zero2 write optimizer shards; fsdp gathers its state and writes one file.
+      const bool sharded = std::string(strategy) == "zero1" || std::string(strategy) == "zero2";
+      EXPECT_EQ(fs::exists(dir.path() + "/checkpoints/step-000010/optimizer-00000-of-0000" +
+                           std::to_string(world) + ".safetensors"),
+                sharded)
+          << what;
+    }
+  }
+}
+
+// Sample indices per step from AVIARY_TEST_SAMPLE_LOG files (<prefix>.rank<r>), sorted.
+std::map<int64_t, std::vector<int64_t>> samples_by_step(const std::string& prefix, int ranks) {
+  std::map<int64_t, std::vector<int64_t>> out;
+  for (int r = 0; r < ranks; ++r) {
+    std::ifstream in(prefix + ".rank" + std::to_string(r));
+    std::string line;
+    while (std::getline(in, line)) {
+      std::istringstream fields(line);
+      int64_t step = 0, index = 0;
+      fields >> step;
+      while (fields >> index)
+        out[step].push_back(index);
+    }
+  }
+  for (auto& [step, v] : out)
+    std::sort(v.begin(), v.end());
+  return out;
+}
+
+TEST(DistCheckpoint, ReshardsAcrossWorldSizesAndStrategiesWithoutRepeatingOrSkippingSamples) {
+  constexpr int64_t kSteps = 10;
+  TempDir single, dir;
+  Json base = dist_config(single.path(), kSteps);
+  base["checkpoint"]["every"] = 3;
+  const auto single_config = write_config(single, "c.json", base);
+  ASSERT_EQ(train(0, single_config, "ddp", single.file("log.txt"),
+                  {"AVIARY_TEST_SAMPLE_LOG=" + single.file("samples")})
+                .wait(),
+            0);
+  Json c = dist_config(dir.path(), kSteps);
+  c["checkpoint"]["every"] = 3;
+  const auto config = write_config(dir, "c.json", c);
+  // fsdp x4 trains to step 6 and dies while saving it: step 3 is the newest checkpoint.
+  EXPECT_NE(train(4, config, "fsdp", dir.file("log.txt"),
+                  {"AVIARY_TEST_CRASH_AT=after_model@6", "AVIARY_TEST_SAMPLE_LOG=" + dir.file("a")})
+                .wait(),
+            0);
+  ASSERT_EQ(test::read_file(dir.path() + "/checkpoints/latest"), "step-000003\n");
+  // zero2 x2 resumes at step 3 and dies saving step 9: step 6 is the newest.
+  EXPECT_NE(train(2, config, "zero2", dir.file("log.txt"),
+                  {"AVIARY_TEST_CRASH_AT=after_model@9", "AVIARY_TEST_SAMPLE_LOG=" + dir.file("b")})
+                .wait(),
+            0);
+  ASSERT_EQ(test::read_file(dir.path() + "/checkpoints/latest"), "step-000006\n");
+  // One process finishes from step 6.
+  ASSERT_EQ(
+      train(0, config, "zero1", dir.file("log.txt"), {"AVIARY_TEST_SAMPLE_LOG=" + dir.file("c")})
+          .wait(),
+      0)
+      << test::read_file(dir.file("log.txt"));
+
+  expect_same_losses(losses(single.path()), losses(dir.path()), "fsdp x4 -> zero2 x2 -> 1 process");
+  const double dw = max_weight_difference(single.path() + "/checkpoints/step-000010",
+                                          dir.path() + "/checkpoints/step-000010");
+  EXPECT_LE(dw, 5e-5);  // as in the equivalence test
+
+  // Counting samples: each step's global batch is the one process's, whichever run trained it.
+  const auto expected = samples_by_step(single.file("samples"), 1);
+  const auto a = samples_by_step(dir.file("a"), 4);
+  const auto b = samples_by_step(dir.file("b"), 2);
+  const auto last = samples_by_step(dir.file("c"), 1);
+  std::vector<int64_t> all_expected, all_got;
+  for (int64_t step = 1; step <= kSteps; ++step) {
+    const auto& source = step <= 3 ? a : step <= 6 ? b : last;
+    ASSERT_TRUE(source.count(step)) << "step " << step;
+    EXPECT_EQ(source.at(step), expected.at(step)) << "step " << step;
+    EXPECT_EQ(source.at(step).size(), 8u) << "step " << step;
+    all_expected.insert(all_expected.end(), expected.at(step).begin(), expected.at(step).end());
+    all_got.insert(all_got.end(), source.at(step).begin(), source.at(step).end());
+  }
+  std::sort(all_expected.begin(), all_expected.end());
+  std::sort(all_got.begin(), all_got.end());
+  EXPECT_EQ(all_got, all_expected);
+  // Within an epoch no sample repeats: 80 samples of a 170-sample split.
+  EXPECT_EQ(std::adjacent_find(all_got.begin(), all_got.end()), all_got.end());
+}
+
+TEST(DistFaults, ARankKilledMidStepStopsTheWholeJobAndIsNamed) {
+  TempDir dir;
+  const auto config = write_config(dir, "c.json", dist_config(dir.path(), 50));
+  const auto start = Clock::now();
+  const int code = train(4, config, "zero2", dir.file("log.txt"), {"AVIARY_TEST_KILL_RANK=1@3"})
+                       .wait(std::chrono::seconds(90));
+  const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  const std::string out = test::read_file(dir.file("log.txt"));
+  EXPECT_NE(code, 0) << out;
+  EXPECT_NE(code, -1) << "the job hung";
+  EXPECT_LT(seconds, 60.0);
+  EXPECT_NE(out.find("job failed: rank 1 was killed by signal 9"), std::string::npos) << out;
+  // No worker outlives the job: no process runs this config any more.
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  for (const auto& entry : fs::directory_iterator("/proc")) {
+    std::ifstream in(entry.path() / "cmdline");
+    std::string cmdline((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    EXPECT_EQ(cmdline.find(config), std::string::npos) << "still running: " << entry.path();
+  }
+}
+
+TEST(DistFaults, AKillDuringAShardedSaveLeavesThePreviousCheckpointAndLatest) {
+  TempDir dir;
+  Json c = dist_config(dir.path(), 6);
+  c["checkpoint"]["every"] = 3;
+  const auto config = write_config(dir, "c.json", c);
+  // Rank 1 dies after writing its optimizer shard of step 6; rank 0 never completes it.
+  EXPECT_NE(train(2, config, "zero2", dir.file("log.txt"),
+                  {"AVIARY_TEST_CRASH_AT=after_optimizer@6", "AVIARY_TEST_CRASH_RANK=1"})
+                .wait(std::chrono::seconds(120)),
+            0);
+  const std::string run = dir.path() + "/checkpoints";
+  EXPECT_EQ(test::read_file(run + "/latest"), "step-000003\n");
+  EXPECT_TRUE(fs::exists(run + "/step-000003/COMPLETE"));
+  EXPECT_TRUE(fs::exists(run + "/step-000003/optimizer-00001-of-00002.safetensors"));
+  EXPECT_FALSE(fs::exists(run + "/step-000006"));
+  // The next run resumes from step 3 (now on 4 ranks) and finishes.
+  ASSERT_EQ(train(4, config, "zero1", dir.file("log.txt")).wait(), 0)
+      << test::read_file(dir.file("log.txt"));
+  EXPECT_TRUE(fs::exists(run + "/step-000006/COMPLETE"));
+  EXPECT_EQ(losses(dir.path()).size(), 6u);
+}
+
+TEST(DistLaunch, SigtermStopsEveryRankAfterTheSameStepWithACheckpointThenResumes) {
+  constexpr int64_t kSteps = 200;
+  TempDir single, dir;
+  ASSERT_EQ(train(0, write_config(single, "c.json", dist_config(single.path(), kSteps)), "ddp",
+                  single.file("log.txt"))
+                .wait(),
+            0);
+  const auto config = write_config(dir, "c.json", dist_config(dir.path(), kSteps));
+  Child job = train(2, config, "zero1", dir.file("log.txt"));
+  const auto deadline = Clock::now() + std::chrono::seconds(120);
+  while (Clock::now() < deadline) {
+    if (fs::exists(dir.file("metrics.jsonl")) && losses(dir.path()).size() >= 5) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  kill(job.pid, SIGTERM);
+  ASSERT_EQ(job.wait(std::chrono::seconds(120)), 0) << test::read_file(dir.file("log.txt"));
+  const size_t stopped_at = losses(dir.path()).size();
+  ASSERT_LT(stopped_at, static_cast<size_t>(kSteps)) << "the job ended before SIGTERM";
+  char name[32];
+  std::snprintf(name, sizeof name, "step-%06zu\n", stopped_at);
+  EXPECT_EQ(test::read_file(dir.path() + "/checkpoints/latest"), name);
+  ASSERT_EQ(train(2, config, "zero1", dir.file("log.txt")).wait(), 0)
+      << test::read_file(dir.file("log.txt"));
+  expect_same_losses(losses(single.path()), losses(dir.path()), "zero1 x2 stopped and resumed");
+}
+
+TEST(DistConfig, AnUnknownStrategyIsAClearError) {
+  TempDir dir;
+  const auto config = write_config(dir, "c.json", dist_config(dir.path(), 2));
+  auto r = test::run_cli("train -c " + config + " --set parallel.strategy=zero9");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find("parallel.strategy"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("fsdp"), std::string::npos) << r.output;  // the choices are listed
+  EXPECT_FALSE(fs::exists(dir.path() + "/checkpoints"));
+}
+
+}  // namespace
+}  // namespace aviary
