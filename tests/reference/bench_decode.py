@@ -83,7 +83,11 @@ def main():
                "--tiny-model", args.tiny_model, "--prompt-tokens", str(args.prompt_tokens),
                "--new-tokens", str(args.new_tokens), "--batch", str(args.batch),
                "--repeats", str(args.repeats)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        # The same OpenMP wait policy as the aviary binary sets for itself (tools/aviary/main.cpp;
+        # see bench_train.py): a value set by the caller is kept.
+        env = dict(os.environ)
+        env.setdefault("OMP_WAIT_POLICY", "active")
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
     ours = {}
     if args.aviary_json:
