@@ -194,28 +194,37 @@ void DataParallel::finish_gradient_sync() {
   }
 }
 
-double DataParallel::clip_grad_norm(double max_norm) {
-  // Sum of squares in fp64 over the gradients this rank is responsible for: all of them on rank 0
-  // only for ddp/zero1 (they are identical everywhere), the owned shard for zero2.
-  const bool by_owner = config_.strategy == "zero2";
-  double local = 0;
-  std::vector<torch::Tensor> grads;
-  for (size_t i = 0; i < params_.size(); ++i) {
-    const auto& g = params_[i].second.grad();
-    if (!g.defined()) continue;
-    grads.push_back(g);
-    const bool counts = by_owner ? owner_[i] == comm_.rank() : comm_.rank() == 0;
-    if (counts) local += g.to(torch::kFloat64).pow(2).sum().item<double>();
-  }
-  const double norm = std::sqrt(comm_.all_reduce_scalar(local, ReduceOp::kSum));
+double clip_grad_norm_across_ranks(Comm& comm, const std::vector<torch::Tensor>& counted,
+                                   const std::vector<torch::Tensor>& held, double max_norm) {
+  torch::NoGradGuard no_grad;
+  // Squares summed in fp64 on the gradients' device; one host sync for the whole set.
+  auto local =
+      torch::zeros({1}, torch::TensorOptions().dtype(torch::kFloat64).device(comm.device()));
+  for (const auto& g : counted)
+    local += g.to(torch::kFloat64).pow(2).sum().to(local.device());
+  comm.all_reduce(local, ReduceOp::kSum);
+  const double norm = std::sqrt(local.item<double>());
   if (!std::isfinite(norm) || max_norm <= 0) return norm;
   const double coef = max_norm / (norm + 1e-6);
   if (coef < 1.0) {
-    torch::NoGradGuard no_grad;
-    for (auto& g : grads)
+    for (const auto& g : held)
       g.mul_(coef);
   }
   return norm;
+}
+
+double DataParallel::clip_grad_norm(double max_norm) {
+  // Each gradient counted once: for ddp / zero1 they are identical everywhere, so rank 0 counts
+  // them all; for zero2 each owner counts its shard.
+  const bool by_owner = config_.strategy == "zero2";
+  std::vector<torch::Tensor> counted, held;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const auto& g = params_[i].second.grad();
+    if (!g.defined()) continue;
+    held.push_back(g);
+    if (by_owner ? owner_[i] == comm_.rank() : comm_.rank() == 0) counted.push_back(g);
+  }
+  return clip_grad_norm_across_ranks(comm_, counted, held, max_norm);
 }
 
 void DataParallel::sync_parameters() {

@@ -2,9 +2,8 @@
 
 #include <torch/optim/adamw.h>
 
-#include <cmath>
-
 #include "aviary/core/error.h"
+#include "aviary/dist/data_parallel.h"
 
 namespace aviary::dist {
 
@@ -224,25 +223,14 @@ void FullyShardedDataParallel::after_backward() {
 }
 
 double FullyShardedDataParallel::clip_grad_norm(double max_norm) {
-  double local = 0;
+  // The shards partition every gradient (the padding is zero), so each rank counts its own.
+  std::vector<torch::Tensor> grads;
   for (auto& unit : units_) {
     for (auto& s : unit->segments) {
-      if (s.shard.grad().defined())
-        local += s.shard.grad().to(torch::kFloat64).pow(2).sum().item<double>();
+      if (s.shard.grad().defined()) grads.push_back(s.shard.grad());
     }
   }
-  const double norm = std::sqrt(comm_.all_reduce_scalar(local, ReduceOp::kSum));
-  if (!std::isfinite(norm) || max_norm <= 0) return norm;
-  const double coef = max_norm / (norm + 1e-6);
-  if (coef < 1.0) {
-    torch::NoGradGuard no_grad;
-    for (auto& unit : units_) {
-      for (auto& s : unit->segments) {
-        if (s.shard.grad().defined()) s.shard.mutable_grad().mul_(coef);
-      }
-    }
-  }
-  return norm;
+  return clip_grad_norm_across_ranks(comm_, grads, grads, max_norm);
 }
 
 void FullyShardedDataParallel::end_step() {

@@ -620,6 +620,10 @@ std::string save_checkpoint(const CheckpointConfig& config, int64_t step, const 
   return final_dir;
 }
 
+Json read_checkpoint_config(const std::string& step_dir) {
+  return read_json((fs::path(step_dir) / kConfig).string());
+}
+
 bool is_complete_checkpoint(const std::string& step_dir) {
   const fs::path marker = fs::path(step_dir) / kComplete;
   std::error_code ec;
@@ -691,7 +695,7 @@ LoadedCheckpoint load_checkpoint(const std::string& step_dir, const NamedTensors
   verify_file_sizes(step_dir, read_json(marker));
   LoadedCheckpoint out;
   out.path = step_dir;
-  out.config = read_json((fs::path(step_dir) / kConfig).string());
+  out.config = read_checkpoint_config(step_dir);
   const std::string state_path = (fs::path(step_dir) / kTrainerState).string();
   out.state = TrainerState::from_json(read_json(state_path), state_path);
   load_model_tensors(step_dir, named_params);

@@ -16,18 +16,6 @@ namespace fs = std::filesystem;
 namespace aviary {
 namespace {
 
-Json read_config(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw_not_found("the checkpoint has no config.json", path);
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  try {
-    return Json::parse(ss.str());
-  } catch (const Json::parse_error& e) {
-    throw_corruption(std::string("invalid JSON: ") + e.what(), path);
-  }
-}
-
 void copy_tokenizer(const std::string& tokenizer, const std::string& out_dir) {
   std::error_code ec;
   if (fs::is_regular_file(tokenizer, ec)) {
@@ -53,7 +41,7 @@ void export_hf(const std::string& checkpoint_dir, const std::string& out_dir,
                      "export a step-NNNNNN directory whose save finished");
   }
   const std::string config_path = (fs::path(checkpoint_dir) / "config.json").string();
-  Json run_config = read_config(config_path);
+  Json run_config = read_checkpoint_config(checkpoint_dir);
   if (!run_config.is_object() || !run_config.contains("model") ||
       !run_config["model"].is_object()) {
     throw_corruption("the checkpoint config has no 'model' section", config_path);

@@ -150,6 +150,11 @@ struct Trainer::State {
   torch::Tensor batch_loss(const data::Batch& batch);
   std::pair<double, int64_t> evaluate();
   std::string save(double lr);
+  // Test-only environment hooks, read once at construction (see read_test_hooks).
+  int test_kill_rank = -1;
+  int64_t test_kill_step = -1;
+  std::string test_sample_log;
+  void read_test_hooks();
   void log_samples(const data::Batch& batch) const;
   void maybe_die_for_test() const;
 };
@@ -184,6 +189,7 @@ void Trainer::State::read_config(const std::string& resume_override) {
   env = dist::DistEnvironment::detect();
   data_parallel = env.world;
   leader = env.rank == 0;
+  read_test_hooks();
   if (parallel.strategy == "fsdp" && env.world > 1 && !train.activation_checkpointing) {
     // Blocks are gathered again for their backward pass, which is the checkpoint's recompute.
     spdlog::info("{}: parallel.strategy fsdp turns on train.activation_checkpointing", source);
@@ -467,27 +473,35 @@ std::string Trainer::State::save(double lr) {
   return save_checkpoint(checkpoint, state.step, resolved, named_params, *optimizer, state, ranks);
 }
 
-// Test-only: AVIARY_TEST_KILL_RANK=<rank>@<step> makes that rank SIGKILL itself in the middle of
-// that step (after the first forward), as a crashed or OOM-killed worker would die.
-void Trainer::State::maybe_die_for_test() const {
-  const char* spec = std::getenv("AVIARY_TEST_KILL_RANK");
-  if (spec == nullptr || *spec == '\0') return;
-  int rank = -1;
-  long long step = -1;
-  if (std::sscanf(spec, "%d@%lld", &rank, &step) != 2) {
-    throw_invalid("expected <rank>@<step>, got '" + std::string(spec) + "'",
-                  "AVIARY_TEST_KILL_RANK");
+// Test-only hooks:
+//   AVIARY_TEST_KILL_RANK=<rank>@<step>  that rank SIGKILLs itself in the middle of that step
+//                                        (after the first forward), as a crashed or OOM-killed
+//                                        worker would die;
+//   AVIARY_TEST_SAMPLE_LOG=<path>        each rank appends "<step> <sample index>..." for every
+//                                        micro-batch to <path>.rank<r>, so tests can count that no
+//                                        sample is repeated or skipped across a resume at another
+//                                        world size.
+void Trainer::State::read_test_hooks() {
+  if (const char* spec = std::getenv("AVIARY_TEST_KILL_RANK"); spec && *spec) {
+    long long step = -1;
+    if (std::sscanf(spec, "%d@%lld", &test_kill_rank, &step) != 2) {
+      throw_invalid("expected <rank>@<step>, got '" + std::string(spec) + "'",
+                    "AVIARY_TEST_KILL_RANK");
+    }
+    test_kill_step = step;
   }
-  if (rank == env.rank && step == state.step + 1) std::raise(SIGKILL);
+  if (const char* path = std::getenv("AVIARY_TEST_SAMPLE_LOG"); path && *path) {
+    test_sample_log = std::string(path) + ".rank" + std::to_string(env.rank);
+  }
 }
 
-// Test-only: with AVIARY_TEST_SAMPLE_LOG=<path>, each rank appends "<step> <sample index>..." for
-// every micro-batch to <path>.rank<r>, so tests can count that no sample is repeated or skipped
-// across a resume at another world size.
+void Trainer::State::maybe_die_for_test() const {
+  if (test_kill_rank == env.rank && test_kill_step == state.step + 1) std::raise(SIGKILL);
+}
+
 void Trainer::State::log_samples(const data::Batch& batch) const {
-  const char* path = std::getenv("AVIARY_TEST_SAMPLE_LOG");
-  if (path == nullptr || *path == '\0') return;
-  const std::string file = std::string(path) + ".rank" + std::to_string(env.rank);
+  if (test_sample_log.empty()) return;
+  const std::string& file = test_sample_log;
   std::FILE* f = std::fopen(file.c_str(), "a");
   if (f == nullptr) return;
   std::fprintf(f, "%lld", static_cast<long long>(state.step + 1));
@@ -575,13 +589,13 @@ TrainResult Trainer::run() {
       if (s.fsdp) s.fsdp->after_backward();
       loss += micro_loss.item<double>();
     }
+    // The step's loss is the mean over ranks (each saw its share of the global batch).
+    if (s.comm) loss = s.comm->all_reduce_scalar(loss, dist::ReduceOp::kSum) / s.comm->world();
     double grad_norm = 0;
     if (s.fsdp) {
-      loss = s.comm->all_reduce_scalar(loss, dist::ReduceOp::kSum) / s.comm->world();
       grad_norm = s.fsdp->clip_grad_norm(s.optim.grad_clip);
     } else if (s.ddp) {
       s.ddp->finish_gradient_sync();
-      loss = s.comm->all_reduce_scalar(loss, dist::ReduceOp::kSum) / s.comm->world();
       grad_norm = s.ddp->clip_grad_norm(s.optim.grad_clip);
     } else {
       grad_norm = clip_grad_norm(s.params, s.optim.grad_clip);

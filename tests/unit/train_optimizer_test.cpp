@@ -94,14 +94,18 @@ TEST(MakeAdamW, TwoGroupsWithTheirWeightDecay) {
     EXPECT_DOUBLE_EQ(g.options().get_lr(), 0.125);
 }
 
-// Reference values from Python (torch 2.11.0, CPU, fp32):
+// Three AdamW steps on w [2, 2] (decay 0.1) and b [3] (no decay) with fixed gradients, lr 0.05,
+// betas (0.9, 0.95), eps 1e-8; the final w, b and w's moments are compared bit for bit with the
+// values Python printed with float.hex():
 //   w = torch.tensor([[0.5, -1.0], [2.0, 0.25]]); b = torch.tensor([0.1, -0.3, 0.7])
 //   opt = torch.optim.AdamW([{"params": [w], "weight_decay": 0.1},
 //                            {"params": [b], "weight_decay": 0.0}],
-//                           lr=0.05, betas=(0.9, 0.95), eps=1e-8, foreach=False)
-//   three steps with the gradients below; printed with float.hex().
-// Expected: bit-exact equality (same ops in the same order).
-TEST(AdamW, SingleTensorMatchesPythonTorchOptimAdamWBitForBit) {
+//                           lr=0.05, betas=(0.9, 0.95), eps=1e-8, <foreach=False | fused=True>)
+struct AdamWBits {
+  std::vector<float> w, b, exp_avg, exp_avg_sq;
+};
+
+void expect_three_steps_bit_exact(bool fused, const AdamWBits& expected) {
   auto w = t({0.5f, -1.0f, 2.0f, 0.25f}).reshape({2, 2}).requires_grad_();
   auto b = t({0.1f, -0.3f, 0.7f}).requires_grad_();
   OptimizerConfig c;
@@ -110,7 +114,7 @@ TEST(AdamW, SingleTensorMatchesPythonTorchOptimAdamWBitForBit) {
   c.beta2 = 0.95;
   c.eps = 1e-8;
   c.weight_decay = 0.1;
-  c.fused = false;
+  c.fused = fused;
   auto opt = make_adamw({{"w", w}, {"b.bias", b}}, c);
   const std::vector<torch::Tensor> gw = {
       t({0.1f, -0.2f, 0.3f, 1.5f}), t({-0.4f, 0.05f, 0.2f, -1.0f}), t({1e-3f, 2.0f, -0.7f, 0.0f})};
@@ -121,59 +125,36 @@ TEST(AdamW, SingleTensorMatchesPythonTorchOptimAdamWBitForBit) {
     b.mutable_grad() = gb[i].clone();
     opt->step();
   }
-  auto expect_bits = [](const torch::Tensor& actual, std::vector<float> expected) {
+  auto expect_bits = [](const torch::Tensor& actual, const std::vector<float>& want) {
     auto a = actual.detach().flatten().contiguous();
-    ASSERT_EQ(a.numel(), static_cast<int64_t>(expected.size()));
-    for (size_t i = 0; i < expected.size(); ++i)
-      EXPECT_EQ(a[i].item<float>(), expected[i]) << "element " << i;
+    ASSERT_EQ(a.numel(), static_cast<int64_t>(want.size()));
+    for (size_t i = 0; i < want.size(); ++i)
+      EXPECT_EQ(a[i].item<float>(), want[i]) << "element " << i;
   };
-  expect_bits(w, {0x1.f7f7bp-2f, -0x1.e1debp-1f, 0x1.e21934p+0f, 0x1.788a0ap-3f});
-  expect_bits(b, {-0x1.04cbe4p-5f, -0x1.a81408p-3f, 0x1.4ac7e4p-1f});
+  expect_bits(w, expected.w);
+  expect_bits(b, expected.b);
   auto& st = static_cast<torch::optim::AdamWParamState&>(*opt->state().at(w.unsafeGetTensorImpl()));
   EXPECT_EQ(st.step(), 3);
-  expect_bits(st.exp_avg(), {-0x1.c779a6p-6f, 0x1.81a36ep-3f, -0x1.c5d636p-6f, 0x1.020c4ep-5f});
-  expect_bits(st.exp_avg_sq(), {0x1.07d336p-7f, 0x1.9d8a34p-3f, 0x1.f313bep-6f, 0x1.31374cp-3f});
+  expect_bits(st.exp_avg(), expected.exp_avg);
+  expect_bits(st.exp_avg_sq(), expected.exp_avg_sq);
 }
 
-// Reference values from Python (torch 2.11.0, CPU, fp32):
-//   w = torch.tensor([[0.5, -1.0], [2.0, 0.25]]); b = torch.tensor([0.1, -0.3, 0.7])
-//   opt = torch.optim.AdamW([{"params": [w], "weight_decay": 0.1},
-//                            {"params": [b], "weight_decay": 0.0}],
-//                           lr=0.05, betas=(0.9, 0.95), eps=1e-8, fused=True)
-//   three steps with the gradients below; printed with float.hex().
-// Expected: bit-exact equality (the same ATen kernel).
+// foreach=False. Expected: bit-exact equality (same ops in the same order).
+TEST(AdamW, SingleTensorMatchesPythonTorchOptimAdamWBitForBit) {
+  expect_three_steps_bit_exact(
+      /*fused=*/false, {{0x1.f7f7bp-2f, -0x1.e1debp-1f, 0x1.e21934p+0f, 0x1.788a0ap-3f},
+                        {-0x1.04cbe4p-5f, -0x1.a81408p-3f, 0x1.4ac7e4p-1f},
+                        {-0x1.c779a6p-6f, 0x1.81a36ep-3f, -0x1.c5d636p-6f, 0x1.020c4ep-5f},
+                        {0x1.07d336p-7f, 0x1.9d8a34p-3f, 0x1.f313bep-6f, 0x1.31374cp-3f}});
+}
+
+// fused=True. Expected: bit-exact equality (the same ATen kernel).
 TEST(AdamW, FusedMatchesPythonTorchOptimAdamWFusedBitForBit) {
-  auto w = t({0.5f, -1.0f, 2.0f, 0.25f}).reshape({2, 2}).requires_grad_();
-  auto b = t({0.1f, -0.3f, 0.7f}).requires_grad_();
-  OptimizerConfig c;
-  c.lr = 0.05;
-  c.beta1 = 0.9;
-  c.beta2 = 0.95;
-  c.eps = 1e-8;
-  c.weight_decay = 0.1;
-  c.fused = true;
-  auto opt = make_adamw({{"w", w}, {"b.bias", b}}, c);
-  const std::vector<torch::Tensor> gw = {
-      t({0.1f, -0.2f, 0.3f, 1.5f}), t({-0.4f, 0.05f, 0.2f, -1.0f}), t({1e-3f, 2.0f, -0.7f, 0.0f})};
-  const std::vector<torch::Tensor> gb = {t({1.0f, -2.0f, 0.5f}), t({0.25f, 0.0f, -0.125f}),
-                                         t({3.0f, 1.0f, -1.0f})};
-  for (int i = 0; i < 3; ++i) {
-    w.mutable_grad() = gw[i].reshape({2, 2}).clone();
-    b.mutable_grad() = gb[i].clone();
-    opt->step();
-  }
-  auto expect_bits = [](const torch::Tensor& actual, std::vector<float> expected) {
-    auto a = actual.detach().flatten().contiguous();
-    ASSERT_EQ(a.numel(), static_cast<int64_t>(expected.size()));
-    for (size_t i = 0; i < expected.size(); ++i)
-      EXPECT_EQ(a[i].item<float>(), expected[i]) << "element " << i;
-  };
-  expect_bits(w, {0x1.f7f7b2p-2f, -0x1.e1debp-1f, 0x1.e21934p+0f, 0x1.788a0ap-3f});
-  expect_bits(b, {-0x1.04cbecp-5f, -0x1.a81404p-3f, 0x1.4ac7e4p-1f});
-  auto& st = static_cast<torch::optim::AdamWParamState&>(*opt->state().at(w.unsafeGetTensorImpl()));
-  EXPECT_EQ(st.step(), 3);
-  expect_bits(st.exp_avg(), {-0x1.c779a6p-6f, 0x1.81a36ep-3f, -0x1.c5d636p-6f, 0x1.020c4ep-5f});
-  expect_bits(st.exp_avg_sq(), {0x1.07d332p-7f, 0x1.9d8a34p-3f, 0x1.f313bep-6f, 0x1.31374cp-3f});
+  expect_three_steps_bit_exact(
+      /*fused=*/true, {{0x1.f7f7b2p-2f, -0x1.e1debp-1f, 0x1.e21934p+0f, 0x1.788a0ap-3f},
+                       {-0x1.04cbecp-5f, -0x1.a81404p-3f, 0x1.4ac7e4p-1f},
+                       {-0x1.c779a6p-6f, 0x1.81a36ep-3f, -0x1.c5d636p-6f, 0x1.020c4ep-5f},
+                       {0x1.07d332p-7f, 0x1.9d8a34p-3f, 0x1.f313bep-6f, 0x1.31374cp-3f}});
 }
 
 // One step against the documented update, written out with fp32 tensors:

@@ -24,9 +24,7 @@ struct ExportArgs {
 
 // The tokenizer a run was trained with, as its checkpoint config records it ("" if none).
 std::string recorded_tokenizer(const std::string& step_dir) {
-  std::ifstream in(fs::path(step_dir) / "config.json");
-  if (!in) return {};
-  auto config = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+  const Json config = read_checkpoint_config(step_dir);
   if (!config.is_object() || !config.contains("data") || !config["data"].is_object()) return {};
   return config["data"].value("tokenizer", std::string());
 }

@@ -45,6 +45,14 @@ struct ParallelConfig {
   bool shards_optimizer() const { return strategy == "zero1" || strategy == "zero2"; }
 };
 
+// Clipping by the global gradient norm when each rank holds part of the picture: `counted` are
+// the gradients whose squares this rank contributes (each gradient counted on exactly one rank),
+// `held` the gradients this rank scales. One all-reduce of the squared sum; then, as
+// torch.nn.utils.clip_grad_norm_, `held` is scaled by max_norm / (norm + 1e-6) when that is below
+// 1. A non-finite norm is returned with the gradients untouched; max_norm 0 only measures.
+double clip_grad_norm_across_ranks(Comm& comm, const std::vector<torch::Tensor>& counted,
+                                   const std::vector<torch::Tensor>& held, double max_norm);
+
 class DataParallel {
  public:
   using NamedParams = std::vector<std::pair<std::string, torch::Tensor>>;

@@ -118,6 +118,10 @@ std::optional<std::string> find_latest(const std::string& run_dir);
 // A step dir without COMPLETE is refused (kCorruption).
 std::optional<std::string> resolve_resume(const std::string& resume, const std::string& run_dir);
 
+// The run config a checkpoint recorded (step_dir/config.json). kNotFound / kCorruption naming
+// the file when it is missing or not JSON.
+Json read_checkpoint_config(const std::string& step_dir);
+
 struct LoadedCheckpoint {
   std::string path;    // the step dir
   Json config;         // its config.json
