@@ -108,6 +108,10 @@ BlendedDataset::BlendedDataset(std::vector<std::shared_ptr<const SampleSource>> 
   for (double& w : weights)
     w /= sum;
   for (const auto& s : sources_) {
+    if (s->has_loss_mask() != sources_[0]->has_loss_mask()) {
+      throw_invalid("instruction (SFT) datasets and plain token datasets cannot be blended",
+                    "data.datasets", "prepare every dataset with --sft, or none");
+    }
     if (s->seq_len() != sources_[0]->seq_len()) {
       throw_invalid("blended datasets differ in seq_len (" + std::to_string(s->seq_len()) + " vs " +
                         std::to_string(sources_[0]->seq_len()) + ")",
@@ -151,6 +155,19 @@ void BlendedDataset::get(int64_t index, int32_t* out, std::vector<int32_t>* cu_l
                   "blended dataset");
   }
   sources_[dataset_of(index)]->get(sample_of(index), out, cu_lengths);
+}
+
+void BlendedDataset::get_loss_mask(int64_t index, uint8_t* out) const {
+  if (index < 0 || index >= size()) {
+    throw_invalid("sample " + std::to_string(index) + " is out of range (" +
+                      std::to_string(size()) + " samples)",
+                  "blended dataset");
+  }
+  sources_[dataset_of(index)]->get_loss_mask(sample_of(index), out);
+}
+
+void SampleSource::get_loss_mask(int64_t /*index*/, uint8_t* out) const {
+  std::fill(out, out + seq_len() + 1, uint8_t{1});
 }
 
 }  // namespace aviary::data

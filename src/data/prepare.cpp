@@ -5,10 +5,13 @@
 #include <chrono>
 #include <exception>
 #include <filesystem>
+#include <map>
+#include <optional>
 #include <thread>
 
 #include "aviary/core/error.h"
 #include "aviary/data/token_dataset.h"
+#include "aviary/tokenizer/chat_template.h"
 #include "aviary/tokenizer/tokenizer.h"
 #include "text_input.h"
 
@@ -25,23 +28,56 @@ struct Chunk {
   int64_t bytes = 0;
   std::vector<uint32_t> tokens;
   std::vector<uint32_t> doc_lengths;
+  std::vector<uint8_t> trainable;  // SFT: per token
+  std::map<std::string, int64_t> sft_formats;  // SFT: records per detected format
   struct Skip {
     int32_t file;
     int64_t line;
-    SkipReason reason;
+    std::string reason;
+    std::string detail;
   };
   std::vector<Skip> skipped;
   std::exception_ptr error;
 };
 
-void tokenize_chunk(Chunk& chunk, const Tokenizer& tok, uint32_t eos,
-                    const std::string& text_field) {
+// SFT: one conversation per record, with its loss mask.
+void encode_sft_chunk(Chunk& chunk, const Tokenizer& tok, const PrepareOptions& opt,
+                      const ChatTemplate& chat_template) {
+  for (const auto& record : chunk.records) {
+    SftRecord parsed = parse_sft_record(record.text, opt.sft_format);
+    if (parsed.skip.empty()) {
+      try {
+        auto encoded = encode_sft_conversation(chat_template, tok, parsed.messages, opt.loss_on);
+        chunk.tokens.insert(chunk.tokens.end(), encoded.tokens.begin(), encoded.tokens.end());
+        chunk.trainable.insert(chunk.trainable.end(), encoded.trainable.begin(),
+                               encoded.trainable.end());
+        chunk.doc_lengths.push_back(static_cast<uint32_t>(encoded.tokens.size()));
+        ++chunk.sft_formats[sft_format_name(parsed.format)];
+        continue;
+      } catch (const Error& e) {
+        parsed.skip = "bad_turn_order";
+        parsed.detail = e.message();
+      }
+    }
+    chunk.skipped.push_back({record.file, record.line, parsed.skip, parsed.detail});
+  }
+  chunk.records.clear();
+  chunk.records.shrink_to_fit();
+}
+
+void tokenize_chunk(Chunk& chunk, const Tokenizer& tok, uint32_t eos, const PrepareOptions& opt,
+                    const ChatTemplate* chat_template) {
+  if (chat_template) {
+    encode_sft_chunk(chunk, tok, opt, *chat_template);
+    return;
+  }
   std::string text;
   for (size_t i = 0; i < chunk.records.size(); ++i) {
     const SkipReason why =
-        detail::extract_text(chunk.records[i], chunk.formats[i], text_field, text);
+        detail::extract_text(chunk.records[i], chunk.formats[i], opt.text_field, text);
     if (why != SkipReason::kNone) {
-      chunk.skipped.push_back({chunk.records[i].file, chunk.records[i].line, why});
+      chunk.skipped.push_back(
+          {chunk.records[i].file, chunk.records[i].line, detail::skip_reason_name(why), {}});
       continue;
     }
     const auto ids = tok.encode(text, /*add_special_tokens=*/false);
@@ -54,12 +90,12 @@ void tokenize_chunk(Chunk& chunk, const Tokenizer& tok, uint32_t eos,
 }
 
 void run_parallel(std::vector<Chunk>& chunks, int threads, const Tokenizer& tok, uint32_t eos,
-                  const std::string& text_field) {
+                  const PrepareOptions& opt, const ChatTemplate* chat_template) {
   std::atomic<size_t> next{0};
   auto work = [&] {
     for (size_t i = next++; i < chunks.size(); i = next++) {
       try {
-        tokenize_chunk(chunks[i], tok, eos, text_field);
+        tokenize_chunk(chunks[i], tok, eos, opt, chat_template);
       } catch (...) {
         chunks[i].error = std::current_exception();
       }
@@ -101,26 +137,34 @@ PrepareReport prepare_token_data(const Tokenizer& tok, const PrepareOptions& opt
     progress.bytes_total += static_cast<int64_t>(std::filesystem::file_size(f));
   }
 
+  std::optional<ChatTemplate> chat_template;
+  if (opt.sft) chat_template = ChatTemplate::by_name(opt.chat_template);
   TokenDatasetWriter writer(opt.output_prefix);
   std::vector<Chunk> batch;  // up to 2 chunks per thread, tokenized together, written in order
   Chunk current;
   auto flush = [&] {
-    run_parallel(batch, threads, tok, eos, opt.text_field);
+    run_parallel(batch, threads, tok, eos, opt, chat_template ? &*chat_template : nullptr);
     for (auto& chunk : batch) {
       if (chunk.error) std::rethrow_exception(chunk.error);
       for (const auto& skip : chunk.skipped) {
-        const char* name = detail::skip_reason_name(skip.reason);
-        ++report.skipped[name];
+        ++report.skipped[skip.reason];
         if (report.skipped_examples.size() < opt.max_skipped_examples) {
           report.skipped_examples.push_back(report.sources[static_cast<size_t>(skip.file)] + ":" +
-                                            std::to_string(skip.line) + ": " + name);
+                                            std::to_string(skip.line) + ": " + skip.reason +
+                                            (skip.detail.empty() ? "" : " (" + skip.detail + ")"));
         }
       }
       size_t off = 0;
       for (uint32_t len : chunk.doc_lengths) {
-        writer.add_document(chunk.tokens.data() + off, len);
+        writer.add_document(chunk.tokens.data() + off, len,
+                            chat_template ? chunk.trainable.data() + off : nullptr);
+        report.max_doc_tokens = std::max<int64_t>(report.max_doc_tokens, len);
         off += len;
       }
+      for (uint8_t t : chunk.trainable)
+        report.trainable_tokens += t;
+      for (const auto& [format, n] : chunk.sft_formats)
+        report.formats[format] += n;
       progress.docs += static_cast<int64_t>(chunk.doc_lengths.size());
       progress.tokens += static_cast<int64_t>(chunk.tokens.size());
       progress.bytes_read += chunk.bytes;
@@ -157,7 +201,14 @@ PrepareReport prepare_token_data(const Tokenizer& tok, const PrepareOptions& opt
   meta.skipped = report.skipped;
   meta.skipped_examples = report.skipped_examples;
   meta.sources = report.sources;
-  meta.text_field = opt.text_field;
+  meta.text_field = opt.sft ? "" : opt.text_field;
+  if (opt.sft) {
+    meta.sft = {{"chat_template", opt.chat_template},
+                {"loss_on", sft_loss_on_name(opt.loss_on)},
+                {"formats", report.formats},
+                {"trainable_tokens", report.trainable_tokens},
+                {"max_tokens", report.max_doc_tokens}};
+  }
   if (writer.num_docs() == 0) {
     std::string why;
     for (const auto& [reason, n] : report.skipped) {
@@ -166,7 +217,10 @@ PrepareReport prepare_token_data(const Tokenizer& tok, const PrepareOptions& opt
     throw_invalid("no documents found in " + std::to_string(report.sources.size()) +
                       " input file(s) (skipped: " + (why.empty() ? "none" : why) +
                       "); the dataset would be empty",
-                  opt.output_prefix, "check the inputs and --text-field (JSONL) / --format");
+                  opt.output_prefix,
+                  opt.sft ? "check the inputs: each line must be one conversation in a known "
+                            "format (see the skipped examples above, docs/data.md)"
+                          : "check the inputs and --text-field (JSONL) / --format");
   }
   report.docs = writer.num_docs();
   report.tokens = writer.num_tokens();

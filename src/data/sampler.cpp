@@ -97,6 +97,12 @@ Batch Sampler::next_batch(int64_t micro_batch) {
                  opt_.document_boundaries ? &b.cu_lengths[static_cast<size_t>(i)] : nullptr);
     std::copy(row.begin(), row.end(), dst + i * width);
   }
+  if (source_->has_loss_mask()) {
+    b.loss_mask = torch::empty({micro_batch, width}, torch::kUInt8);
+    auto* mask = b.loss_mask.data_ptr<uint8_t>();
+    for (int64_t i = 0; i < micro_batch; ++i)
+      source_->get_loss_mask(b.indices[static_cast<size_t>(i)], mask + i * width);
+  }
   return b;
 }
 

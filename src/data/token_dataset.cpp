@@ -59,6 +59,7 @@ nlohmann::json TokenDatasetMeta::to_json() const {
       {"skipped_examples", skipped_examples},
       {"sources", sources},
       {"text_field", text_field},
+      {"sft", sft},
   };
 }
 
@@ -87,6 +88,10 @@ TokenDatasetMeta TokenDatasetMeta::from_json(const nlohmann::json& j, const std:
   m.skipped_examples = get_field<std::vector<std::string>>(j, "skipped_examples", context);
   m.sources = get_field<std::vector<std::string>>(j, "sources", context);
   m.text_field = get_field<std::string>(j, "text_field", context);
+  if (j.contains("sft") && !j["sft"].is_null()) {
+    m.sft = j["sft"];
+    if (!m.sft.is_object()) throw_corruption("key 'sft' is not an object", context, kPrepareHint);
+  }
   if (m.vocab_size <= 0 || m.vocab_size > (int64_t{1} << 32)) {
     throw_corruption("tokenizer.vocab_size " + std::to_string(m.vocab_size) + " is out of range",
                      context, kPrepareHint);
@@ -126,8 +131,15 @@ TokenDatasetWriter::~TokenDatasetWriter() {
   if (!finished_) ::unlink(bin_tmp_.c_str());
 }
 
-void TokenDatasetWriter::add_document(const uint32_t* tokens, size_t count) {
+void TokenDatasetWriter::add_document(const uint32_t* tokens, size_t count,
+                                      const uint8_t* trainable) {
   if (finished_) throw_invalid("add_document() after finish()", prefix_);
+  if (num_docs() == 0) {
+    masked_ = trainable != nullptr;
+  } else if (masked_ != (trainable != nullptr)) {
+    throw_invalid("a loss mask must be given for every document or for none", prefix_);
+  }
+  if (trainable) mask_.insert(mask_.end(), trainable, trainable + count);
   if (count > 0 && std::fwrite(tokens, sizeof(uint32_t), count, bin_) != count) {
     throw_io("cannot write tokens: " + errno_text(), bin_tmp_, "check free disk space");
   }
@@ -167,6 +179,14 @@ void TokenDatasetWriter::finish(TokenDatasetMeta meta) {
   });
   meta.num_docs = num_docs();
   meta.num_tokens = num_tokens();
+  if (masked_) {
+    write_file_atomic(prefix_ + ".mask",
+                      std::string_view(reinterpret_cast<const char*>(mask_.data()), mask_.size()));
+    if (meta.sft.is_null()) meta.sft = nlohmann::json::object();
+  } else {
+    std::filesystem::remove(prefix_ + ".mask", ec);
+    meta.sft = nullptr;
+  }
   write_file_atomic(json_path, meta.to_json().dump(2) + "\n");
 }
 
@@ -316,6 +336,19 @@ std::shared_ptr<TokenDataset> TokenDataset::open(const std::string& prefix,
                          std::to_string(meta.num_tokens) + " tokens, the index has " +
                          std::to_string(ds->num_docs_) + " / " + std::to_string(ds->num_tokens_),
                      json_path, kPrepareHint);
+  }
+  if (!meta.sft.is_null()) {
+    const std::string mask_path = ds->prefix_ + ".mask";
+    ds->mask_map_ = Mapping::map(mask_path);
+    if (ds->mask_map_->size != total) {
+      throw_corruption(
+          "size mismatch: an SFT loss mask has one byte per token, so the file "
+          "should be " +
+              std::to_string(total) + " bytes, but it is " + std::to_string(ds->mask_map_->size) +
+              " bytes",
+          mask_path, kPrepareHint);
+    }
+    ds->trainable_ = static_cast<const uint8_t*>(ds->mask_map_->data);
   }
   if (options.verify_tokens) {
     const auto vocab = static_cast<uint64_t>(meta.vocab_size);

@@ -4,6 +4,14 @@
 
 namespace aviary {
 
+bool starts_with_bos_text(const Tokenizer& tokenizer, const std::string& prompt) {
+  if (auto bos = tokenizer.bos_id()) {
+    const std::string bos_text = tokenizer.id_to_token(*bos);
+    return !bos_text.empty() && prompt.rfind(bos_text, 0) == 0;
+  }
+  return false;
+}
+
 ChatSession::ChatSession(LanguageModel& lm, ChatTemplate tmpl, std::string system)
     : lm_(lm), template_(std::move(tmpl)), system_(std::move(system)) {
   reset();
@@ -19,14 +27,7 @@ GenerationResult ChatSession::send(const std::string& user, GenerationOptions op
   const std::string prompt = template_.render(messages_, /*add_generation_prompt=*/true);
   for (const auto& s : template_.stop_strings())
     options.stop_strings.push_back(s);
-  // Templates that spell out the BOS token themselves must not get a second one.
-  const auto& tok = lm_.tokenizer();
-  bool has_bos_text = false;
-  if (auto bos = tok.bos_id()) {
-    const std::string bos_text = tok.id_to_token(*bos);
-    has_bos_text = !bos_text.empty() && prompt.rfind(bos_text, 0) == 0;
-  }
-  options.add_special_tokens = !has_bos_text;
+  options.add_special_tokens = !starts_with_bos_text(lm_.tokenizer(), prompt);
   GenerationResult result = lm_.generate(prompt, options);
   // Trim the whitespace a model tends to put before its separator.
   std::string reply = result.text;

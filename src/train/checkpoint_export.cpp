@@ -46,6 +46,12 @@ void export_hf(const std::string& checkpoint_dir, const std::string& out_dir,
       !run_config["model"].is_object()) {
     throw_corruption("the checkpoint config has no 'model' section", config_path);
   }
+  if (run_config.contains("lora")) {
+    throw_invalid("a LoRA checkpoint holds only the adapters, not a whole model", checkpoint_dir,
+                  "use `aviary convert --merge-lora --model " + checkpoint_dir +
+                      " --output DIR` (base + adapter merged), or the run's adapter/ directory "
+                      "with peft");
+  }
   const Json& model = run_config["model"];
   const std::string arch = model.value("arch", std::string("aquila"));
   if (arch != "aquila" && arch != "llama") {

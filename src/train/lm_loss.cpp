@@ -31,8 +31,28 @@ torch::Tensor causal_lm_loss(AquilaForCausalLMImpl& model, const torch::Tensor& 
     logits = model.forward(inputs, positions, mask, nullptr);
   }
   const int64_t vocab = logits.size(-1);
-  return torch::nn::functional::cross_entropy(logits.reshape({-1, vocab}).to(torch::kFloat32),
-                                              targets.reshape({-1}));
+  auto flat_logits = logits.reshape({-1, vocab}).to(torch::kFloat32);
+  if (!options.loss_mask.defined() && options.normalizer <= 0) {
+    return torch::nn::functional::cross_entropy(flat_logits, targets.reshape({-1}));
+  }
+  constexpr int64_t kIgnore = -100;
+  if (options.loss_mask.defined()) {
+    auto keep = options.loss_mask.to(device).narrow(1, 1, len).to(torch::kBool);
+    targets = targets.masked_fill(keep.logical_not(), kIgnore);
+  }
+  namespace F = torch::nn::functional;
+  if (options.normalizer <= 0) {
+    return F::cross_entropy(flat_logits, targets.reshape({-1}),
+                            F::CrossEntropyFuncOptions().ignore_index(kIgnore));
+  }
+  auto sum =
+      F::cross_entropy(flat_logits, targets.reshape({-1}),
+                       F::CrossEntropyFuncOptions().ignore_index(kIgnore).reduction(torch::kSum));
+  return sum / options.normalizer;
+}
+
+int64_t count_loss_targets(const torch::Tensor& loss_mask) {
+  return loss_mask.narrow(1, 1, loss_mask.size(1) - 1).sum().item<int64_t>();
 }
 
 }  // namespace aviary

@@ -5,6 +5,7 @@
 #include <unordered_map>
 
 #include "aviary/core/error.h"
+#include "aviary/data/sft_dataset.h"
 #include "aviary/data/token_dataset.h"
 
 namespace aviary {
@@ -43,6 +44,7 @@ DataConfig DataConfig::from_section(ConfigReader& r) {
   c.shuffle = r.get_bool("shuffle", true);
   c.seed = static_cast<uint64_t>(r.get_int("seed", 1234, 0));
   c.document_mask = r.get_bool("document_mask", false);
+  c.pack = r.get_bool("pack", false);
   r.finish();
   return c;
 }
@@ -58,7 +60,8 @@ Json DataConfig::to_json() const {
          {"split_seed", split_seed},
          {"shuffle", shuffle},
          {"seed", seed},
-         {"document_mask", document_mask}};
+         {"document_mask", document_mask},
+         {"pack", pack}};
   if (!tokenizer.empty()) j["tokenizer"] = tokenizer;
   return j;
 }
@@ -103,6 +106,40 @@ TrainingData open_training_data(const DataConfig& config, const Tokenizer* token
       open_options.tokenizer = tokenizer;
       auto tokens = data::TokenDataset::open(prefix, open_options);
       out.max_vocab_size = std::max(out.max_vocab_size, tokens->meta().vocab_size);
+      if (tokens->trainable()) {
+        // Instruction data: one conversation per sample (or packed), with its loss mask.
+        out.sft = true;
+        if (out.sft_chat_template.empty())
+          out.sft_chat_template = tokens->meta().sft.value("chat_template", std::string());
+        data::SftDatasetOptions sft;
+        sft.seq_len = config.seq_len;
+        sft.pack = config.pack;
+        sft.pad_id = static_cast<int32_t>(tokens->meta().eos_id);
+        sft.val_fraction = config.val_fraction;
+        sft.val_docs = config.val_docs;
+        sft.split_seed = config.split_seed;
+        auto train_split = std::make_shared<data::SftDataset>(tokens, sft);
+        out.train_tokens += train_split->tokens();
+        out.sft_train_conversations += train_split->conversations();
+        out.sft_truncated += train_split->truncated();
+        out.sft_dropped += train_split->dropped();
+        out.sft_trainable_tokens += train_split->trainable_tokens();
+        train.push_back(train_split);
+        if (has_validation) {
+          sft.split = data::Split::kValidation;
+          auto val_split = std::make_shared<data::SftDataset>(tokens, sft);
+          out.validation_tokens += val_split->tokens();
+          validation.push_back(val_split);
+        }
+        weights.push_back(weight);
+        continue;
+      }
+      if (config.pack) {
+        throw_invalid(
+            "data.pack applies to instruction (SFT) datasets only; plain token data is "
+            "always packed",
+            prefix);
+      }
       data::PackedDatasetOptions packing;
       packing.seq_len = config.seq_len;
       packing.val_fraction = config.val_fraction;
@@ -124,7 +161,7 @@ TrainingData open_training_data(const DataConfig& config, const Tokenizer* token
     }
     weights.push_back(weight);
   }
-  if (out.train_tokens <= TrainingData::kUnigramMaxTokens)
+  if (!train_splits.empty() && out.train_tokens <= TrainingData::kUnigramMaxTokens)
     out.unigram_loss = unigram_entropy(train_splits);
   if (train.size() == 1) {
     out.train = train[0];

@@ -19,10 +19,12 @@
 #include "aviary/dist/data_parallel.h"
 #include "aviary/dist/environment.h"
 #include "aviary/dist/fsdp.h"
+#include "aviary/models/lora_adapter.h"
 #include "aviary/nn/attention.h"
 #include "aviary/tokenizer/tokenizer.h"
 #include "aviary/train/checkpoint.h"
 #include "aviary/train/lm_loss.h"
+#include "aviary/train/lora_config.h"
 #include "aviary/train/lr_schedule.h"
 #include "aviary/train/metrics.h"
 #include "aviary/train/model_spec.h"
@@ -116,6 +118,7 @@ struct Trainer::State {
   DataConfig data;
   CausalLMSpec model_spec;
   dist::ParallelConfig parallel;
+  LoraTrainingConfig lora;
   Json resolved;
 
   dist::DistEnvironment env;
@@ -145,9 +148,12 @@ struct Trainer::State {
   void open_data();
   void build_model_and_optimizer();
   void build_fsdp();
+  void add_lora_to_frozen_base();
+  void write_adapter() const;
   void resume();
 
-  torch::Tensor batch_loss(const data::Batch& batch);
+  // normalizer: see LmLossOptions (0 = the batch mean).
+  torch::Tensor batch_loss(const data::Batch& batch, double normalizer = 0.0);
   std::pair<double, int64_t> evaluate();
   std::string save(double lr);
   // Test-only environment hooks, read once at construction (see read_test_hooks).
@@ -184,12 +190,25 @@ void Trainer::State::read_config(const std::string& resume_override) {
   if (log.dir.empty()) log.dir = checkpoint.dir;
   auto parallel_section = root.child("parallel");
   parallel = dist::ParallelConfig::from_section(parallel_section);
+  auto lora_section = root.child("lora");
+  lora = LoraTrainingConfig::from_section(lora_section,
+                                          config.contains("lora") && !config["lora"].is_null());
   root.finish();
+  if (lora.enabled && model_spec.init_from.empty()) {
+    throw_invalid("LoRA adapts a trained model, but model.init_from is not set", where("lora"),
+                  "set model.init_from to an HF model directory or a checkpoint");
+  }
 
   env = dist::DistEnvironment::detect();
   data_parallel = env.world;
   leader = env.rank == 0;
   read_test_hooks();
+  if (lora.enabled && parallel.strategy == "fsdp" && env.world > 1) {
+    throw_unsupported("LoRA with parallel.strategy fsdp is not supported",
+                      where("parallel.strategy"),
+                      "the frozen base is replicated and the adapters are small: use ddp (or "
+                      "zero1 / zero2)");
+  }
   if (parallel.strategy == "fsdp" && env.world > 1 && !train.activation_checkpointing) {
     // Blocks are gathered again for their backward pass, which is the checkpoint's recompute.
     spdlog::info("{}: parallel.strategy fsdp turns on train.activation_checkpointing", source);
@@ -283,9 +302,13 @@ void Trainer::State::build_model_and_optimizer() {
                           train.seed);
   model->set_activation_checkpointing(train.activation_checkpointing);
   model->train();
-  for (const auto& item : model->named_parameters()) {
-    named_params.emplace_back(item.key(), item.value());
-    params.push_back(item.value());
+  if (lora.enabled) {
+    add_lora_to_frozen_base();
+  } else {
+    for (const auto& item : model->named_parameters()) {
+      named_params.emplace_back(item.key(), item.value());
+      params.push_back(item.value());
+    }
   }
   if (env.world > 1) {
     // Every rank built the same model from the same seed; rank 0's copy is broadcast anyway, so a
@@ -309,6 +332,25 @@ void Trainer::State::build_model_and_optimizer() {
   const auto& c = model_spec.config;
   flops_per_token = 6.0 * static_cast<double>(c.num_parameters()) +
                     6.0 * static_cast<double>(c.num_hidden_layers * c.hidden_size * data.seq_len);
+}
+
+// LoRA: the adapters are the only trainable parameters, so the optimizer, gradient sync and
+// checkpoints see only them.
+void Trainer::State::add_lora_to_frozen_base() {
+  try {
+    named_params =
+        freeze_base_and_add_lora(*model, lora, train.precision == "bf16", device, train.seed);
+  } catch (const Error& e) {
+    throw e.with_outer_context(source);
+  }
+  for (auto& [name, p] : named_params)
+    params.push_back(p);
+}
+
+void Trainer::State::write_adapter() const {
+  if (!lora.enabled || !leader) return;
+  save_peft_adapter(*model, lora.adapter, (fs::path(log.dir) / "adapter").string(),
+                    model_spec.init_from_path);
 }
 
 // FSDP units: one per decoder block, and a root unit with the rest (embeddings, final norm,
@@ -395,6 +437,11 @@ Trainer::Trainer(const Json& config, const std::string& source, const std::strin
   resolved["checkpoint"] = s_->checkpoint.to_json();
   resolved["log"] = s_->log.to_json();
   resolved["parallel"] = s_->parallel.to_json();
+  if (s_->lora.enabled) {
+    resolved["lora"] = s_->lora.to_json();
+    resolved["lora"]["base"] = s_->model_spec.init_from_path;
+  }
+  if (s_->sources.sft) resolved["sft"] = {{"chat_template", s_->sources.sft_chat_template}};
   s_->resolved = resolved;
 }
 
@@ -404,10 +451,12 @@ const Json& Trainer::resolved_config() const {
   return s_->resolved;
 }
 
-torch::Tensor Trainer::State::batch_loss(const data::Batch& batch) {
+torch::Tensor Trainer::State::batch_loss(const data::Batch& batch, double normalizer) {
   LmLossOptions options;
   options.bf16 = train.precision == "bf16";
   if (data.document_mask) options.documents = &batch.cu_lengths;
+  options.loss_mask = batch.loss_mask;
+  options.normalizer = normalizer;
   return causal_lm_loss(*model, batch.tokens, options);
 }
 
@@ -437,8 +486,14 @@ std::pair<double, int64_t> Trainer::State::evaluate() {
                   data.document_mask ? &batch.cu_lengths[static_cast<size_t>(r)] : nullptr);
     }
     batch.tokens = batch.tokens.to(torch::kInt64);
-    loss_sum += batch_loss(batch).item<double>() * static_cast<double>(rows * len);
-    tokens += rows * len;
+    if (source_.has_loss_mask()) {
+      batch.loss_mask = torch::empty({rows, len + 1}, torch::kUInt8);
+      for (int64_t r = 0; r < rows; ++r)
+        source_.get_loss_mask(begin + r, batch.loss_mask[r].data_ptr<uint8_t>());
+    }
+    // The sum over counted targets (normalizer 1), so batches with few targets weigh little.
+    loss_sum += batch_loss(batch, 1.0).item<double>();
+    tokens += batch.loss_mask.defined() ? count_loss_targets(batch.loss_mask) : rows * len;
   }
   model->train();
   if (fsdp) fsdp->release();
@@ -541,6 +596,23 @@ TrainResult Trainer::run() {
                format_count(static_cast<double>(s.sources.train_tokens)),
                format_count(static_cast<double>(s.sources.validation_tokens)),
                s.sources.train->size(), s.data.seq_len);
+  if (s.sources.sft) {
+    spdlog::info(
+        "instruction data: {} conversations in {} samples ({}), {} loss targets; {} "
+        "truncated to {} tokens, {} dropped (nothing left to learn)",
+        s.sources.sft_train_conversations, s.sources.train->size(),
+        s.data.pack ? "packed" : "one per sample",
+        format_count(static_cast<double>(s.sources.sft_trainable_tokens)), s.sources.sft_truncated,
+        s.data.seq_len + 1, s.sources.sft_dropped);
+  }
+  if (s.lora.enabled) {
+    int64_t adapter_params = 0;
+    for (const auto& p : s.params)
+      adapter_params += p.numel();
+    spdlog::info("LoRA r={} alpha={} on {}: {} trainable parameters, base frozen", s.lora.adapter.r,
+                 s.lora.adapter.alpha, Json(s.lora.adapter.targets).dump(),
+                 format_count(static_cast<double>(adapter_params)));
+  }
   if (s.sources.unigram_loss) {
     spdlog::info("unigram baseline loss (entropy of the training tokens): {:.4f}",
                  *s.sources.unigram_loss);
@@ -577,11 +649,27 @@ TrainResult Trainer::run() {
     for (auto& p : s.params)
       p.mutable_grad() = torch::Tensor();
     double loss = 0;
+    // SFT: every counted target of the global batch weighs the same, however they fall into
+    // micro-batches and ranks: each micro-batch's loss is its sum / (targets in the global batch),
+    // times the world size because the gradient sync averages over ranks.
+    std::vector<data::Batch> batches;
+    double normalizer = 0.0;
+    if (s.sources.sft) {
+      for (int64_t m = 0; m < s.accumulation; ++m)
+        batches.push_back(s.sampler->next_batch(s.train.micro_batch));
+      double targets = 0;
+      for (const auto& b : batches)
+        targets += static_cast<double>(count_loss_targets(b.loss_mask));
+      if (s.comm) targets = s.comm->all_reduce_scalar(targets, dist::ReduceOp::kSum);
+      normalizer = std::max(1.0, targets) / static_cast<double>(s.comm ? s.comm->world() : 1);
+    }
     for (int64_t m = 0; m < s.accumulation; ++m) {
-      auto batch = s.sampler->next_batch(s.train.micro_batch);
+      auto batch = s.sources.sft ? std::move(batches[static_cast<size_t>(m)])
+                                 : s.sampler->next_batch(s.train.micro_batch);
       s.log_samples(batch);
       if (s.fsdp) s.fsdp->begin_micro_batch();
-      auto micro_loss = s.batch_loss(batch) / static_cast<double>(s.accumulation);
+      auto micro_loss = s.sources.sft ? s.batch_loss(batch, normalizer)
+                                      : s.batch_loss(batch) / static_cast<double>(s.accumulation);
       if (m == 0) s.maybe_die_for_test();
       // Data parallel: only the last micro-batch's backward reduces gradients (as they are ready).
       if (s.ddp && m + 1 == s.accumulation) s.ddp->sync_next_backward();
@@ -682,6 +770,7 @@ TrainResult Trainer::run() {
     if (periodic || last || stop_signal != 0) {
       last_checkpoint = s.save(lr);
       last_checkpoint_step = s.state.step;
+      s.write_adapter();
       metrics.event(s.state.step, "checkpoint", "saved " + last_checkpoint);
     }
   }
@@ -689,6 +778,7 @@ TrainResult Trainer::run() {
   if (stop_signal != 0 && s.state.step < s.train.steps) {
     if (last_checkpoint_step != s.state.step) {
       last_checkpoint = s.save(lr);
+      s.write_adapter();
       metrics.event(s.state.step, "checkpoint", "saved " + last_checkpoint);
     }
     metrics.event(s.state.step, "interrupted",
@@ -704,6 +794,7 @@ TrainResult Trainer::run() {
   result.tokens = s.state.tokens_seen;
   result.last_loss = last_loss;
   result.checkpoint = last_checkpoint;
+  if (s.lora.enabled) result.adapter = (fs::path(s.log.dir) / "adapter").string();
   return result;
 }
 

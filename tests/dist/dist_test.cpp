@@ -212,6 +212,48 @@ TEST(DistTrain, DdpZero1Zero2FsdpAtWorldSizes2And4TrainLikeOneProcess) {
   }
 }
 
+// Instruction data whose conversations differ in length, so micro-batches and ranks hold different
+// numbers of loss targets: the loss must still weigh every target of the global batch the same.
+TEST(DistTrain, LoraOnInstructionDataTrainsLikeOneProcess) {
+  TempDir data;
+  std::string jsonl;
+  for (int i = 0; i < 64; ++i) {
+    std::string reply;
+    for (int w = 0; w <= i % 7; ++w)
+      reply += (w ? " " : "") + std::to_string(i * 7 + w);
+    jsonl += R"({"instruction": "Count from )" + std::to_string(i * 7) +
+             R"(.", "input": "", "output": ")" + reply + "\"}\n";
+  }
+  test::write_file(data.file("sft.jsonl"), jsonl);
+  ASSERT_EQ(spawn({AVIARY_CLI_PATH, "data", "prepare", "--sft", "-i", data.file("sft.jsonl"), "-o",
+                   data.file("sft"), "-t", fixture("tiny-llama"), "--quiet"},
+                  data.file("prepare.txt"))
+                .wait(),
+            0)
+      << test::read_file(data.file("prepare.txt"));
+  auto config_for = [&](const std::string& run_dir) {
+    Json c = dist_config(run_dir, 6);
+    c["data"] = {{"datasets", Json::array({data.file("sft")})}, {"seq_len", 48}};
+    c["lora"] = {
+        {"r", 4}, {"alpha", 8}, {"dropout", 0.0}, {"targets", {"q_proj", "v_proj", "up_proj"}}};
+    return c;
+  };
+  TempDir single;
+  const auto single_config = write_config(single, "c.json", config_for(single.path()));
+  ASSERT_EQ(train(0, single_config, "ddp", single.file("log.txt")).wait(), 0)
+      << test::read_file(single.file("log.txt"));
+  const auto expected = losses(single.path());
+  ASSERT_EQ(expected.size(), 6u);
+  for (const char* strategy : {"ddp", "zero2"}) {
+    TempDir dir;
+    const auto config = write_config(dir, "c.json", config_for(dir.path()));
+    ASSERT_EQ(train(2, config, strategy, dir.file("log.txt")).wait(), 0)
+        << test::read_file(dir.file("log.txt"));
+    expect_same_losses(expected, losses(dir.path()), std::string("lora sft ") + strategy + " x2");
+    EXPECT_TRUE(fs::exists(dir.file("adapter/adapter_model.safetensors")));
+  }
+}
+
 // Sample indices per step from AVIARY_TEST_SAMPLE_LOG files (<prefix>.rank<r>), sorted.
 std::map<int64_t, std::vector<int64_t>> samples_by_step(const std::string& prefix, int ranks) {
   std::map<int64_t, std::vector<int64_t>> out;

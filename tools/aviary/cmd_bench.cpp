@@ -24,6 +24,7 @@
 #include "aviary/infer/generator.h"
 #include "aviary/infer/language_model.h"
 #include "aviary/train/lm_loss.h"
+#include "aviary/train/lora_config.h"
 #include "aviary/train/model_spec.h"
 #include "aviary/train/optimizer.h"
 #include "commands.h"
@@ -205,7 +206,15 @@ nlohmann::json run_train_case(const TrainBenchArgs& a, const std::string& spec) 
     throw_invalid("case must be NAME:DTYPE", "--case " + spec, "e.g. aquila-100m:fp32");
   }
   const std::string name = spec.substr(0, colon);
-  const std::string precision = spec.substr(colon + 1);
+  std::string precision = spec.substr(colon + 1);
+  // NAME:DTYPE:lora: a frozen base (bf16 when DTYPE is bf16) with rank-8 adapters on all seven
+  // projections, as configs/aquila-7b-lora.yaml trains.
+  bool lora = false;
+  if (auto second = precision.find(':'); second != std::string::npos) {
+    lora = precision.substr(second + 1) == "lora";
+    if (!lora) throw_invalid("the third field can only be 'lora'", "--case " + spec);
+    precision = precision.substr(0, second);
+  }
   if (precision != "fp32" && precision != "bf16") {
     throw_invalid("training precision must be fp32 or bf16", "--case " + spec);
   }
@@ -229,10 +238,17 @@ nlohmann::json run_train_case(const TrainBenchArgs& a, const std::string& spec) 
   model->train();
   NamedTensors named;
   std::vector<torch::Tensor> params;
-  for (const auto& item : model->named_parameters()) {
-    named.emplace_back(item.key(), item.value());
-    params.push_back(item.value());
+  if (lora) {
+    LoraTrainingConfig lora_config;
+    lora_config.enabled = true;
+    lora_config.adapter.targets = lora_target_choices();
+    named = freeze_base_and_add_lora(*model, lora_config, precision == "bf16", torch::kCPU, 1234);
+  } else {
+    for (const auto& item : model->named_parameters())
+      named.emplace_back(item.key(), item.value());
   }
+  for (const auto& [n, p] : named)
+    params.push_back(p);
   OptimizerConfig optim;
   optim.lr = 1e-4;
   auto optimizer = make_adamw(named, optim);
@@ -263,7 +279,7 @@ nlohmann::json run_train_case(const TrainBenchArgs& a, const std::string& spec) 
   int64_t n_params = 0;
   for (const auto& p : params)
     n_params += p.numel();
-  return {{"case", name},
+  return {{"case", lora ? name + "+lora" : name},
           {"dtype", precision},
           {"params", n_params},
           {"threads", torch::get_num_threads()},
@@ -467,8 +483,8 @@ void register_bench(CLI::App& app) {
       "process per case");
   train
       ->add_option("--cases", targs->cases,
-                   "NAME:PRECISION with NAME tiny | aquila-100m, "
-                   "PRECISION fp32 | bf16")
+                   "NAME:PRECISION[:lora] with NAME tiny | aquila-100m, PRECISION fp32 | bf16; "
+                   ":lora trains rank-8 adapters on a frozen base (bf16 base with bf16)")
       ->capture_default_str();
   train->add_option("--tiny-model", targs->tiny_model, "model dir whose config the tiny case uses")
       ->capture_default_str();

@@ -26,6 +26,10 @@ struct PrepareArgs {
   std::string text_field = "text";
   int threads = 0;
   bool quiet = false;
+  bool sft = false;
+  std::string sft_format = "auto";
+  std::string chat_template = "aquila";
+  std::string loss_on = "assistant";
 };
 
 struct InspectArgs {
@@ -50,6 +54,12 @@ void prepare(const PrepareArgs& a) {
   opt.text_unit = data::parse_text_unit(a.unit, "--unit");
   opt.text_field = a.text_field;
   opt.threads = a.threads;
+  opt.sft = a.sft;
+  if (a.sft) {
+    opt.sft_format = data::parse_sft_format(a.sft_format, "--sft-format");
+    opt.chat_template = a.chat_template;
+    opt.loss_on = data::parse_sft_loss_on(a.loss_on, "--loss-on");
+  }
   if (!a.quiet && ::isatty(STDERR_FILENO)) {
     opt.on_progress = [](const data::PrepareProgress& p) {
       const double pct =
@@ -63,7 +73,18 @@ void prepare(const PrepareArgs& a) {
   const auto r = data::prepare_token_data(*tok, opt);
   if (opt.on_progress) std::fprintf(stderr, "\n");
   const double secs = r.seconds > 0 ? r.seconds : 1e-9;
-  std::printf("wrote %s.{bin,idx,json}\n", a.output.c_str());
+  std::printf("wrote %s.{bin,idx,json%s}\n", a.output.c_str(), a.sft ? ",mask" : "");
+  if (a.sft) {
+    std::printf("  conversations %lld (template %s, loss on %s tokens)\n",
+                static_cast<long long>(r.docs), a.chat_template.c_str(), a.loss_on.c_str());
+    for (const auto& [format, n] : r.formats)
+      std::printf("    %-10s %lld\n", format.c_str(), static_cast<long long>(n));
+    std::printf("  loss targets  %lld of %lld tokens (%.1f%%); longest conversation %lld tokens\n",
+                static_cast<long long>(r.trainable_tokens), static_cast<long long>(r.tokens),
+                100.0 * static_cast<double>(r.trainable_tokens) /
+                    static_cast<double>(std::max<int64_t>(1, r.tokens)),
+                static_cast<long long>(r.max_doc_tokens));
+  }
   std::printf("  files    %zu\n", r.sources.size());
   std::printf("  docs     %lld\n", static_cast<long long>(r.docs));
   std::printf("  tokens   %lld (%.2f per doc)\n", static_cast<long long>(r.tokens),
@@ -130,6 +151,16 @@ void inspect(const InspectArgs& a) {
     std::printf(", %s %lld", reason.c_str(), static_cast<long long>(n));
   }
   std::printf("\n  sources     %zu file(s)\n", m.sources.size());
+  if (ds->trainable()) {
+    int64_t targets = 0;
+    for (int64_t i = 0; i < ds->num_tokens(); ++i)
+      targets += ds->trainable()[i];
+    std::printf(
+        "  sft         template %s, %lld loss targets (%.1f%% of the tokens); shown "
+        "below between [[ ]]\n",
+        m.sft.value("chat_template", std::string("?")).c_str(), static_cast<long long>(targets),
+        100.0 * static_cast<double>(targets) / static_cast<double>(ds->num_tokens()));
+  }
   std::printf(
       "  integrity   ok: index consistent, all token ids < %lld, %lld/%lld docs end "
       "with eos\n",
@@ -144,9 +175,26 @@ void inspect(const InspectArgs& a) {
     // Spread the samples over the dataset: first, ..., last.
     const int64_t d = n == 1 ? 0 : i * (ds->num_docs() - 1) / (n - 1);
     const auto ids = ds->document(d);
-    std::printf(
-        "  doc %lld (%zu tokens): %s\n", static_cast<long long>(d), ids.size(),
-        escape_preview(tok->decode(ids, /*skip_special_tokens=*/false), a.max_chars).c_str());
+    std::string text;
+    if (ds->trainable()) {
+      // Runs of equal mask, decoded separately; loss targets between [[ ]].
+      const uint8_t* mask = ds->trainable() + ds->doc_begin(d);
+      for (size_t b = 0; b < ids.size();) {
+        size_t e = b;
+        while (e < ids.size() && mask[e] == mask[b])
+          ++e;
+        const std::string piece =
+            tok->decode(std::vector<int32_t>(ids.begin() + static_cast<std::ptrdiff_t>(b),
+                                             ids.begin() + static_cast<std::ptrdiff_t>(e)),
+                        /*skip_special_tokens=*/false);
+        text += mask[b] ? "[[" + piece + "]]" : piece;
+        b = e;
+      }
+    } else {
+      text = tok->decode(ids, /*skip_special_tokens=*/false);
+    }
+    std::printf("  doc %lld (%zu tokens): %s\n", static_cast<long long>(d), ids.size(),
+                escape_preview(text, a.max_chars).c_str());
   }
 }
 
@@ -172,6 +220,17 @@ void register_data(CLI::App& app) {
   prep->add_option("--threads", p->threads, "tokenizer threads (0 = all cores)")
       ->capture_default_str();
   prep->add_flag("-q,--quiet", p->quiet, "no progress line");
+  prep->add_flag("--sft", p->sft,
+                 "instruction data: each JSONL line is a conversation (aquila / coig / alpaca / "
+                 "messages), rendered with --chat-template, plus a loss mask in PREFIX.mask");
+  prep->add_option("--sft-format", p->sft_format, "auto | aquila | coig | alpaca | messages")
+      ->capture_default_str();
+  prep->add_option("--chat-template", p->chat_template,
+                   "--sft: aquila-chat | aquila-v1 | aquila-legacy | aquila | aquila-v2 | llama-2")
+      ->capture_default_str();
+  prep->add_option("--loss-on", p->loss_on,
+                   "--sft: assistant (replies and their end-of-turn marker) | all")
+      ->capture_default_str();
   prep->callback([p] { prepare(*p); });
 
   auto a = std::make_shared<InspectArgs>();

@@ -14,7 +14,10 @@ void register_convert(CLI::App& app);
 void register_bench(CLI::App& app);
 void register_data(CLI::App& app);
 void register_train(CLI::App& app);
+void register_finetune(CLI::App& app);
+void register_eval(CLI::App& app);
 void register_export(CLI::App& app);
 void register_launch(CLI::App& app);
+void register_plan(CLI::App& app);
 
 }  // namespace aviary::cli

@@ -43,6 +43,8 @@ int main(int argc, char** argv) {
   app.parse_complete_callback([&] { aviary::init_logging(log_level); });
 
   aviary::cli::register_train(app);
+  aviary::cli::register_finetune(app);
+  aviary::cli::register_eval(app);
   aviary::cli::register_export(app);
   aviary::cli::register_info(app);
   aviary::cli::register_generate(app);
@@ -52,6 +54,7 @@ int main(int argc, char** argv) {
   aviary::cli::register_bench(app);
   aviary::cli::register_data(app);
   aviary::cli::register_launch(app);
+  aviary::cli::register_plan(app);
 
   try {
     app.parse(argc, argv);

@@ -3,8 +3,13 @@
 namespace aviary::cli {
 
 void ModelFlags::add(CLI::App* cmd) {
-  cmd->add_option("-m,--model", model, "HF model directory (config.json, weights, tokenizer)")
+  cmd->add_option("-m,--model", model,
+                  "HF model directory, peft LoRA adapter directory, or Aviary run / checkpoint "
+                  "directory (a LoRA run: base + its adapter, unmerged)")
       ->required();
+  cmd->add_option("--adapter", load.adapter, "peft LoRA adapter directory to apply (unmerged)");
+  cmd->add_option("--base-model", load.base_model,
+                  "for adapters: the base model directory (default: the one the adapter names)");
   cmd->add_option("--dtype", load.dtype, "auto (checkpoint's torch_dtype) | fp32 | bf16 | fp16")
       ->capture_default_str();
   cmd->add_option("--device", load.device, "cpu | cuda | cuda:N | auto")->capture_default_str();

@@ -36,6 +36,10 @@ class SampleSource {
   // Writes sample `index`'s seq_len()+1 tokens into `out`; when `cu_lengths` is given, replaces
   // its content with the sample's document boundaries. Thread-safe.
   virtual void get(int64_t index, int32_t* out, std::vector<int32_t>* cu_lengths) const = 0;
+  // SFT sources carry a loss mask: per token of the sample (seq_len()+1 bytes), 1 when the loss
+  // predicts that token. Sources without one (pretraining text) train on every token.
+  virtual bool has_loss_mask() const { return false; }
+  virtual void get_loss_mask(int64_t index, uint8_t* out) const;
 };
 
 enum class Split { kTrain, kValidation };
@@ -86,6 +90,8 @@ class BlendedDataset : public SampleSource {
   int64_t size() const override { return static_cast<int64_t>(dataset_index_.size()); }
   int64_t seq_len() const override { return sources_[0]->seq_len(); }
   void get(int64_t index, int32_t* out, std::vector<int32_t>* cu_lengths) const override;
+  bool has_loss_mask() const override { return sources_[0]->has_loss_mask(); }
+  void get_loss_mask(int64_t index, uint8_t* out) const override;
 
   // Which source and which of its samples blended sample `index` is.
   int dataset_of(int64_t index) const { return dataset_index_[static_cast<size_t>(index)]; }

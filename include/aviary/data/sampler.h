@@ -41,7 +41,9 @@ struct Batch {
   torch::Tensor tokens;                          // int64 [B, seq_len + 1]
   std::vector<int64_t> indices;                  // the source's sample indices, one per row
   std::vector<std::vector<int32_t>> cu_lengths;  // per row, when document_boundaries is set
-  int64_t epoch = 0;                             // the epoch the batch was drawn from
+  torch::Tensor loss_mask;  // uint8 [B, seq_len + 1] for sources with a loss mask (SFT), else
+                            // undefined (every token is a target)
+  int64_t epoch = 0;        // the epoch the batch was drawn from
 };
 
 class Sampler {

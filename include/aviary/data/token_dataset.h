@@ -6,6 +6,8 @@
 //                then N+1 u64 token offsets: document d is tokens [offset[d], offset[d+1])
 //   prefix.json  the tokenizer it was made with (fingerprint, kind, vocab size, EOS id), counts
 //                (docs, tokens, skipped lines by reason) and the source files
+//   prefix.mask  SFT datasets only (`aviary data prepare --sft`, data/sft.h): one byte per token,
+//                1 when the loss predicts that token (assistant replies), else 0
 // docs/data.md describes the bytes. prefix.json is written last and is the completion marker.
 //
 //   auto tok = aviary::Tokenizer::load("tok.model");
@@ -44,6 +46,9 @@ struct TokenDatasetMeta {
   std::vector<std::string> skipped_examples;  // "file:line: reason", the first few
   std::vector<std::string> sources;           // input files, in the order they were read
   std::string text_field;                     // JSONL field read ("" for plain text)
+  // SFT datasets: {"chat_template", "loss_on", "formats": {name: records}, "trainable_tokens",
+  // "max_tokens"}; null for pretraining data. Its presence means prefix.mask exists.
+  nlohmann::json sft;
 
   nlohmann::json to_json() const;
   // Throws kCorruption naming `context` (the file) and the key when a field is missing or mistyped.
@@ -62,8 +67,9 @@ class TokenDatasetWriter {
   TokenDatasetWriter(const TokenDatasetWriter&) = delete;
   TokenDatasetWriter& operator=(const TokenDatasetWriter&) = delete;
 
-  // Appends one document (the caller includes the EOS token).
-  void add_document(const uint32_t* tokens, size_t count);
+  // Appends one document (the caller includes the EOS token). `trainable` (count bytes) is the
+  // SFT loss mask: give it for every document or for none.
+  void add_document(const uint32_t* tokens, size_t count, const uint8_t* trainable = nullptr);
   int64_t num_docs() const { return static_cast<int64_t>(offsets_.size()) - 1; }
   int64_t num_tokens() const { return static_cast<int64_t>(offsets_.back()); }
 
@@ -76,6 +82,8 @@ class TokenDatasetWriter {
   std::string bin_tmp_;
   std::FILE* bin_ = nullptr;
   std::vector<uint64_t> offsets_{0};
+  std::vector<uint8_t> mask_;  // SFT: held in memory (1 byte per token), written by finish()
+  bool masked_ = false;
   bool finished_ = false;
 };
 
@@ -112,6 +120,8 @@ class TokenDataset {
   int64_t doc_end(int64_t doc) const { return static_cast<int64_t>(offsets_[doc + 1]); }
   int64_t doc_length(int64_t doc) const { return doc_end(doc) - doc_begin(doc); }
   const uint32_t* tokens() const { return tokens_; }  // num_tokens() ids
+  // SFT datasets: the loss mask, num_tokens() bytes (see prefix.mask above); nullptr otherwise.
+  const uint8_t* trainable() const { return trainable_; }
 
   // Copies tokens [begin, begin + count) into `out`, checking each id < vocab_size (kCorruption
   // naming prefix.bin and the position otherwise).
@@ -126,7 +136,9 @@ class TokenDataset {
   TokenDatasetMeta meta_;
   std::unique_ptr<Mapping> bin_map_;
   std::unique_ptr<Mapping> idx_map_;
+  std::unique_ptr<Mapping> mask_map_;
   const uint32_t* tokens_ = nullptr;
+  const uint8_t* trainable_ = nullptr;
   const uint64_t* offsets_ = nullptr;
   int64_t num_docs_ = 0;
   int64_t num_tokens_ = 0;

@@ -9,6 +9,10 @@
 
 namespace aviary {
 
+// Templates that spell out the BOS token themselves ("<s>...") must not get a second one: encode
+// such a prompt with add_special_tokens = false.
+bool starts_with_bos_text(const Tokenizer& tokenizer, const std::string& prompt);
+
 class ChatSession {
  public:
   // Uses `tmpl`; `system` replaces the template's default system prompt when non-empty.

@@ -9,6 +9,11 @@
 // sharded safetensors with an index, or pytorch_model*.bin) and the tokenizer files
 // (tokenizer.json, vocab.json + merges.txt, or tokenizer.model). FlagAI-native Aquila checkpoints
 // are recognised by their tensor names and converted on load.
+//
+// The path may also be a peft LoRA adapter directory (the base named in its adapter_config.json,
+// or LoadOptions::base_model, plus the adapter, unmerged), an Aviary run directory (a LoRA run's
+// adapter/, otherwise its newest complete checkpoint, with the tokenizer and chat template the
+// run recorded), or a checkpoint step directory.
 #pragma once
 
 #include <memory>
@@ -28,7 +33,9 @@ struct LoadOptions {
   std::string device = "cpu";  // cpu | cuda | cuda:N | auto
   int threads = 0;             // intra-op CPU threads; 0 keeps LibTorch's default
   std::string tokenizer;       // tokenizer file or dir; empty = the model directory
-  std::string chat_template;   // template name; empty = detect from the model directory
+  std::string chat_template;   // template name; empty = recorded by the run, or detected
+  std::string adapter;         // a peft LoRA adapter directory applied on top (not merged)
+  std::string base_model;      // adapter paths: the base model instead of the one recorded
 };
 
 class LanguageModel {
@@ -53,12 +60,19 @@ class LanguageModel {
   const GenerationStats& last_stats() const { return generator_->last_stats(); }
   const std::string& path() const { return path_; }
 
-  // Writes an HF directory (config.json, safetensors, tokenizer files) at `dir`.
+  // Folds a LoRA adapter into the weights (see merge_lora_adapters); no-op without one.
+  void merge_adapter();
+  const std::string& adapter_dir() const { return adapter_dir_; }
+  // Writes an HF directory (config.json, safetensors, tokenizer files) at `dir`. A model with an
+  // unmerged adapter is refused: merge_adapter() first.
   void save_hf(const std::string& dir, uint64_t max_shard_bytes = 5ull << 30) const;
 
  private:
   LanguageModel() = default;
   std::string path_;
+  std::string weights_dir_;    // where the base weights and tokenizer files came from
+  std::string tokenizer_dir_;  // the tokenizer file or directory loaded
+  std::string adapter_dir_;
   AquilaForCausalLM model_{nullptr};
   std::unique_ptr<Tokenizer> tokenizer_;
   std::unique_ptr<Generator> generator_;

@@ -15,6 +15,11 @@
 //     shuffle: true                # shuffle samples each epoch
 //     seed: 1234                   # sampler seed
 //     document_mask: false         # attention (and positions) restart at document boundaries
+//     pack: false                  # SFT datasets only: several conversations per sample
+//                                  # (with document_mask: true they never see each other)
+//
+// A dataset made with `aviary data prepare --sft` is instruction data: one conversation per
+// sample (data/sft_dataset.h), the loss only where its mask says (assistant replies).
 #pragma once
 
 #include <cstdint>
@@ -41,6 +46,7 @@ struct DataConfig {
   bool shuffle = true;
   uint64_t seed = 1234;
   bool document_mask = false;
+  bool pack = false;
   std::string source;  // the config file, for messages
 
   static DataConfig from_section(ConfigReader& section);  // calls finish()
@@ -57,6 +63,14 @@ struct TrainingData {
   // that ignores context, the baseline a trained model must beat. Computed when the training
   // split has at most kUnigramMaxTokens tokens (a single pass over them).
   std::optional<double> unigram_loss;
+  // Instruction (SFT) datasets: every dataset must be one (mixing is refused), and these count
+  // the training split.
+  bool sft = false;
+  int64_t sft_train_conversations = 0;
+  int64_t sft_truncated = 0;  // longer than seq_len + 1 tokens: cut on the right
+  int64_t sft_dropped = 0;    // nothing left to train on after truncation
+  int64_t sft_trainable_tokens = 0;
+  std::string sft_chat_template;  // the template the first SFT dataset was rendered with
   static constexpr int64_t kUnigramMaxTokens = 200'000'000;
 };
 

@@ -6,7 +6,8 @@
 //
 // The `train` section (the others: model -> train/model_spec.h, data -> train/train_data.h,
 // optim -> train/optimizer.h, checkpoint -> train/checkpoint.h, log -> train/metrics.h,
-// parallel -> dist/data_parallel.h; under `aviary launch` the ranks split every global batch):
+// parallel -> dist/data_parallel.h, lora -> train/lora_config.h; under `aviary launch` the ranks
+// split every global batch):
 //
 //   train:
 //     steps: 10000                 # optimizer steps (>= 1)
@@ -73,6 +74,7 @@ struct TrainResult {
   std::optional<double> val_loss;  // the last evaluation, if any
   std::string checkpoint;          // the checkpoint written at the end ("" if none)
   std::string run_dir;             // log.dir
+  std::string adapter;  // LoRA runs: the peft adapter directory written (log.dir/adapter)
 };
 
 class Trainer {

@@ -1,0 +1,95 @@
+// Per-rank memory of one training step: planned from the model's shapes and the parallel strategy
+// (`aviary plan`), and measured on this process to check the plan.
+//
+// The plan follows the code as it is, not the textbook: what train/trainer.cpp, the strategies in
+// dist/data_parallel.cpp and dist/fsdp.cpp, activation checkpointing (nn/checkpoint.cpp) and
+// autograd on our forward (nn/attention.cpp, ops/, train/lm_loss.cpp) keep alive. Figures are
+// bytes on one rank, the busiest one where ranks differ (zero1 / zero2 owners). Rows:
+//   weights      the parameters (fp32 master weights, also under bf16 autocast); fsdp: the shard
+//                plus what is gathered (the root unit for the whole step, two blocks at a time)
+//   gradients    the peak during the step: .grad plus the strategy's reduction buffers
+//   optimizer    AdamW's exp_avg and exp_avg_sq (fp32) of the parameters this rank updates
+//   activations  the peak, during forward + backward, of everything else: tensors saved for
+//                backward, the loss head's working set, bf16 weight copies under autocast, and
+//                gradients in transit. Measured as it stands in a later micro-batch of gradient
+//                accumulation (gradients already allocated), so that
+//   total        = weights + gradients + optimizer + activations is the step's peak with
+//                accumulation (and a slight over-estimate without: gradients then grow while
+//                activations shrink).
+// Not counted: the CUDA caching allocator's fragmentation and workspaces (cuBLAS, NCCL), the
+// communication engine's staging buffers, the data loader, and LoRA (the plan is for full
+// training; a `lora` section is not modelled).
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "aviary/core/config.h"
+#include "aviary/models/aquila_config.h"
+
+namespace aviary {
+
+namespace dist {
+class Comm;
+}
+
+struct MemoryPlanInputs {
+  int64_t world = 1;                      // data-parallel ranks (>= 1)
+  std::string strategy = "ddp";           // ddp | zero1 | zero2 | fsdp; at world 1 the trainer uses
+                                          // none of them, so all four plan the same plain step
+  int64_t micro_batch = 1;                // sequences per forward (train.micro_batch)
+  int64_t seq_len = 1024;                 // tokens per sequence (data.seq_len)
+  int64_t accumulation = 1;               // micro-batches per step (fsdp keeps one more shard-sized
+                                          // buffer per unit when > 1)
+  std::string precision = "fp32";         // fp32 | bf16 (autocast; parameters stay fp32)
+  bool activation_checkpointing = false;  // fsdp at world > 1 turns it on, as the trainer does
+  bool document_mask = false;             // data.document_mask: a [B, 1, L, L] mask per layer
+  double bucket_mb = 25;                  // parallel.bucket_mb
+  std::string reduce_dtype = "fp32";      // parallel.reduce_dtype: fp32 | bf16
+};
+
+struct MemoryPlan {
+  std::string strategy;  // as planned (world 1: every strategy is the plain step)
+  int64_t world = 1;
+  int64_t weights = 0;
+  int64_t gradients = 0;             // peak, reduction buffers included
+  int64_t gradients_after_sync = 0;  // what stays for clipping and the optimizer (zero2: shard)
+  int64_t optimizer = 0;
+  int64_t activations_checkpointed = 0;
+  std::optional<int64_t> activations_full;  // none where checkpointing is forced (fsdp, W > 1)
+  bool checkpointing = false;               // which activations the total uses
+  int64_t total = 0;
+
+  Json to_json() const;
+};
+
+// Throws kInvalidArgument (naming the field) on an unknown strategy / precision or a size < 1.
+MemoryPlan plan_memory(const AquilaConfig& config, const MemoryPlanInputs& inputs);
+
+// The same rows measured with a counting CPU allocator while the trainer's step runs on random
+// tokens: the model built in fp32 (random init), make_adamw (the fused AdamW), causal_lm_loss
+// (with bf16 autocast if asked), activation checkpointing as asked, global-norm clipping. Two
+// steps of two micro-batches each:
+//   weights      live bytes after building the model
+//   gradients    growth over the first micro-batch's forward + backward (activations are gone by
+//                then)
+//   activations  peak above the live bytes during the second micro-batch (gradients allocated)
+//   optimizer    growth over the first optimizer step (AdamW allocates its state lazily)
+//   total        peak of the second step above the bytes live before the model was built
+// `comm` null: one process, exactly the trainer at world 1; inputs.world must be 1. With a comm
+// (tests: a simulated rank of a larger world), the model is wrapped in DataParallel or FSDP as
+// the trainer does for inputs.strategy, and the rows are this rank's. CPU only.
+struct MeasuredMemory {
+  int64_t weights = 0;
+  int64_t gradients = 0;
+  int64_t optimizer = 0;
+  int64_t activations = 0;
+  int64_t total = 0;
+
+  Json to_json() const;
+};
+MeasuredMemory measure_training_step(const AquilaConfig& config, const MemoryPlanInputs& inputs,
+                                     dist::Comm* comm = nullptr);
+
+}  // namespace aviary

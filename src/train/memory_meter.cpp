@@ -1,0 +1,281 @@
+// The counting CPU allocator, and measure_training_step (train/memory_plan.h) built on it.
+#include "memory_meter.h"
+
+#include <c10/core/CPUAllocator.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <atomic>
+#include <memory>
+
+#include "aviary/core/error.h"
+#include "aviary/dist/comm.h"
+#include "aviary/dist/data_parallel.h"
+#include "aviary/dist/fsdp.h"
+#include "aviary/train/lm_loss.h"
+#include "aviary/train/memory_plan.h"
+#include "aviary/train/model_spec.h"
+#include "aviary/train/optimizer.h"
+
+namespace aviary {
+namespace {
+
+// Above the default CPU allocator's registration (0), so the install takes effect; the restore
+// uses the same priority.
+constexpr uint8_t kPriority = 100;
+
+std::atomic<int64_t> g_live{0};
+std::atomic<int64_t> g_peak{0};
+
+void raise_peak(int64_t live) {
+  int64_t peak = g_peak.load(std::memory_order_relaxed);
+  while (live > peak && !g_peak.compare_exchange_weak(peak, live, std::memory_order_relaxed)) {
+  }
+}
+
+// Each allocation's context owns the wrapped allocator's DataPtr, so freeing runs the original
+// deleter after the count is taken down.
+struct Counted {
+  c10::DataPtr original;
+  int64_t bytes;
+};
+
+void release_counted(void* context) {
+  auto* counted = static_cast<Counted*>(context);
+  g_live.fetch_sub(counted->bytes, std::memory_order_relaxed);
+  delete counted;
+}
+
+struct CountingAllocator final : c10::Allocator {
+  c10::Allocator* inner = nullptr;
+
+  c10::DataPtr allocate(size_t n) override {
+    auto original = inner->allocate(n);
+    void* data = original.get();
+    const auto device = original.device();
+    auto* counted = new Counted{std::move(original), static_cast<int64_t>(n)};
+    raise_peak(g_live.fetch_add(counted->bytes, std::memory_order_relaxed) + counted->bytes);
+    return {data, counted, &release_counted, device};
+  }
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    inner->copy_data(dest, src, count);
+  }
+};
+
+// Never destroyed: storages allocated through it keep a pointer to it (for resizing) and may
+// outlive any meter.
+CountingAllocator& counting_allocator() {
+  static auto* allocator = new CountingAllocator();
+  return *allocator;
+}
+
+std::atomic<bool> g_installed{false};
+
+}  // namespace
+
+MemoryMeter::MemoryMeter() {
+  if (g_installed.exchange(true))
+    throw Error(ErrorKind::kInternal, "only one MemoryMeter may be installed at a time");
+  auto& counting = counting_allocator();
+  counting.inner = c10::GetCPUAllocator();
+  c10::SetCPUAllocator(&counting, kPriority);
+  if (c10::GetCPUAllocator() != &counting) {
+    g_installed = false;
+    throw Error(ErrorKind::kInternal,
+                "could not install the counting CPU allocator (another allocator has a higher "
+                "priority)");
+  }
+  g_live = 0;
+  g_peak = 0;
+}
+
+MemoryMeter::~MemoryMeter() {
+  c10::SetCPUAllocator(counting_allocator().inner, kPriority);
+  g_installed = false;
+}
+
+int64_t MemoryMeter::live() const {
+  return g_live.load();
+}
+
+int64_t MemoryMeter::peak() const {
+  return g_peak.load();
+}
+
+void MemoryMeter::reset_peak() {
+  g_peak = g_live.load();
+}
+
+// ------------------------------------------------------------------------------ measurement
+
+namespace {
+
+// The trainer's step (train/trainer.cpp) on a model it builds itself, with hooks for the meter.
+class Step {
+ public:
+  Step(const AquilaConfig& config, const MemoryPlanInputs& in, dist::Comm* comm) : in_(in) {
+    CausalLMSpec spec;
+    spec.config = config;
+    model_ = build_causal_lm(spec, torch::TensorOptions().dtype(torch::kFloat32), 1234);
+    const bool wrapped = comm && comm->world() > 1;
+    fsdp_wrapped_ = wrapped && in.strategy == "fsdp";
+    model_->set_activation_checkpointing(in.activation_checkpointing || fsdp_wrapped_);
+    model_->train();
+    for (const auto& item : model_->named_parameters()) {
+      named_.emplace_back(item.key(), item.value());
+      params_.push_back(item.value());
+    }
+    if (fsdp_wrapped_) {
+      // As Trainer::State::build_fsdp: one unit per block, the rest in the root unit.
+      std::vector<dist::FullyShardedDataParallel::Unit> units;
+      const std::string prefix = "model.layers.";
+      size_t index = 0;
+      for (const auto& layer : *model_->model->layers) {
+        dist::FullyShardedDataParallel::Unit unit;
+        unit.name = prefix + std::to_string(index++);
+        unit.block = layer->as<nn::DecoderBlock>();
+        for (const auto& item : layer->named_parameters())
+          unit.params.emplace_back(unit.name + "." + item.key(), item.value());
+        units.push_back(std::move(unit));
+      }
+      dist::FullyShardedDataParallel::Unit root;
+      root.name = "root";
+      for (const auto& [name, p] : named_) {
+        if (name.rfind(prefix, 0) != 0) root.params.emplace_back(name, p);
+      }
+      units.push_back(std::move(root));
+      fsdp_ = std::make_unique<dist::FullyShardedDataParallel>(
+          *comm, std::move(units),
+          [this](const std::string& name) { return optim_.is_no_decay(name); });
+      model_->set_block_hooks(fsdp_.get());
+      ParamGroups groups;
+      groups.decay = fsdp_->decay_shards();
+      groups.no_decay = fsdp_->no_decay_shards();
+      optimizer_ = make_adamw(groups, optim_);
+    } else if (wrapped) {
+      dist::ParallelConfig parallel;
+      parallel.strategy = in.strategy;
+      parallel.bucket_mb = in.bucket_mb;
+      parallel.reduce_dtype = in.reduce_dtype;
+      ddp_ = std::make_unique<dist::DataParallel>(*comm, named_, parallel);
+      optimizer_ = make_adamw(ddp_->owned(), optim_);
+    } else {
+      optimizer_ = make_adamw(named_, optim_);
+    }
+    // Two documents per row when document masking is asked for.
+    documents_.assign(static_cast<size_t>(in.micro_batch),
+                      {0, static_cast<int32_t>(in.seq_len / 2), static_cast<int32_t>(in.seq_len)});
+  }
+
+  ~Step() {
+    if (fsdp_) model_->set_block_hooks(nullptr);
+  }
+
+  void clear_gradients() {
+    for (auto& p : params_)
+      p.mutable_grad() = torch::Tensor();
+  }
+
+  // One micro-batch of an accumulation of `count`; the last one synchronises.
+  void micro_batch(const torch::Tensor& tokens, bool last, int count) {
+    if (fsdp_) fsdp_->begin_micro_batch();
+    LmLossOptions options;
+    options.bf16 = in_.precision == "bf16";
+    if (in_.document_mask) options.documents = &documents_;
+    auto loss = causal_lm_loss(*model_, tokens, options) / static_cast<double>(count);
+    if (ddp_ && last) ddp_->sync_next_backward();
+    loss.backward();
+    if (fsdp_) fsdp_->after_backward();
+  }
+
+  void finish_gradients() {
+    if (fsdp_) {
+      fsdp_->clip_grad_norm(optim_.grad_clip);
+    } else if (ddp_) {
+      ddp_->finish_gradient_sync();
+      ddp_->clip_grad_norm(optim_.grad_clip);
+    } else {
+      clip_grad_norm(params_, optim_.grad_clip);
+    }
+  }
+
+  void optimizer_step() {
+    optimizer_->step();
+    if (ddp_) ddp_->sync_parameters();
+  }
+
+  void end_step() {
+    if (fsdp_) fsdp_->end_step();
+  }
+
+ private:
+  MemoryPlanInputs in_;
+  OptimizerConfig optim_;
+  AquilaForCausalLM model_{nullptr};
+  NamedTensors named_;
+  std::vector<torch::Tensor> params_;
+  std::unique_ptr<dist::DataParallel> ddp_;
+  std::unique_ptr<dist::FullyShardedDataParallel> fsdp_;
+  std::unique_ptr<AdamW> optimizer_;
+  std::vector<std::vector<int32_t>> documents_;
+  bool fsdp_wrapped_ = false;
+};
+
+}  // namespace
+
+MeasuredMemory measure_training_step(const AquilaConfig& config, const MemoryPlanInputs& in,
+                                     dist::Comm* comm) {
+  plan_memory(config, in);  // validates the inputs
+  const int64_t world = comm ? comm->world() : 1;
+  if (in.world != world) {
+    throw_invalid("measuring runs one process: world must be " + std::to_string(world) + ", got " +
+                      std::to_string(in.world),
+                  "nproc", "measure at --nproc 1; larger worlds are planned, not measured");
+  }
+  if (comm && comm->device().type() != torch::kCPU)
+    throw_unsupported("memory is measured on CPU only", "comm");
+  // The data, allocated before the meter starts: four micro-batches of random tokens.
+  auto gen = at::detail::createCPUGenerator(7);
+  std::vector<torch::Tensor> batches;
+  for (int k = 0; k < 4; ++k) {
+    batches.push_back(
+        torch::randint(0, config.vocab_size, {in.micro_batch, in.seq_len + 1}, gen, torch::kInt64));
+  }
+  MeasuredMemory m;
+  MemoryMeter meter;
+  const int64_t base = meter.live();
+  {
+    torch::AutoGradMode grad(true);  // as in the trainer, whatever the caller's mode
+    Step step(config, in, comm);
+    m.weights = meter.live() - base;
+
+    // Step 1: two micro-batches, the gradients' growth over the first, the activation peak of the
+    // second (gradients allocated), then the optimizer's growth (AdamW's lazy state).
+    step.clear_gradients();
+    int64_t before = meter.live();
+    step.micro_batch(batches[0], false, 2);
+    m.gradients = meter.live() - before;
+    before = meter.live();
+    meter.reset_peak();
+    step.micro_batch(batches[1], true, 2);
+    m.activations = meter.peak() - before;
+    step.finish_gradients();
+    before = meter.live();
+    step.optimizer_step();
+    m.optimizer = meter.live() - before;
+    step.end_step();
+
+    // Step 2, as the trainer runs every later step: its whole peak.
+    step.clear_gradients();
+    meter.reset_peak();
+    step.micro_batch(batches[2], false, 2);
+    step.micro_batch(batches[3], true, 2);
+    step.finish_gradients();
+    step.optimizer_step();
+    step.end_step();
+    m.total = meter.peak() - base;
+  }
+  return m;
+}
+
+}  // namespace aviary

@@ -1,0 +1,309 @@
+#include "aviary/train/memory_plan.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <torch/torch.h>
+
+#include "aviary/dist/comm.h"
+#include "aviary/dist/data_parallel.h"
+#include "aviary/dist/fsdp.h"
+#include "aviary/models/aquila.h"
+#include "aviary/train/optimizer.h"
+#include "expect_error.h"
+#include "test_util.h"
+
+namespace aviary {
+namespace {
+
+AquilaConfig tiny(int64_t hidden, int64_t inter, int64_t heads, int64_t kv_heads, int64_t vocab) {
+  AquilaConfig c;
+  c.hidden_size = hidden;
+  c.intermediate_size = inter;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = heads;
+  c.num_key_value_heads = kv_heads;
+  c.vocab_size = vocab;
+  c.max_position_embeddings = 256;
+  return c;
+}
+
+struct Case {
+  const char* name;
+  AquilaConfig config;
+  int64_t micro_batch, seq_len;
+};
+
+std::vector<Case> tiny_cases() {
+  return {{"gqa-64", tiny(64, 176, 4, 2, 512), 4, 64},
+          {"mha-128", tiny(128, 352, 4, 4, 1000), 2, 128},
+          {"gqa-96", tiny(96, 256, 6, 2, 320), 3, 96}};
+}
+
+double relative_error(int64_t planned, int64_t measured) {
+  return std::abs(static_cast<double>(planned) - static_cast<double>(measured)) /
+         static_cast<double>(measured);
+}
+
+// The claim: the plan agrees with what is measured within 10%, row by row.
+TEST(MemoryPlan, AgreesWithMeasuredStepWithin10Percent) {
+  torch::set_num_threads(1);  // the meter counts bytes, not time; one thread keeps it quick
+  for (const auto& c : tiny_cases()) {
+    for (bool checkpointing : {false, true}) {
+      MemoryPlanInputs in;
+      in.micro_batch = c.micro_batch;
+      in.seq_len = c.seq_len;
+      in.activation_checkpointing = checkpointing;
+      in.accumulation = 2;  // what the measurement runs
+      const auto plan = plan_memory(c.config, in);
+      const auto got = measure_training_step(c.config, in);
+      const int64_t planned_act =
+          checkpointing ? plan.activations_checkpointed : *plan.activations_full;
+      SCOPED_TRACE(std::string(c.name) + (checkpointing ? " ckpt on" : " ckpt off") + ": planned " +
+                   plan.to_json().dump() + " measured " + got.to_json().dump());
+      // Parameters, gradients and AdamW's moments are exact up to a few small tensors (rope's
+      // inv_freq, AdamW's step scalars).
+      EXPECT_LT(relative_error(plan.weights, got.weights), 0.01);
+      EXPECT_LT(relative_error(plan.gradients, got.gradients), 0.01);
+      EXPECT_LT(relative_error(plan.optimizer, got.optimizer), 0.01);
+      // The bound: 10%.
+      EXPECT_LT(relative_error(planned_act, got.activations), 0.10);
+      // The sum of the rows is the step's peak with accumulation (it may only over-estimate).
+      EXPECT_LT(relative_error(plan.total, got.total), 0.10);
+    }
+  }
+}
+
+TEST(MemoryPlan, CheckpointingSavesActivations) {
+  const auto c = tiny(128, 352, 4, 4, 1000);
+  MemoryPlanInputs in;
+  in.micro_batch = 8;
+  in.seq_len = 256;
+  const auto plan = plan_memory(c, in);
+  EXPECT_LT(plan.activations_checkpointed, *plan.activations_full);
+  EXPECT_FALSE(plan.checkpointing);
+  EXPECT_EQ(plan.total, plan.weights + plan.gradients + plan.optimizer + *plan.activations_full);
+}
+
+// ------------------------------------------------------------------- sharded arithmetic
+
+// One rank of a larger world, simulated in this process: collectives complete at once and
+// allocate exactly what the real engines' outputs need (all-gather repeats this rank's shard, a
+// reduce-scatter keeps this rank's slice), so the strategies' memory is theirs.
+class SimulatedRank : public dist::Comm {
+ public:
+  SimulatedRank(int rank, int world) : rank_(rank), world_(world) {}
+  int rank() const override { return rank_; }
+  int world() const override { return world_; }
+  const char* backend() const override { return "simulated"; }
+
+  std::shared_ptr<dist::Work> all_reduce_async(torch::Tensor, dist::ReduceOp) override {
+    return done();
+  }
+  std::shared_ptr<dist::Work> reduce_async(torch::Tensor, int, dist::ReduceOp) override {
+    return done();
+  }
+  std::shared_ptr<dist::Work> broadcast_async(torch::Tensor, int) override { return done(); }
+  std::shared_ptr<dist::Work> all_gather_async(torch::Tensor output, torch::Tensor input) override {
+    torch::NoGradGuard no_grad;
+    output.view({world_, -1}).copy_(input.reshape({1, -1}).expand({world_, input.numel()}));
+    return done();
+  }
+  std::shared_ptr<dist::Work> reduce_scatter_async(torch::Tensor output, torch::Tensor input,
+                                                   dist::ReduceOp) override {
+    torch::NoGradGuard no_grad;
+    output.copy_(input.narrow(0, rank_ * output.numel(), output.numel()));
+    return done();
+  }
+  void barrier() override {}
+  [[noreturn]] void abort(const std::string& why) override { throw std::runtime_error(why); }
+
+ private:
+  struct Done : dist::Work {
+    void wait() override {}
+  };
+  static std::shared_ptr<dist::Work> done() { return std::make_shared<Done>(); }
+  int rank_, world_;
+};
+
+int64_t numel_of(const NamedTensors& named) {
+  int64_t n = 0;
+  for (const auto& [name, t] : named)
+    n += t.numel();
+  return n;
+}
+
+// zero1 / zero2: the plan's owners are DataParallel's, exactly, for every rank.
+TEST(MemoryPlanSharded, ZeroOptimizerIsTheBusiestOwnersShard) {
+  const auto c = tiny(64, 176, 4, 2, 512);
+  const int64_t params = c.num_parameters();
+  for (int world : {2, 3, 4, 7}) {
+    AquilaForCausalLM model(c, torch::TensorOptions().dtype(torch::kFloat32));
+    dist::DataParallel::NamedParams named;
+    for (const auto& item : model->named_parameters())
+      named.emplace_back(item.key(), item.value());
+    int64_t busiest = 0, sum = 0;
+    for (int r = 0; r < world; ++r) {
+      SimulatedRank comm(r, world);
+      dist::ParallelConfig parallel;
+      parallel.strategy = "zero1";
+      dist::DataParallel ddp(comm, named, parallel);
+      const int64_t owned = numel_of(ddp.owned());
+      busiest = std::max(busiest, owned);
+      sum += owned;
+    }
+    ASSERT_EQ(sum, params);
+    MemoryPlanInputs in;
+    in.world = world;
+    for (const char* strategy : {"zero1", "zero2"}) {
+      in.strategy = strategy;
+      const auto plan = plan_memory(c, in);
+      SCOPED_TRACE(std::string(strategy) + " x" + std::to_string(world));
+      EXPECT_EQ(plan.optimizer, 8 * busiest);
+      EXPECT_EQ(plan.weights, 4 * params);
+      // As implemented, every rank accumulates the full .grad and every bucket's fp32 buffer
+      // during backward; zero2 drops the other owners' gradients only afterwards.
+      EXPECT_EQ(plan.gradients, 8 * params);
+      EXPECT_EQ(plan.gradients_after_sync,
+                std::string(strategy) == "zero2" ? 4 * busiest : 4 * params);
+    }
+    in.strategy = "ddp";
+    in.reduce_dtype = "bf16";
+    const auto ddp = plan_memory(c, in);
+    EXPECT_EQ(ddp.optimizer, 8 * params);
+    EXPECT_EQ(ddp.gradients, 6 * params);
+  }
+}
+
+// fsdp: shards are each unit's two segments padded to a multiple of W, as FSDP builds them.
+TEST(MemoryPlanSharded, FsdpShardsArePaddedSegments) {
+  const auto c = tiny(64, 176, 4, 2, 500);  // odd sizes, so that padding shows
+  const int64_t h = c.hidden_size, kv = c.num_key_value_heads * c.head_dim();
+  const int64_t block_decay = 2 * h * h + 2 * h * kv + 3 * h * c.intermediate_size;
+  const int64_t root_decay = 2 * c.vocab_size * h;
+  OptimizerConfig optim;
+  for (int world : {3, 4, 7}) {
+    auto ceil_div = [&](int64_t n) { return (n + world - 1) / world; };
+    const int64_t shard = c.num_hidden_layers * (ceil_div(block_decay) + ceil_div(2 * h)) +
+                          ceil_div(root_decay) + ceil_div(h);
+    const int64_t padded_block = world * (ceil_div(block_decay) + ceil_div(2 * h));
+    const int64_t padded_root = world * (ceil_div(root_decay) + ceil_div(h));
+    // The real FSDP's shards on every rank.
+    for (int r = 0; r < world; ++r) {
+      AquilaForCausalLM model(c, torch::TensorOptions().dtype(torch::kFloat32));
+      std::vector<dist::FullyShardedDataParallel::Unit> units;
+      dist::FullyShardedDataParallel::Unit root;
+      root.name = "root";
+      for (const auto& item : model->named_parameters()) {
+        if (item.key().rfind("model.layers.", 0) != 0)
+          root.params.emplace_back(item.key(), item.value());
+      }
+      size_t index = 0;
+      for (const auto& layer : *model->model->layers) {
+        dist::FullyShardedDataParallel::Unit unit;
+        unit.name = "model.layers." + std::to_string(index++);
+        unit.block = layer->as<nn::DecoderBlock>();
+        for (const auto& item : layer->named_parameters())
+          unit.params.emplace_back(unit.name + "." + item.key(), item.value());
+        units.push_back(std::move(unit));
+      }
+      units.push_back(std::move(root));
+      SimulatedRank comm(r, world);
+      dist::FullyShardedDataParallel fsdp(
+          comm, std::move(units), [&](const std::string& name) { return optim.is_no_decay(name); });
+      EXPECT_EQ(numel_of(fsdp.decay_shards()) + numel_of(fsdp.no_decay_shards()), shard)
+          << "rank " << r << " of " << world;
+    }
+    MemoryPlanInputs in;
+    in.world = world;
+    in.strategy = "fsdp";
+    const auto plan = plan_memory(c, in);
+    SCOPED_TRACE("fsdp x" + std::to_string(world));
+    EXPECT_EQ(plan.optimizer, 8 * shard);
+    EXPECT_EQ(plan.weights, 4 * (shard + padded_root + 2 * padded_block));
+    EXPECT_EQ(plan.gradients,
+              4 * (padded_root + c.num_hidden_layers * padded_block + shard + (root_decay + h)));
+    EXPECT_EQ(plan.gradients_after_sync, 4 * shard);
+    EXPECT_TRUE(plan.checkpointing);  // forced, as the trainer does
+    EXPECT_FALSE(plan.activations_full.has_value());
+  }
+}
+
+TEST(MemoryPlanSharded, OneProcessIsThePlainStepForEveryStrategy) {
+  const auto c = tiny(64, 176, 4, 2, 512);
+  MemoryPlanInputs in;
+  const auto ddp = plan_memory(c, in);
+  for (const char* strategy : {"zero1", "zero2", "fsdp"}) {
+    in.strategy = strategy;
+    const auto plan = plan_memory(c, in);
+    EXPECT_EQ(plan.to_json()["total"], ddp.to_json()["total"]) << strategy;
+    EXPECT_TRUE(plan.activations_full.has_value()) << strategy;
+  }
+  EXPECT_EQ(ddp.gradients, 4 * c.num_parameters());
+}
+
+// The sharded strategies measured on one simulated rank of 4: the trainer's wrapping, real
+// DataParallel / FSDP code, the counting allocator. The plan's total is the sum of row peaks
+// that do not all coincide (fsdp's gradient buffers peak at the end of backward, activations at
+// its start), so it may over-estimate; it must never under-estimate by more than 5%.
+TEST(MemoryPlanSharded, SimulatedRankStaysWithinThePlan) {
+  torch::set_num_threads(1);
+  const auto c = tiny(64, 176, 4, 2, 512);
+  for (const char* strategy : {"ddp", "zero1", "zero2", "fsdp"}) {
+    SimulatedRank comm(1, 4);
+    MemoryPlanInputs in;
+    in.world = 4;
+    in.strategy = strategy;
+    in.micro_batch = 4;
+    in.seq_len = 64;
+    in.accumulation = 2;
+    const auto plan = plan_memory(c, in);
+    const auto got = measure_training_step(c, in, &comm);
+    SCOPED_TRACE(std::string(strategy) + ": planned " + plan.to_json().dump() + " measured " +
+                 got.to_json().dump());
+    EXPECT_LT(relative_error(plan.optimizer, got.optimizer), 0.01);
+    EXPECT_GT(static_cast<double>(plan.total), 0.95 * static_cast<double>(got.total));
+    EXPECT_LT(static_cast<double>(plan.total), 1.35 * static_cast<double>(got.total));
+  }
+}
+
+TEST(MemoryPlan, RejectsBadInputs) {
+  const auto c = tiny(64, 176, 4, 2, 512);
+  MemoryPlanInputs in;
+  in.strategy = "zero3";
+  EXPECT_NE(std::string(
+                test::expect_error(ErrorKind::kInvalidArgument, [&] { plan_memory(c, in); }).what())
+                .find("zero3"),
+            std::string::npos);
+  in.strategy = "ddp";
+  in.world = 4;
+  test::expect_error(ErrorKind::kInvalidArgument, [&] { measure_training_step(c, in); });
+}
+
+TEST(MemoryPlanCli, PrintsEveryStrategyAndRefusesMeasureAcrossRanks) {
+  const std::string config = std::string(AVIARY_SOURCE_DIR) + "/configs/quickstart.yaml";
+  auto r = test::run_cli("plan --config " + config + " --nproc 4");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  for (const char* s : {"### ddp x 4 (the config's strategy)", "### zero1 x 4", "### zero2 x 4",
+                        "### fsdp x 4", "activations (ckpt off) | n/a"}) {
+    EXPECT_NE(r.output.find(s), std::string::npos) << s << "\n" << r.output;
+  }
+  r = test::run_cli("plan --config " + config + " --nproc 4 --measure");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find("--nproc 1"), std::string::npos) << r.output;
+  r = test::run_cli("plan --config " + config + " --nproc 2 --json --set train.precision=bf16");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const auto j = Json::parse(r.output.substr(r.output.find('{')));
+  EXPECT_EQ(j["precision"], "bf16");
+  EXPECT_EQ(j["plans"].size(), 4u);
+  EXPECT_EQ(j["plans"][3]["strategy"], "fsdp");
+}
+
+}  // namespace
+}  // namespace aviary

@@ -1,0 +1,260 @@
+// aviary plan: per-rank memory of a training config for each parallel strategy (see
+// docs/distributed.md, "Memory planning"), and --measure to check the plan on this machine.
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <spdlog/spdlog.h>
+
+#include "aviary/core/config.h"
+#include "aviary/core/error.h"
+#include "aviary/train/memory_plan.h"
+#include "aviary/train/model_spec.h"
+#include "commands.h"
+
+namespace aviary::cli {
+namespace {
+
+struct PlanArgs {
+  std::string config;
+  std::vector<std::string> overrides;
+  int64_t nproc = 1;
+  bool json = false;
+  bool measure = false;
+};
+
+// The training shape the plan needs, read as the trainer reads it (same keys, defaults and
+// ranges), without requiring the sections a plan does not use (data paths, steps, ...).
+struct PlannedRun {
+  AquilaConfig model;
+  MemoryPlanInputs inputs;
+  std::string config_strategy;
+  std::string micro_batch_source;
+};
+
+PlannedRun read_run(const Json& config, const std::string& source, int64_t nproc) {
+  PlannedRun run;
+  ConfigReader root(config, "", source);
+  auto model_section = root.child("model");
+  run.model = CausalLMSpec::from_section(model_section).config;
+  auto data = root.child("data");
+  auto train = root.child("train");
+  auto parallel = root.child("parallel");
+  auto& in = run.inputs;
+  in.world = nproc;
+  in.seq_len = data.get_int("seq_len", 1024, 1, 1 << 20);
+  in.document_mask = data.get_bool("document_mask", false);
+  in.precision = train.get_choice("precision", {"fp32", "bf16"}, std::string("fp32"));
+  in.activation_checkpointing = train.get_bool("activation_checkpointing", false);
+  const int64_t micro = train.get_int("micro_batch", 0, 0);
+  const int64_t global = train.has("global_batch") ? train.get_int("global_batch", 1, 1) : 0;
+  // As the trainer: micro_batch 0 means global_batch / ranks; without either, one sequence.
+  if (micro > 0) {
+    in.micro_batch = micro;
+    run.micro_batch_source = "train.micro_batch";
+  } else if (global > 0) {
+    in.micro_batch = std::max<int64_t>(1, global / nproc);
+    run.micro_batch_source = "train.global_batch / nproc";
+  } else {
+    in.micro_batch = 1;
+    run.micro_batch_source = "default";
+  }
+  if (global > 0) in.accumulation = std::max<int64_t>(1, global / (in.micro_batch * nproc));
+  run.config_strategy =
+      parallel.get_choice("strategy", {"ddp", "zero1", "zero2", "fsdp"}, std::string("ddp"));
+  in.bucket_mb = parallel.get_double("bucket_mb", 25.0, 0.001);
+  in.reduce_dtype = parallel.get_choice("reduce_dtype", {"fp32", "bf16"}, std::string("fp32"));
+  if (config.contains("lora") && !config["lora"].is_null()) {
+    spdlog::warn("{}: the lora section is not modelled; the plan is for full training", source);
+  }
+  if (in.seq_len > run.model.max_position_embeddings) {
+    throw_invalid("seq_len " + std::to_string(in.seq_len) +
+                      " is longer than the model's max_position_embeddings " +
+                      std::to_string(run.model.max_position_embeddings),
+                  source + ": data.seq_len");
+  }
+  return run;
+}
+
+std::string human(int64_t bytes) {
+  char buf[32];
+  const double b = static_cast<double>(bytes);
+  if (b >= 1024.0 * 1024 * 1024) {
+    std::snprintf(buf, sizeof(buf), "%.2f GiB", b / (1024.0 * 1024 * 1024));
+  } else {
+    std::snprintf(buf, sizeof(buf), "%.1f MiB", b / (1024.0 * 1024));
+  }
+  return buf;
+}
+
+// What each row holds for a strategy, in a few words (the formulas are in memory_plan.cpp).
+struct RowNotes {
+  const char* weights;
+  const char* gradients;
+  const char* optimizer;
+};
+
+RowNotes notes_for(const std::string& strategy, bool wrapped) {
+  if (!wrapped) return {"fp32 parameters", ".grad", "AdamW moments (2 x fp32)"};
+  if (strategy == "ddp")
+    return {"fp32 parameters", ".grad + every bucket's flat buffer",
+            "AdamW moments, every parameter"};
+  if (strategy == "zero1")
+    return {"fp32 parameters", ".grad + every bucket's flat buffer",
+            "AdamW moments, parameters owned (busiest rank)"};
+  if (strategy == "zero2")
+    return {"fp32 parameters",
+            ".grad + every bucket's flat buffer (other owners' dropped only after backward)",
+            "AdamW moments, parameters owned (busiest rank)"};
+  return {"shard + root unit + 2 gathered blocks",
+          "every unit's padded reduce-scatter input + shard + root .grad",
+          "AdamW moments of the shard"};
+}
+
+void print_table(const MemoryPlan& plan, bool wrapped, const std::string& title) {
+  const auto notes = notes_for(plan.strategy, wrapped);
+  std::printf("### %s\n\n", title.c_str());
+  std::printf("| | per rank | what |\n|---|---:|---|\n");
+  std::printf("| weights | %s | %s |\n", human(plan.weights).c_str(), notes.weights);
+  std::printf("| gradients | %s | %s (after the sync: %s) |\n", human(plan.gradients).c_str(),
+              notes.gradients, human(plan.gradients_after_sync).c_str());
+  std::printf("| optimizer | %s | %s |\n", human(plan.optimizer).c_str(), notes.optimizer);
+  std::printf("| activations (ckpt on) | %s | block inputs, one block recomputed, loss head |\n",
+              human(plan.activations_checkpointed).c_str());
+  if (plan.activations_full) {
+    std::printf("| activations (ckpt off) | %s | every block's saved tensors, loss head |\n",
+                human(*plan.activations_full).c_str());
+  } else {
+    std::printf("| activations (ckpt off) | n/a | fsdp turns checkpointing on |\n");
+  }
+  std::printf("| **total** | **%s** | activations with checkpointing %s |\n\n",
+              human(plan.total).c_str(), plan.checkpointing ? "on" : "off");
+}
+
+void run(const PlanArgs& a) {
+  Json config = load_config_file(a.config);
+  for (const auto& assignment : a.overrides)
+    apply_config_override(config, assignment);
+  const PlannedRun run = read_run(config, a.config, a.nproc);
+  const auto& in = run.inputs;
+  if (a.measure && a.nproc != 1) {
+    throw_invalid("--measure runs the step in this one process, so it needs --nproc 1 (got " +
+                      std::to_string(a.nproc) + ")",
+                  "--measure",
+                  "measure at --nproc 1; per-rank figures at larger N follow from the same "
+                  "formulas and the strategies' sharding");
+  }
+  std::vector<MemoryPlan> plans;
+  for (const char* strategy : {"ddp", "zero1", "zero2", "fsdp"}) {
+    MemoryPlanInputs inputs = in;
+    inputs.strategy = strategy;
+    plans.push_back(plan_memory(run.model, inputs));
+  }
+  const bool wrapped = a.nproc > 1;
+  const int64_t params = run.model.num_parameters();
+
+  std::optional<MeasuredMemory> measured;
+  const MemoryPlan& own = plans[0];  // world 1: every strategy is the same step
+  if (a.measure) {
+    const double physical =
+        static_cast<double>(sysconf(_SC_PHYS_PAGES)) * static_cast<double>(sysconf(_SC_PAGESIZE));
+    if (static_cast<double>(own.total) > 0.8 * physical) {
+      throw_invalid("the planned step needs " + human(own.total) + ", more than 80% of this " +
+                        "machine's " + human(static_cast<int64_t>(physical)) + " of memory",
+                    "--measure", "measure a smaller model or micro-batch");
+    }
+    measured = measure_training_step(run.model, in);
+  }
+
+  if (a.json) {
+    Json out = {{"config", a.config},
+                {"parameters", params},
+                {"nproc", a.nproc},
+                {"micro_batch", in.micro_batch},
+                {"seq_len", in.seq_len},
+                {"accumulation", in.accumulation},
+                {"precision", in.precision},
+                {"activation_checkpointing", in.activation_checkpointing},
+                {"document_mask", in.document_mask},
+                {"bucket_mb", in.bucket_mb},
+                {"reduce_dtype", in.reduce_dtype},
+                {"config_strategy", run.config_strategy},
+                {"plans", Json::array()}};
+    for (const auto& p : plans)
+      out["plans"].push_back(p.to_json());
+    if (measured) out["measured"] = measured->to_json();
+    std::printf("%s\n", out.dump(2).c_str());
+    return;
+  }
+
+  std::printf(
+      "Memory plan for %s: %.3fB parameters, %lld rank%s, micro_batch %lld (%s) x "
+      "seq_len %lld, %s, activation checkpointing %s%s\n",
+      a.config.c_str(), static_cast<double>(params) / 1e9, static_cast<long long>(a.nproc),
+      a.nproc == 1 ? "" : "s", static_cast<long long>(in.micro_batch),
+      run.micro_batch_source.c_str(), static_cast<long long>(in.seq_len), in.precision.c_str(),
+      in.activation_checkpointing ? "on" : "off", in.document_mask ? ", document mask" : "");
+  std::printf("Per-rank peak bytes; total = weights + gradients + optimizer + activations.\n\n");
+  if (!wrapped) {
+    std::printf(
+        "One process: the trainer wraps the model in no strategy, so all four plan the "
+        "same step.\n\n");
+    print_table(own, false, "one process (any strategy)");
+  } else {
+    for (const auto& p : plans) {
+      std::string title = p.strategy + " x " + std::to_string(a.nproc);
+      if (p.strategy == run.config_strategy) title += " (the config's strategy)";
+      print_table(p, true, title);
+    }
+  }
+  if (measured) {
+    const auto& m = *measured;
+    const int64_t planned_act =
+        own.checkpointing ? own.activations_checkpointed : *own.activations_full;
+    std::printf("### planned vs measured (this process, counting CPU allocator)\n\n");
+    std::printf("| | planned | measured | error |\n|---|---:|---:|---:|\n");
+    auto row = [](const char* name, int64_t planned, int64_t got) {
+      const double err = got > 0 ? (static_cast<double>(planned) - static_cast<double>(got)) /
+                                       static_cast<double>(got) * 100.0
+                                 : 0.0;
+      std::printf("| %s | %s | %s | %+.1f%% |\n", name, human(planned).c_str(), human(got).c_str(),
+                  err);
+    };
+    row("weights", own.weights, m.weights);
+    row("gradients", own.gradients, m.gradients);
+    row("optimizer", own.optimizer, m.optimizer);
+    row(own.checkpointing ? "activations (ckpt on)" : "activations (ckpt off)", planned_act,
+        m.activations);
+    row("total", own.total, m.total);
+    std::printf("\n");
+  }
+}
+
+}  // namespace
+
+void register_plan(CLI::App& app) {
+  auto args = std::make_shared<PlanArgs>();
+  auto* cmd = app.add_subcommand(
+      "plan",
+      "Per-rank memory of a training config for each parallel strategy (ddp, zero1, zero2, "
+      "fsdp): weights, gradients, optimizer state, activations with and without checkpointing");
+  cmd->add_option("-c,--config", args->config, "YAML or JSON config file (as for train)")
+      ->required();
+  cmd->add_option("--nproc", args->nproc, "data-parallel ranks (world size)")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
+  cmd->add_option("--set", args->overrides,
+                  "override a config key, e.g. --set data.seq_len=2048 --set "
+                  "train.precision=bf16 (repeatable; values are YAML)");
+  cmd->add_flag("--json", args->json, "print JSON instead of markdown tables");
+  cmd->add_flag("--measure", args->measure,
+                "also run two training steps of this model in this process (random tokens) under "
+                "a counting allocator and print planned vs measured (needs --nproc 1)");
+  cmd->callback([args] { run(*args); });
+}
+
+}  // namespace aviary::cli
