@@ -163,8 +163,10 @@ class Step {
       optimizer_ = make_adamw(named_, optim_);
     }
     // Two documents per row when document masking is asked for.
+    const auto length = static_cast<int32_t>(in.seq_len);
     documents_.assign(static_cast<size_t>(in.micro_batch),
-                      {0, static_cast<int32_t>(in.seq_len / 2), static_cast<int32_t>(in.seq_len)});
+                      length >= 2 ? std::vector<int32_t>{0, length / 2, length}
+                                  : std::vector<int32_t>{0, length});
   }
 
   ~Step() {
@@ -231,6 +233,10 @@ MeasuredMemory measure_training_step(const AquilaConfig& config, const MemoryPla
     throw_invalid("measuring runs one process: world must be " + std::to_string(world) + ", got " +
                       std::to_string(in.world),
                   "nproc", "measure at --nproc 1; larger worlds are planned, not measured");
+  }
+  if (in.device != "cpu") {
+    throw_unsupported("memory is measured on CPU only", "train.device",
+                      "measure with train.device cpu (CUDA figures are planned, not measured)");
   }
   if (comm && comm->device().type() != torch::kCPU)
     throw_unsupported("memory is measured on CPU only", "comm");

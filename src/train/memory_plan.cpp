@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "aviary/core/error.h"
+#include "aviary/train/model_spec.h"
 
 namespace aviary {
 namespace {
@@ -65,30 +66,68 @@ struct Shapes {
 // zero1 / zero2 owners exactly as DataParallel assigns them: contiguous runs in parameter order,
 // a parameter going to rank floor(middle * W / total) (its middle element's share of the total),
 // so one parameter is never split and a rank may own much more (or less) than total / W.
-std::vector<int64_t> owned_per_rank(const std::vector<int64_t>& sizes, int64_t world) {
+struct Owners {
+  std::vector<int> of;           // per parameter
+  std::vector<int64_t> owned;    // per rank: elements owned
+  std::vector<int64_t> largest;  // per rank: the largest parameter owned
+};
+
+Owners assign_owners(const std::vector<int64_t>& sizes, int64_t world, bool sharded) {
   int64_t total = 0;
   for (int64_t n : sizes)
     total += n;
-  std::vector<int64_t> owned(static_cast<size_t>(world), 0);
+  Owners o;
+  o.owned.assign(static_cast<size_t>(world), 0);
+  o.largest.assign(static_cast<size_t>(world), 0);
   int64_t before = 0;
   for (int64_t n : sizes) {
     const double middle = static_cast<double>(before) + static_cast<double>(n) / 2.0;
-    const int owner = std::min(
-        static_cast<int>(world - 1),
-        static_cast<int>(middle * static_cast<double>(world) / static_cast<double>(total)));
-    owned[static_cast<size_t>(owner)] += n;
+    const int owner = sharded ? std::min(static_cast<int>(world - 1),
+                                         static_cast<int>(middle * static_cast<double>(world) /
+                                                          static_cast<double>(total)))
+                              : 0;
+    o.of.push_back(owner);
+    o.owned[static_cast<size_t>(owner)] += n;
+    o.largest[static_cast<size_t>(owner)] = std::max(o.largest[static_cast<size_t>(owner)], n);
     before += n;
   }
-  return owned;
+  return o;
+}
+
+// DataParallel's buckets, walking the parameters backwards, cut at bucket_mb (in reduce_dtype
+// elements) and wherever the owner changes.
+struct Buckets {
+  int64_t largest = 0;  // elements of the largest bucket
+  int64_t last = 0;     // elements of the last one launched (it holds the embeddings)
+};
+
+Buckets buckets_of(const std::vector<int64_t>& sizes, const std::vector<int>& owner,
+                   double bucket_mb, int64_t reduce_bytes) {
+  const int64_t cap = std::max<int64_t>(1, static_cast<int64_t>(bucket_mb * 1e6) / reduce_bytes);
+  Buckets b;
+  int64_t current = 0;
+  int current_owner = -1;
+  for (size_t k = sizes.size(); k-- > 0;) {
+    if (current_owner != owner[k] || (current > 0 && current + sizes[k] > cap)) {
+      current = 0;
+      current_owner = owner[k];
+    }
+    current += sizes[k];
+    b.largest = std::max(b.largest, current);
+  }
+  b.last = current;
+  return b;
 }
 
 // FSDP's flat segments: per unit, the weight-decay parameters and the no-decay ones (norms, under
 // the default optim.no_decay patterns), each padded to a multiple of W.
 struct FsdpSizes {
-  int64_t shard = 0;         // this rank's slices, all units
-  int64_t padded = 0;        // every unit's segments, padded
-  int64_t block_padded = 0;  // one block unit, padded
-  int64_t root_padded = 0;   // the root unit, padded
+  int64_t shard = 0;          // this rank's slices, all units
+  int64_t padded = 0;         // every unit's segments, padded
+  int64_t block_padded = 0;   // one block unit, padded
+  int64_t root_padded = 0;    // the root unit, padded
+  int64_t block_shard = 0;    // one block unit's slices
+  int64_t largest_shard = 0;  // the largest segment slice
 };
 
 FsdpSizes fsdp_sizes(const Shapes& s, int64_t world) {
@@ -97,12 +136,14 @@ FsdpSizes fsdp_sizes(const Shapes& s, int64_t world) {
     if (n == 0) return int64_t{0};
     const int64_t shard = ceil_div(n, world);
     f.shard += shard;
+    f.largest_shard = std::max(f.largest_shard, shard);
     return shard * world;
   };
   f.root_padded = segment(s.root_matrices()) + segment(s.hidden);
   f.padded = f.root_padded;
   for (int64_t l = 0; l < s.layers; ++l) {
     f.block_padded = segment(s.block_matrices()) + segment(s.block_norms());
+    f.block_shard = f.block_padded / world;
     f.padded += f.block_padded;
   }
   return f;
@@ -128,6 +169,10 @@ FsdpSizes fsdp_sizes(const Shapes& s, int64_t world) {
 // up each cast theirs), SDPA casts q and k again, and every linear keeps the bf16 copy of its
 // weight: 26 hidden + 4 q + 4 kv + 4 heads + 8 + 8 inter bytes per token, plus 2 bytes per
 // matrix element.
+// On CUDA, at::rms_norm is one fused op (FusedRmsNormBackward0 keeps its input and rstd), so the
+// two normalised copies (4 bytes x hidden each) are not kept; flash / memory-efficient SDPA keep
+// what the CPU flash kernel keeps. The CUDA figures follow from the CPU ones by that difference;
+// only the CPU path is measured here.
 struct ActivationTerms {
   int64_t layer = 0;                   // one block's saved tensors, its input included
   int64_t layer_input = 0;             // the block input alone (what a checkpoint keeps)
@@ -137,20 +182,25 @@ struct ActivationTerms {
   int64_t ce_backward = 0;             // cross-entropy backward beyond the saved log-probabilities
   int64_t head_backward = 0;           // lm_head backward: its gradients in transit
   int64_t layer_backward = 0;          // one block's backward: gradients in transit
+  int64_t layer_backward_fresh = 0;    // the same when its weight gradients are new tensors
   int64_t head_forward_transient = 0;  // bf16 logits (bf16 only), before the cross-entropy
+  int64_t block_forward = 0;           // one block's forward temporaries (no gradients)
 };
 
 ActivationTerms activation_terms(const Shapes& s, const MemoryPlanInputs& in) {
   const bool bf16 = in.precision == "bf16";
   const int64_t n = in.micro_batch * in.seq_len;  // tokens per micro-batch
   const int64_t h = s.hidden, i = s.inter, v = s.vocab;
+  // The normalised copy an unfused rms_norm keeps (CPU), per norm.
+  const int64_t normalised = in.device == "cuda" ? 0 : kF32 * n * h;
   ActivationTerms t;
   t.layer_input = kF32 * n * h;  // the residual stream is fp32 in both precisions
   if (bf16) {
     t.layer_weight_casts = kBF16 * s.block_matrices();
-    t.layer = n * (26 * h + 4 * s.q + 4 * s.kv + 4 * s.heads + 8 + 8 * i) + t.layer_weight_casts;
+    t.layer = n * (18 * h + 4 * s.q + 4 * s.kv + 4 * s.heads + 8 + 8 * i) + 2 * normalised +
+              t.layer_weight_casts;
   } else {
-    t.layer = kF32 * n * (6 * h + 2 * s.q + 2 * s.kv + s.heads + 2 + 4 * i);
+    t.layer = kF32 * n * (4 * h + 2 * s.q + 2 * s.kv + s.heads + 2 + 4 * i) + 2 * normalised;
   }
   if (in.document_mask) {
     // SDPA turns the bool mask into an additive one in the query's dtype, per call, and keeps it.
@@ -164,53 +214,86 @@ ActivationTerms activation_terms(const Shapes& s, const MemoryPlanInputs& in) {
   // (fp32, or its bf16 cast), the log-probabilities [N, vocab] fp32 (log_softmax keeps its
   // result; nll_loss keeps the targets, an int64 copy of the shifted ids), and under autocast the
   // bf16 copy of lm_head's weight.
-  t.head = kF32 * n * (2 * h + 1 + v) + (bf16 ? kBF16 : kF32) * n * h + kI64 * n;
+  t.head = kF32 * n * (h + 1 + v) + normalised + (bf16 ? kBF16 : kF32) * n * h + kI64 * n;
   if (bf16) t.head += kBF16 * v * h;
   // Cross-entropy backward: nll_loss's gradient and log_softmax's both [N, vocab] fp32, next to
   // the saved log-probabilities.
   t.ce_backward = 2 * kF32 * n * v;
-  // lm_head backward: the log-probabilities are gone, the logits' gradient (the same size; bf16:
-  // half of it), the input's gradient and the weight's gradient in transit to AccumulateGrad
-  // (bf16: the bf16 one and its fp32 cast).
-  t.head_backward =
-      bf16 ? -kBF16 * n * v + kBF16 * n * h + (kBF16 + kF32) * v * h : kF32 * n * h + kF32 * v * h;
-  // A block's backward peaks in the SwiGLU's: down_proj's input gradient has replaced its saved
-  // input (bf16: and its weight's bf16 copy is gone), and the product's backward adds the
-  // gradients of silu(gate) and up, [N, inter] each, next to the incoming fp32 gradient of the
-  // block's output.
-  t.layer_backward = bf16 ? kF32 * n * h + 2 * kBF16 * n * i - kBF16 * h * i
-                          : kF32 * n * h + 2 * kF32 * n * i;
+  // lm_head backward, after the log-probabilities are gone. fp32: the logits' gradient (their
+  // size), the input's gradient and the weight's gradient in transit to AccumulateGrad. bf16: the
+  // matmul's bf16 gradients next to the logits' bf16 gradient and the saved bf16 weight, then
+  // the weight gradient's fp32 cast (autocast's copy backward) once those are released.
+  t.head_backward = bf16 ? std::max(-kBF16 * n * v + kBF16 * n * h + kBF16 * v * h,
+                                    -kF32 * n * v + kBF16 * n * h + kF32 * v * h)
+                         : kF32 * n * h + kF32 * v * h;
+  // A block's backward peaks in its SwiGLU, next to the incoming fp32 gradient of the block's
+  // output: either at down_proj's backward (its input gradient [N, inter] and its weight gradient
+  // [hidden, inter] in transit; bf16: that one's fp32 cast, after the bf16 weight copy is
+  // released), or at the product's backward (down_proj's input gradient has replaced its saved
+  // input, and the gradients of silu(gate) and up, [N, inter] each, are added).
+  t.layer_backward = bf16 ? kF32 * n * h + std::max({2 * kBF16 * n * i - kBF16 * h * i,
+                                                     kBF16 * n * i + kF32 * h * i,
+                                                     kBF16 * n * h + kBF16 * n * i + kBF16 * h * i})
+                          : kF32 * n * h + std::max(2 * kF32 * n * i, kF32 * n * i + kF32 * h * i);
+  // The same where the block's weight gradients are fresh rather than added to .grad (fsdp frees
+  // them after each block's reduce-scatter): down_proj's stays, next to the product's backward.
+  t.layer_backward_fresh =
+      bf16 ? kF32 * n * h +
+                 std::max({2 * kBF16 * n * i + kBF16 * h * i, kBF16 * n * i + kF32 * h * i,
+                           kBF16 * n * h + kBF16 * n * i + kBF16 * h * i})
+           : kF32 * n * h + 2 * kF32 * n * i + kF32 * h * i;
   if (bf16) t.head_forward_transient = kBF16 * n * v;
+  // A block's forward without gradients (the checkpointed forward): the temporaries of
+  // down(silu(gate(m)) * up(m)) live until the expression ends, so gate's and up's outputs,
+  // silu's, the product and down's output (in the matmul dtype) sit next to the fp32 residual h
+  // and the norm's output m.
+  const int64_t e = bf16 ? kBF16 : kF32;
+  t.block_forward = 4 * e * n * i + e * n * h + 2 * kF32 * n * h;
   return t;
 }
 
-int64_t activations(const Shapes& s, const MemoryPlanInputs& in, bool checkpointing) {
+// The activation peak by phase of the step, so that a strategy can add what it holds in each.
+struct ActivationPeaks {
+  int64_t forward = 0;  // the forward (checkpointing: one block's temporaries, bf16 weight cache)
+  int64_t head = 0;     // the loss head's backward, first in backward
+  int64_t blocks = 0;   // a block's backward (checkpointing: with its re-run)
+  int64_t max() const { return std::max({forward, head, blocks}); }
+};
+
+ActivationPeaks activation_peaks(const Shapes& s, const MemoryPlanInputs& in, bool checkpointing,
+                                 bool fresh_block_gradients = false) {
   const auto t = activation_terms(s, in);
+  const int64_t layer_backward = fresh_block_gradients ? t.layer_backward_fresh : t.layer_backward;
   const int64_t layers = s.layers;
+  ActivationPeaks p;
   if (!checkpointing) {
-    // Every block's saved tensors live until its backward; the peak is where the loss head's
-    // backward runs on top of all of them (or, rarely, the last block's backward).
+    // Every block's saved tensors live until its backward; the loss head's backward runs on top
+    // of all of them (cross-entropy's gradients or lm_head's), then each block's backward frees
+    // more than it adds. The forward never holds more than the start of backward.
     const int64_t saved = layers * t.layer + t.head + t.shared;
-    return std::max(
-        {saved + t.ce_backward, saved + t.head_backward, saved - t.head + t.layer_backward});
+    p.head = saved + std::max(t.ce_backward, t.head_backward);
+    p.blocks = saved - t.head + layer_backward;
+    return p;
   }
   // Checkpointing (nn/checkpoint.cpp): each block keeps only its input; backward re-runs one
-  // block at a time with gradients on, so one block's saved tensors come back.
+  // block at a time with gradients on, so one block's saved tensors come back, and the re-run's
+  // output stays referenced by the checkpoint until the block's backward is done.
   const int64_t inputs = layers * t.layer_input + t.shared;
-  const int64_t saved = inputs + t.head;
-  // The re-run block's output stays referenced by the checkpoint until its backward is done.
-  int64_t peak = std::max({saved + t.ce_backward, saved + t.head_backward,
-                           inputs + t.layer - t.layer_input + t.layer_backward + t.layer_input});
+  p.head = inputs + t.head + std::max(t.ce_backward, t.head_backward);
+  p.blocks = inputs + t.layer - t.layer_input + layer_backward + t.layer_input;
+  // The forward: the block inputs so far and one block's temporaries; under bf16 autocast also
+  // the cache of bf16 weight copies. Autocast keeps the copy of every weight it casts until the
+  // outermost autocast region ends (causal_lm_loss's, after lm_head); the checkpointed forward
+  // runs without gradients but the cache still fills, so by the last block every block's bf16
+  // weights are alive at once, and still are next to the head's tensors and the bf16 logits.
+  const int64_t casts = in.precision == "bf16" ? layers * t.layer_weight_casts : 0;
+  p.forward = inputs + casts + t.block_forward;
   if (in.precision == "bf16") {
-    // Autocast caches the bf16 copy of every weight it casts until the outermost autocast region
-    // ends (causal_lm_loss's, after the lm_head). The checkpointed forward runs without gradients
-    // but the cache still fills, so at the end of the forward every block's bf16 weights are
-    // alive at once, next to the head's saved tensors and the bf16 logits.
-    peak =
-        std::max(peak, inputs + layers * t.layer_weight_casts + t.head -
-                           kF32 * in.micro_batch * in.seq_len * s.vocab + t.head_forward_transient);
+    p.forward =
+        std::max(p.forward, inputs + casts + t.head - kF32 * in.micro_batch * in.seq_len * s.vocab +
+                                t.head_forward_transient);
   }
-  return peak;
+  return p;
 }
 
 void check_inputs(const MemoryPlanInputs& in) {
@@ -225,6 +308,8 @@ void check_inputs(const MemoryPlanInputs& in) {
   }
   if (in.precision != "fp32" && in.precision != "bf16")
     throw_invalid("unknown precision '" + in.precision + "'", "train.precision", "fp32 or bf16");
+  if (in.device != "cpu" && in.device != "cuda")
+    throw_invalid("unknown device '" + in.device + "'", "train.device", "cpu or cuda");
   if (in.reduce_dtype != "fp32" && in.reduce_dtype != "bf16") {
     throw_invalid("unknown reduce dtype '" + in.reduce_dtype + "'", "parallel.reduce_dtype",
                   "fp32 or bf16");
@@ -244,14 +329,27 @@ MemoryPlan plan_memory(const AquilaConfig& config, const MemoryPlanInputs& in) {
   const bool wrapped = in.world > 1;
   const bool fsdp = wrapped && in.strategy == "fsdp";
   plan.checkpointing = in.activation_checkpointing || fsdp;
-  plan.activations_checkpointed = activations(s, in, true);
-  if (!fsdp) plan.activations_full = activations(s, in, false);
+  const auto checkpointed = activation_peaks(s, in, true);
+  plan.activations_checkpointed = checkpointed.max();
+  ActivationPeaks full;
+  if (!fsdp) {
+    full = activation_peaks(s, in, false);
+    plan.activations_full = full.max();
+  }
+  const ActivationPeaks& act = plan.checkpointing ? checkpointed : full;
 
+  // The total is the step's peak, found moment by moment: activations peak early in the last
+  // micro-batch's backward (or in a checkpointed forward) on top of the gradients already held;
+  // reduction buffers and clipping come at or after the end of backward, when the activations
+  // are gone. So rows are not simply added.
   if (!wrapped) {
-    // One process: fp32 parameters, their .grad, AdamW's two moments.
+    // One process: fp32 parameters, their .grad, AdamW's two moments. Clipping (per-tensor norms)
+    // and the fused AdamW allocate nothing of note. The gradients are held under the activations
+    // with accumulation; without it they grow as the activations shrink (an upper bound then).
     plan.weights = kF32 * params;
     plan.gradients = plan.gradients_after_sync = kF32 * params;
     plan.optimizer = 2 * kF32 * params;
+    plan.total = plan.weights + plan.gradients + plan.optimizer + act.max();
   } else if (!fsdp) {
     // ddp / zero1 / zero2 (dist/data_parallel.cpp): every rank holds the whole model and, during
     // backward, autograd accumulates every parameter's full .grad on every rank (zero2 too: its
@@ -260,38 +358,131 @@ MemoryPlan plan_memory(const AquilaConfig& config, const MemoryPlanInputs& in) {
     // finish_gradient_sync(), so at the end of backward all of them exist at once: parameter
     // count x reduce_dtype bytes, whatever bucket_mb is (it only sets how many buffers).
     const int64_t reduce_bytes = in.reduce_dtype == "bf16" ? kBF16 : kF32;
+    const bool sharded = in.strategy == "zero1" || in.strategy == "zero2";
+    const bool zero2 = in.strategy == "zero2";
+    const auto sizes = s.parameter_sizes();
+    const auto owners = assign_owners(sizes, in.world, sharded);
+    const int64_t busiest = *std::max_element(owners.owned.begin(), owners.owned.end());
     plan.weights = kF32 * params;
     plan.gradients = kF32 * params + reduce_bytes * params;
-    const auto owned = owned_per_rank(s.parameter_sizes(), in.world);
-    const int64_t busiest = *std::max_element(owned.begin(), owned.end());
-    const bool sharded = in.strategy == "zero1" || in.strategy == "zero2";
     // After the sync: ddp / zero1 keep every averaged gradient; zero2 only its owner's.
-    plan.gradients_after_sync = kF32 * (in.strategy == "zero2" ? busiest : params);
-    // AdamW state only for the parameters this rank updates (the busiest owner). sync_parameters()
-    // then broadcasts one bucket at a time through a flat copy; that transient (at most a bucket
-    // or the largest parameter) comes after backward, so it is below the activation peak.
-    plan.optimizer = 2 * kF32 * (sharded ? busiest : params);
+    plan.gradients_after_sync = kF32 * (zero2 ? busiest : params);
+    // AdamW's state only for the parameters this rank updates (the busiest owner).
+    plan.optimizer = 2 * kF32 * busiest;
+    // zero1 / zero2: sync_parameters() broadcasts one bucket at a time through a flat fp32 copy.
+    const auto buckets = buckets_of(sizes, owners.of, in.bucket_mb, reduce_bytes);
+    const int64_t largest_param = *std::max_element(sizes.begin(), sizes.end());
+    // The end of backward, when the embedding's gradient arrives last: every other bucket's
+    // buffer is out, and with accumulation the new gradient is in transit to .grad (beside the
+    // gradient reaching the embedding).
+    const int64_t tokens = in.micro_batch * in.seq_len;
+    const int64_t embedding_backward = kF32 * params + reduce_bytes * (params - buckets.last) +
+                                       kF32 * tokens * s.hidden +
+                                       (in.accumulation > 1 ? kF32 * s.vocab * s.hidden : 0);
+    for (int64_t r = 0; r < in.world; ++r) {
+      const auto rank = static_cast<size_t>(r);
+      const int64_t after = kF32 * (zero2 ? owners.owned[rank] : params);
+      // clip_grad_norm_across_ranks squares in fp64: a copy of each counted gradient and its
+      // square, 16 bytes per element of the largest. ddp / zero1: rank 0 counts them all;
+      // zero2: each owner its own.
+      const int64_t clip =
+          16 * (zero2 ? owners.largest[rank] : (r == 0 ? largest_param : int64_t{0}));
+      const int64_t sync = sharded ? kF32 * buckets.largest : 0;
+      const int64_t moments = 2 * kF32 * (sharded ? owners.owned[rank] : params);
+      const int64_t peak = plan.weights + moments +
+                           std::max({kF32 * params + act.max(), embedding_backward, plan.gradients,
+                                     after + clip, after + sync});
+      plan.total = std::max(plan.total, peak);
+    }
   } else {
     // fsdp (dist/fsdp.cpp): flat fp32 shards (each segment padded to a multiple of W), plus what
     // is gathered: the root unit (embeddings, final norm, lm_head) from begin_micro_batch() to
     // end_step(), and two blocks at a time (the one running and the prefetched neighbour, in
     // forward and in the backward's recompute).
     const auto f = fsdp_sizes(s, in.world);
-    const int64_t gathered_blocks = std::min<int64_t>(2, s.layers) * f.block_padded;
-    plan.weights = kF32 * (f.shard + f.root_padded + gathered_blocks);
+    const int64_t block = kF32 * f.block_padded;
+    const int64_t gathered_blocks = std::min<int64_t>(2, s.layers) * block;
+    plan.weights = kF32 * (f.shard + f.root_padded) + gathered_blocks;
     // reduce_gradients() builds a zero-padded flat copy of each unit's gradients for its
     // reduce-scatter and keeps it (reduce_input) until after_backward() has waited for every
-    // unit: at the end of backward every unit's padded flat is alive, the full model's size,
-    // beside the reduce-scatter outputs (shard-sized; they become .grad on the first micro-batch,
-    // and are added to it later) and the root unit's own .grad (its parameters stay gathered, so
-    // autograd accumulates their full gradients during the whole backward).
-    plan.gradients = kF32 * (f.padded + f.shard * (in.accumulation > 1 ? 2 : 1) + s.root());
+    // unit. The peak is the root unit's turn, last: every block's flat and reduce-scatter output
+    // (shard-sized), the shard gradients of earlier micro-batches, the root unit's own .grad (its
+    // parameters stay gathered, so autograd accumulates their full gradients during the whole
+    // backward) and its new flat, before those gradients are released one by one.
+    const int64_t held = kF32 * (in.accumulation > 1 ? f.shard : 0);
+    plan.gradients = kF32 * (f.padded + s.layers * f.block_shard + s.root()) + held;
     plan.gradients_after_sync = kF32 * f.shard;
     plan.optimizer = 2 * kF32 * f.shard;
+    // Moments of the last micro-batch. Held throughout: the shard gradients of earlier
+    // micro-batches. From the loss head's backward on: lm_head's .grad (its gradient in transit
+    // in the head's peak). In a block's backward its weight gradients are new tensors (they are
+    // dropped after its reduce-scatter). Each block done leaves its flat and its reduce-scatter
+    // output behind and frees its checkpointed input; the first block re-run (two blocks
+    // gathered) and the last one (one) bound the phase.
+    const auto fresh = activation_peaks(s, in, true, /*fresh_block_gradients=*/true);
+    const int64_t base = plan.weights + plan.optimizer + held;
+    const int64_t lm_head_grad = kF32 * s.vocab * s.hidden;
+    const int64_t first_block = base + lm_head_grad + fresh.blocks;
+    const int64_t last_block =
+        first_block - (gathered_blocks - std::min<int64_t>(1, s.layers) * block) +
+        (s.layers - 1) *
+            (kF32 * (f.block_padded + f.block_shard) - activation_terms(s, in).layer_input);
+    // After backward: no block gathered, every reduction buffer; then clipping squares each
+    // shard gradient in fp64 (16 bytes per element of the largest segment slice).
+    const int64_t end = plan.weights - gathered_blocks + plan.optimizer + plan.gradients;
+    const int64_t clip = plan.weights - gathered_blocks + plan.optimizer +
+                         plan.gradients_after_sync + 16 * f.largest_shard;
+    plan.total =
+        std::max({base + act.forward, base + act.head, first_block, last_block, end, clip});
   }
-  const int64_t act = plan.checkpointing ? plan.activations_checkpointed : *plan.activations_full;
-  plan.total = plan.weights + plan.gradients + plan.optimizer + act;
   return plan;
+}
+
+PlanConfig read_plan_config(const Json& config, const std::string& source, int64_t world) {
+  if (world < 1) throw_invalid("world must be >= 1", "nproc");
+  PlanConfig out;
+  ConfigReader root(config, "", source);
+  auto model = root.child("model");
+  out.model = CausalLMSpec::from_section(model).config;
+  auto data = root.child("data");
+  auto train = root.child("train");
+  auto parallel = root.child("parallel");
+  auto& in = out.inputs;
+  in.world = world;
+  in.seq_len = data.get_int("seq_len", 1024, 1, 1 << 20);
+  in.document_mask = data.get_bool("document_mask", false);
+  in.precision = train.get_choice("precision", {"fp32", "bf16"}, std::string("fp32"));
+  in.activation_checkpointing = train.get_bool("activation_checkpointing", false);
+  // cuda, cuda:N: CUDA; anything else is the trainer's CPU.
+  in.device = train.get_string("device", std::string("cpu")).rfind("cuda", 0) == 0 ? "cuda" : "cpu";
+  const int64_t micro = train.get_int("micro_batch", 0, 0);
+  const int64_t global = train.has("global_batch") ? train.get_int("global_batch", 1, 1) : 0;
+  in.micro_batch = micro > 0 ? micro : std::max<int64_t>(1, global / world);
+  if (global > 0) {
+    in.accumulation = std::max<int64_t>(1, global / (in.micro_batch * world));
+    if (global % (in.micro_batch * world) != 0) {
+      out.notes.push_back(source + ": train.global_batch " + std::to_string(global) +
+                          " is not a multiple of micro_batch " + std::to_string(in.micro_batch) +
+                          " x " + std::to_string(world) +
+                          " ranks: the trainer would refuse it (planned anyway)");
+    }
+  }
+  in.strategy =
+      parallel.get_choice("strategy", {"ddp", "zero1", "zero2", "fsdp"}, std::string("ddp"));
+  in.bucket_mb = parallel.get_double("bucket_mb", 25.0, 0.001);
+  in.reduce_dtype = parallel.get_choice("reduce_dtype", {"fp32", "bf16"}, std::string("fp32"));
+  if (config.contains("lora") && !config["lora"].is_null()) {
+    out.notes.push_back(source +
+                        ": the lora section is not modelled; the plan is for full "
+                        "training of every parameter");
+  }
+  if (in.seq_len > out.model.max_position_embeddings) {
+    throw_invalid("seq_len " + std::to_string(in.seq_len) +
+                      " is longer than the model's max_position_embeddings " +
+                      std::to_string(out.model.max_position_embeddings),
+                  source + ": data.seq_len");
+  }
+  return out;
 }
 
 Json MemoryPlan::to_json() const {

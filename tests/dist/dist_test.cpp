@@ -226,20 +226,25 @@ TEST(DistTrain, LoraOnInstructionDataTrainsLikeOneProcess) {
   }
   test::write_file(data.file("sft.jsonl"), jsonl);
   ASSERT_EQ(spawn({AVIARY_CLI_PATH, "data", "prepare", "--sft", "-i", data.file("sft.jsonl"), "-o",
-                   data.file("sft"), "-t", fixture("tiny-llama"), "--quiet"},
+                   data.file("sft"), "-t", fixture("tiny-llama"), "--chat-template", "llama-2",
+                   "--quiet"},
                   data.file("prepare.txt"))
                 .wait(),
             0)
       << test::read_file(data.file("prepare.txt"));
   auto config_for = [&](const std::string& run_dir) {
     Json c = dist_config(run_dir, 6);
-    c["data"] = {{"datasets", Json::array({data.file("sft")})}, {"seq_len", 48}};
+    c["data"] = {{"datasets", Json::array({data.file("sft")})}, {"seq_len", 64}};
     c["lora"] = {
         {"r", 4}, {"alpha", 8}, {"dropout", 0.0}, {"targets", {"q_proj", "v_proj", "up_proj"}}};
     return c;
   };
+  // One process takes each global batch as one micro-batch of 8, the ranks as micro-batches of 1:
+  // only a loss normalised by the global batch's target count agrees.
   TempDir single;
-  const auto single_config = write_config(single, "c.json", config_for(single.path()));
+  Json single_json = config_for(single.path());
+  single_json["train"]["micro_batch"] = 8;
+  const auto single_config = write_config(single, "c.json", single_json);
   ASSERT_EQ(train(0, single_config, "ddp", single.file("log.txt")).wait(), 0)
       << test::read_file(single.file("log.txt"));
   const auto expected = losses(single.path());

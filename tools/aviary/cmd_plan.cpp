@@ -2,7 +2,6 @@
 // docs/distributed.md, "Memory planning"), and --measure to check the plan on this machine.
 #include <unistd.h>
 
-#include <algorithm>
 #include <cstdio>
 #include <optional>
 #include <string>
@@ -13,7 +12,6 @@
 #include "aviary/core/config.h"
 #include "aviary/core/error.h"
 #include "aviary/train/memory_plan.h"
-#include "aviary/train/model_spec.h"
 #include "commands.h"
 
 namespace aviary::cli {
@@ -27,59 +25,6 @@ struct PlanArgs {
   bool measure = false;
 };
 
-// The training shape the plan needs, read as the trainer reads it (same keys, defaults and
-// ranges), without requiring the sections a plan does not use (data paths, steps, ...).
-struct PlannedRun {
-  AquilaConfig model;
-  MemoryPlanInputs inputs;
-  std::string config_strategy;
-  std::string micro_batch_source;
-};
-
-PlannedRun read_run(const Json& config, const std::string& source, int64_t nproc) {
-  PlannedRun run;
-  ConfigReader root(config, "", source);
-  auto model_section = root.child("model");
-  run.model = CausalLMSpec::from_section(model_section).config;
-  auto data = root.child("data");
-  auto train = root.child("train");
-  auto parallel = root.child("parallel");
-  auto& in = run.inputs;
-  in.world = nproc;
-  in.seq_len = data.get_int("seq_len", 1024, 1, 1 << 20);
-  in.document_mask = data.get_bool("document_mask", false);
-  in.precision = train.get_choice("precision", {"fp32", "bf16"}, std::string("fp32"));
-  in.activation_checkpointing = train.get_bool("activation_checkpointing", false);
-  const int64_t micro = train.get_int("micro_batch", 0, 0);
-  const int64_t global = train.has("global_batch") ? train.get_int("global_batch", 1, 1) : 0;
-  // As the trainer: micro_batch 0 means global_batch / ranks; without either, one sequence.
-  if (micro > 0) {
-    in.micro_batch = micro;
-    run.micro_batch_source = "train.micro_batch";
-  } else if (global > 0) {
-    in.micro_batch = std::max<int64_t>(1, global / nproc);
-    run.micro_batch_source = "train.global_batch / nproc";
-  } else {
-    in.micro_batch = 1;
-    run.micro_batch_source = "default";
-  }
-  if (global > 0) in.accumulation = std::max<int64_t>(1, global / (in.micro_batch * nproc));
-  run.config_strategy =
-      parallel.get_choice("strategy", {"ddp", "zero1", "zero2", "fsdp"}, std::string("ddp"));
-  in.bucket_mb = parallel.get_double("bucket_mb", 25.0, 0.001);
-  in.reduce_dtype = parallel.get_choice("reduce_dtype", {"fp32", "bf16"}, std::string("fp32"));
-  if (config.contains("lora") && !config["lora"].is_null()) {
-    spdlog::warn("{}: the lora section is not modelled; the plan is for full training", source);
-  }
-  if (in.seq_len > run.model.max_position_embeddings) {
-    throw_invalid("seq_len " + std::to_string(in.seq_len) +
-                      " is longer than the model's max_position_embeddings " +
-                      std::to_string(run.model.max_position_embeddings),
-                  source + ": data.seq_len");
-  }
-  return run;
-}
-
 std::string human(int64_t bytes) {
   char buf[32];
   const double b = static_cast<double>(bytes);
@@ -87,6 +32,17 @@ std::string human(int64_t bytes) {
     std::snprintf(buf, sizeof(buf), "%.2f GiB", b / (1024.0 * 1024 * 1024));
   } else {
     std::snprintf(buf, sizeof(buf), "%.1f MiB", b / (1024.0 * 1024));
+  }
+  return buf;
+}
+
+std::string count(int64_t n) {
+  char buf[32];
+  const double x = static_cast<double>(n);
+  if (x >= 1e9) {
+    std::snprintf(buf, sizeof(buf), "%.2fB", x / 1e9);
+  } else {
+    std::snprintf(buf, sizeof(buf), "%.2fM", x / 1e6);
   }
   return buf;
 }
@@ -108,10 +64,10 @@ RowNotes notes_for(const std::string& strategy, bool wrapped) {
             "AdamW moments, parameters owned (busiest rank)"};
   if (strategy == "zero2")
     return {"fp32 parameters",
-            ".grad + every bucket's flat buffer (other owners' dropped only after backward)",
+            ".grad + every bucket's flat buffer (other owners' dropped after backward)",
             "AdamW moments, parameters owned (busiest rank)"};
   return {"shard + root unit + 2 gathered blocks",
-          "every unit's padded reduce-scatter input + shard + root .grad",
+          "every unit's padded reduce-scatter input (all kept to the end of backward) + root .grad",
           "AdamW moments of the shard"};
 }
 
@@ -120,8 +76,12 @@ void print_table(const MemoryPlan& plan, bool wrapped, const std::string& title)
   std::printf("### %s\n\n", title.c_str());
   std::printf("| | per rank | what |\n|---|---:|---|\n");
   std::printf("| weights | %s | %s |\n", human(plan.weights).c_str(), notes.weights);
-  std::printf("| gradients | %s | %s (after the sync: %s) |\n", human(plan.gradients).c_str(),
-              notes.gradients, human(plan.gradients_after_sync).c_str());
+  if (wrapped) {
+    std::printf("| gradients | %s | %s; %s after the sync |\n", human(plan.gradients).c_str(),
+                notes.gradients, human(plan.gradients_after_sync).c_str());
+  } else {
+    std::printf("| gradients | %s | %s |\n", human(plan.gradients).c_str(), notes.gradients);
+  }
   std::printf("| optimizer | %s | %s |\n", human(plan.optimizer).c_str(), notes.optimizer);
   std::printf("| activations (ckpt on) | %s | block inputs, one block recomputed, loss head |\n",
               human(plan.activations_checkpointed).c_str());
@@ -139,7 +99,9 @@ void run(const PlanArgs& a) {
   Json config = load_config_file(a.config);
   for (const auto& assignment : a.overrides)
     apply_config_override(config, assignment);
-  const PlannedRun run = read_run(config, a.config, a.nproc);
+  const PlanConfig run = read_plan_config(config, a.config, a.nproc);
+  for (const auto& note : run.notes)
+    spdlog::warn("{}", note);
   const auto& in = run.inputs;
   if (a.measure && a.nproc != 1) {
     throw_invalid("--measure runs the step in this one process, so it needs --nproc 1 (got " +
@@ -178,11 +140,12 @@ void run(const PlanArgs& a) {
                 {"seq_len", in.seq_len},
                 {"accumulation", in.accumulation},
                 {"precision", in.precision},
+                {"device", in.device},
                 {"activation_checkpointing", in.activation_checkpointing},
                 {"document_mask", in.document_mask},
                 {"bucket_mb", in.bucket_mb},
                 {"reduce_dtype", in.reduce_dtype},
-                {"config_strategy", run.config_strategy},
+                {"config_strategy", in.strategy},
                 {"plans", Json::array()}};
     for (const auto& p : plans)
       out["plans"].push_back(p.to_json());
@@ -192,13 +155,15 @@ void run(const PlanArgs& a) {
   }
 
   std::printf(
-      "Memory plan for %s: %.3fB parameters, %lld rank%s, micro_batch %lld (%s) x "
-      "seq_len %lld, %s, activation checkpointing %s%s\n",
-      a.config.c_str(), static_cast<double>(params) / 1e9, static_cast<long long>(a.nproc),
+      "Memory plan for %s: %s parameters, %lld rank%s, micro_batch %lld x "
+      "seq_len %lld, %s on %s, activation checkpointing %s%s\n",
+      a.config.c_str(), count(params).c_str(), static_cast<long long>(a.nproc),
       a.nproc == 1 ? "" : "s", static_cast<long long>(in.micro_batch),
-      run.micro_batch_source.c_str(), static_cast<long long>(in.seq_len), in.precision.c_str(),
+      static_cast<long long>(in.seq_len), in.precision.c_str(), in.device.c_str(),
       in.activation_checkpointing ? "on" : "off", in.document_mask ? ", document mask" : "");
-  std::printf("Per-rank peak bytes; total = weights + gradients + optimizer + activations.\n\n");
+  std::printf(
+      "Per-rank peak bytes. total: the step's peak, moment by moment (activations peak early in "
+      "backward, reduction buffers at its end), not the sum of the rows.\n\n");
   if (!wrapped) {
     std::printf(
         "One process: the trainer wraps the model in no strategy, so all four plan the "
@@ -207,7 +172,7 @@ void run(const PlanArgs& a) {
   } else {
     for (const auto& p : plans) {
       std::string title = p.strategy + " x " + std::to_string(a.nproc);
-      if (p.strategy == run.config_strategy) title += " (the config's strategy)";
+      if (p.strategy == in.strategy) title += " (the config's strategy)";
       print_table(p, true, title);
     }
   }

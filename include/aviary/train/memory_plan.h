@@ -7,23 +7,26 @@
 // bytes on one rank, the busiest one where ranks differ (zero1 / zero2 owners). Rows:
 //   weights      the parameters (fp32 master weights, also under bf16 autocast); fsdp: the shard
 //                plus what is gathered (the root unit for the whole step, two blocks at a time)
-//   gradients    the peak during the step: .grad plus the strategy's reduction buffers
+//   gradients    their peak: .grad plus the strategy's reduction buffers
 //   optimizer    AdamW's exp_avg and exp_avg_sq (fp32) of the parameters this rank updates
 //   activations  the peak, during forward + backward, of everything else: tensors saved for
 //                backward, the loss head's working set, bf16 weight copies under autocast, and
-//                gradients in transit. Measured as it stands in a later micro-batch of gradient
-//                accumulation (gradients already allocated), so that
-//   total        = weights + gradients + optimizer + activations is the step's peak with
-//                accumulation (and a slight over-estimate without: gradients then grow while
-//                activations shrink).
+//                gradients in transit to .grad. As it stands in a later micro-batch of gradient
+//                accumulation (.grad already allocated).
+//   total        the step's peak, found moment by moment rather than by adding the rows: the
+//                activations peak early in backward on top of the gradients already held, while
+//                the reduction buffers, clipping and the parameter broadcast come when the
+//                activations are gone. At one process it is the sum of the rows (exact with
+//                accumulation; without, .grad grows while activations shrink: an upper bound).
 // Not counted: the CUDA caching allocator's fragmentation and workspaces (cuBLAS, NCCL), the
-// communication engine's staging buffers, the data loader, and LoRA (the plan is for full
-// training; a `lora` section is not modelled).
+// communication engine's staging buffers, the data loader, evaluation and checkpoint saving
+// (fsdp gathers the whole model for those), and LoRA (the plan is for full training).
 #pragma once
 
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "aviary/core/config.h"
 #include "aviary/models/aquila_config.h"
@@ -40,9 +43,11 @@ struct MemoryPlanInputs {
                                           // none of them, so all four plan the same plain step
   int64_t micro_batch = 1;                // sequences per forward (train.micro_batch)
   int64_t seq_len = 1024;                 // tokens per sequence (data.seq_len)
-  int64_t accumulation = 1;               // micro-batches per step (fsdp keeps one more shard-sized
-                                          // buffer per unit when > 1)
+  int64_t accumulation = 1;               // micro-batches per step (> 1: gradients are held
+                                          // from one micro-batch to the next)
   std::string precision = "fp32";         // fp32 | bf16 (autocast; parameters stay fp32)
+  std::string device = "cpu";             // cpu | cuda (train.device): autograd keeps less on
+                                          // CUDA, whose rms_norm is one fused op
   bool activation_checkpointing = false;  // fsdp at world > 1 turns it on, as the trainer does
   bool document_mask = false;             // data.document_mask: a [B, 1, L, L] mask per layer
   double bucket_mb = 25;                  // parallel.bucket_mb
@@ -64,8 +69,23 @@ struct MemoryPlan {
   Json to_json() const;
 };
 
-// Throws kInvalidArgument (naming the field) on an unknown strategy / precision or a size < 1.
+// Throws kInvalidArgument (naming the field) on an unknown strategy, precision, device or
+// reduce dtype, or a size < 1.
 MemoryPlan plan_memory(const AquilaConfig& config, const MemoryPlanInputs& inputs);
+
+// A training config's model and plan inputs for `world` ranks, read with the trainer's keys,
+// defaults and ranges: the model section through CausalLMSpec (init_from takes the sizes from
+// that model's config.json), data.seq_len / document_mask, train.micro_batch (0: global_batch /
+// world; neither: 1) / global_batch / precision / activation_checkpointing / device,
+// parallel.strategy / bucket_mb / reduce_dtype. Sections a plan does not use (data paths, steps,
+// ...) may be absent. `notes` are warnings about the config (a batch the trainer would refuse,
+// an unmodelled lora section).
+struct PlanConfig {
+  AquilaConfig model;
+  MemoryPlanInputs inputs;  // strategy: the config's parallel.strategy
+  std::vector<std::string> notes;
+};
+PlanConfig read_plan_config(const Json& config, const std::string& source, int64_t world);
 
 // The same rows measured with a counting CPU allocator while the trainer's step runs on random
 // tokens: the model built in fp32 (random init), make_adamw (the fused AdamW), causal_lm_loss
@@ -79,7 +99,9 @@ MemoryPlan plan_memory(const AquilaConfig& config, const MemoryPlanInputs& input
 //   total        peak of the second step above the bytes live before the model was built
 // `comm` null: one process, exactly the trainer at world 1; inputs.world must be 1. With a comm
 // (tests: a simulated rank of a larger world), the model is wrapped in DataParallel or FSDP as
-// the trainer does for inputs.strategy, and the rows are this rank's. CPU only.
+// the trainer does for inputs.strategy; then optimizer and total compare with the plan, while the
+// other rows follow the measurement's phases rather than the plan's rows (fsdp's gathered units,
+// for one, land in the activation peak). CPU only (kUnsupported otherwise).
 struct MeasuredMemory {
   int64_t weights = 0;
   int64_t gradients = 0;
