@@ -28,7 +28,7 @@ struct Chunk {
   int64_t bytes = 0;
   std::vector<uint32_t> tokens;
   std::vector<uint32_t> doc_lengths;
-  std::vector<uint8_t> trainable;  // SFT: per token
+  std::vector<uint8_t> trainable;              // SFT: per token
   std::map<std::string, int64_t> sft_formats;  // SFT: records per detected format
   struct Skip {
     int32_t file;
