@@ -248,12 +248,7 @@ void LanguageModel::save_hf(const std::string& dir, uint64_t max_shard_bytes) co
   AquilaConfig config = model_->config();
   config.torch_dtype = dtype_name(model_->options().dtype().toScalarType());
   write_file_atomic((fs::path(dir) / "config.json").string(), config.to_hf_json().dump(2) + "\n");
-  if (fs::is_regular_file(tokenizer_dir_)) {
-    fs::copy_file(tokenizer_dir_, fs::path(dir) / fs::path(tokenizer_dir_).filename(),
-                  fs::copy_options::overwrite_existing);
-  } else {
-    copy_tokenizer_files(tokenizer_dir_, dir);
-  }
+  copy_tokenizer(tokenizer_dir_, dir);
 }
 
 }  // namespace aviary

@@ -2,6 +2,8 @@
 
 #include <filesystem>
 
+#include "aviary/core/error.h"
+
 namespace fs = std::filesystem;
 
 namespace aviary {
@@ -24,6 +26,21 @@ int copy_tokenizer_files(const std::string& from_dir, const std::string& to_dir)
     ++copied;
   }
   return copied;
+}
+
+void copy_tokenizer(const std::string& tokenizer, const std::string& to_dir) {
+  std::error_code ec;
+  if (fs::is_regular_file(tokenizer, ec)) {
+    fs::copy_file(tokenizer, fs::path(to_dir) / fs::path(tokenizer).filename(),
+                  fs::copy_options::overwrite_existing);
+    return;
+  }
+  if (!fs::is_directory(tokenizer, ec))
+    throw_not_found("no such tokenizer file or directory", tokenizer);
+  if (copy_tokenizer_files(tokenizer, to_dir) == 0) {
+    throw_not_found("no tokenizer files in this directory", tokenizer,
+                    "expected tokenizer.json, tokenizer.model or vocab.json + merges.txt");
+  }
 }
 
 }  // namespace aviary

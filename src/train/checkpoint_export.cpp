@@ -14,25 +14,6 @@
 namespace fs = std::filesystem;
 
 namespace aviary {
-namespace {
-
-void copy_tokenizer(const std::string& tokenizer, const std::string& out_dir) {
-  std::error_code ec;
-  if (fs::is_regular_file(tokenizer, ec)) {
-    fs::copy_file(tokenizer, fs::path(out_dir) / fs::path(tokenizer).filename(),
-                  fs::copy_options::overwrite_existing);
-    return;
-  }
-  if (!fs::is_directory(tokenizer, ec))
-    throw_not_found("no such tokenizer file or directory", tokenizer);
-  const int copied = copy_tokenizer_files(tokenizer, out_dir);
-  if (copied == 0) {
-    throw_not_found("no tokenizer files in this directory", tokenizer,
-                    "expected tokenizer.json, tokenizer.model or vocab.json + merges.txt");
-  }
-}
-
-}  // namespace
 
 void export_hf(const std::string& checkpoint_dir, const std::string& out_dir,
                const std::string& tokenizer, uint64_t max_shard_bytes) {

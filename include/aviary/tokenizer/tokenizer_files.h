@@ -11,4 +11,8 @@ namespace aviary {
 // copied.
 int copy_tokenizer_files(const std::string& from_dir, const std::string& to_dir);
 
+// `tokenizer` is a tokenizer file (copied as it is) or a directory (copy_tokenizer_files). Throws
+// kNotFound when it does not exist or the directory holds no tokenizer file.
+void copy_tokenizer(const std::string& tokenizer, const std::string& to_dir);
+
 }  // namespace aviary
