@@ -54,16 +54,20 @@ SftDataset::SftDataset(std::shared_ptr<const TokenDataset> data, const SftDatase
   }
 }
 
-void SftDataset::get(int64_t index, int32_t* out, std::vector<int32_t>* cu_lengths) const {
+const std::vector<SftDataset::Piece>& SftDataset::row(int64_t index) const {
   if (index < 0 || index >= size()) {
     throw_invalid("sample " + std::to_string(index) + " is out of range (" +
                       std::to_string(size()) + " samples)",
                   data_->prefix());
   }
+  return rows_[static_cast<size_t>(index)];
+}
+
+void SftDataset::get(int64_t index, int32_t* out, std::vector<int32_t>* cu_lengths) const {
   const int64_t width = seq_len_ + 1;
   if (cu_lengths) cu_lengths->assign(1, 0);
   int64_t at = 0;
-  for (const auto& piece : rows_[static_cast<size_t>(index)]) {
+  for (const auto& piece : row(index)) {
     data_->copy_tokens(data_->doc_begin(piece.doc), piece.length, out + at);
     at += piece.length;
     if (cu_lengths) cu_lengths->push_back(static_cast<int32_t>(at));
@@ -75,7 +79,7 @@ void SftDataset::get(int64_t index, int32_t* out, std::vector<int32_t>* cu_lengt
 void SftDataset::get_loss_mask(int64_t index, uint8_t* out) const {
   const int64_t width = seq_len_ + 1;
   int64_t at = 0;
-  for (const auto& piece : rows_[static_cast<size_t>(index)]) {
+  for (const auto& piece : row(index)) {
     const uint8_t* m = data_->trainable() + data_->doc_begin(piece.doc);
     std::copy(m, m + piece.length, out + at);
     at += piece.length;

@@ -56,6 +56,8 @@ class SftDataset : public SampleSource {
     int64_t doc;
     int64_t length;  // tokens taken from the start of the document
   };
+  const std::vector<Piece>& row(int64_t index) const;  // kInvalidArgument when out of range
+
   std::shared_ptr<const TokenDataset> data_;
   int64_t seq_len_;
   int32_t pad_id_;
