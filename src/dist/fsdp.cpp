@@ -153,6 +153,11 @@ void FullyShardedDataParallel::release(size_t u) {
 }
 
 void FullyShardedDataParallel::reduce_gradients(size_t u) {
+  // Complete the previous unit's reduce-scatter first (it has had this block's backward to run),
+  // so that only one unit's flat gradients exist at a time rather than the whole model's.
+  for (size_t other = 0; other < units_.size(); ++other) {
+    if (other != u) finish_reduce(other);
+  }
   UnitState& unit = *units_[u];
   torch::NoGradGuard no_grad;
   for (auto& s : unit.segments) {
@@ -202,23 +207,26 @@ void FullyShardedDataParallel::after_backward() {
   for (size_t u = 0; u < units_.size(); ++u) {
     if (!units_[u]->unit.block) reduce_gradients(u);
   }
-  // Every reduce-scatter of this micro-batch: average over ranks, accumulate into the shards.
+  for (size_t u = 0; u < units_.size(); ++u)
+    finish_reduce(u);
+}
+
+void FullyShardedDataParallel::finish_reduce(size_t u) {
+  // Average over ranks and accumulate into the shard's gradient (over micro-batches).
   const double scale = 1.0 / comm_.world();
   torch::NoGradGuard no_grad;
-  for (auto& unit : units_) {
-    for (auto& s : unit->segments) {
-      if (!s.reduce) continue;
-      s.reduce->wait();
-      s.reduce.reset();
-      s.reduce_input = torch::Tensor();
-      s.reduced.mul_(scale);
-      if (s.shard.grad().defined()) {
-        s.shard.mutable_grad().add_(s.reduced);
-      } else {
-        s.shard.mutable_grad() = s.reduced;
-      }
-      s.reduced = torch::Tensor();
+  for (auto& s : units_[u]->segments) {
+    if (!s.reduce) continue;
+    s.reduce->wait();
+    s.reduce.reset();
+    s.reduce_input = torch::Tensor();
+    s.reduced.mul_(scale);
+    if (s.shard.grad().defined()) {
+      s.shard.mutable_grad().add_(s.reduced);
+    } else {
+      s.shard.mutable_grad() = s.reduced;
     }
+    s.reduced = torch::Tensor();
   }
 }
 

@@ -1,12 +1,66 @@
 #include "aviary/nn/checkpoint.h"
 
+#include <ATen/Context.h>
 #include <ATen/autocast_mode.h>
 #include <torch/autograd.h>
+
+#include <mutex>
 
 #include "aviary/ops/autocast.h"
 
 namespace aviary::nn {
 namespace {
+
+// Turns autocast's weight cache off for a scope. The cache keeps the low-precision copy of every
+// weight it casts until the outermost autocast region ends (after the loss); a checkpointed
+// forward keeps nothing for backward, so with the cache on it would hold a bf16 copy of every
+// block's weights at once (FSDP's gathered blocks included) for no use.
+class NoAutocastCache {
+ public:
+  NoAutocastCache() : was_(at::autocast::is_autocast_cache_enabled()) {
+    at::autocast::set_autocast_cache_enabled(false);
+  }
+  ~NoAutocastCache() { at::autocast::set_autocast_cache_enabled(was_); }
+  NoAutocastCache(const NoAutocastCache&) = delete;
+  NoAutocastCache& operator=(const NoAutocastCache&) = delete;
+
+ private:
+  bool was_;
+};
+
+// The state of the random generator that dropout on `device` draws from. The re-run in backward
+// must draw the same dropout masks as the forward (LoRA's adapters drop out their inputs), as
+// torch.utils.checkpoint's preserve_rng_state does.
+at::Generator generator_for(const c10::Device& device) {
+  return at::globalContext().defaultGenerator(device);
+}
+
+torch::Tensor rng_state(const c10::Device& device) {
+  auto gen = generator_for(device);
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  return gen.get_state();
+}
+
+void set_rng_state(const c10::Device& device, const torch::Tensor& state) {
+  auto gen = generator_for(device);
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  gen.set_state(state);
+}
+
+// Puts the generator back as it was when the scope began (the re-run must not move the stream
+// that the rest of training draws from).
+class RestoreRngState {
+ public:
+  explicit RestoreRngState(const c10::Device& device)
+      : device_(device), state_(rng_state(device)) {}
+  ~RestoreRngState() { set_rng_state(device_, state_); }
+  RestoreRngState(const RestoreRngState&) = delete;
+  RestoreRngState& operator=(const RestoreRngState&) = delete;
+
+ private:
+  c10::Device device_;
+  torch::Tensor state_;
+};
 
 struct BlockCheckpoint : public torch::autograd::Function<BlockCheckpoint> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
@@ -23,10 +77,12 @@ struct BlockCheckpoint : public torch::autograd::Function<BlockCheckpoint> {
     ctx->saved_data["sin"] = sin;
     ctx->saved_data["causal"] = mask.causal;
     ctx->saved_data["mask"] = mask.mask ? c10::IValue(*mask.mask) : c10::IValue();
+    ctx->saved_data["rng_state"] = rng_state(x.device());
     ctx->saved_data["autocast"] = at::autocast::is_autocast_enabled(device);
     ctx->saved_data["autocast_dtype"] =
         static_cast<int64_t>(at::autocast::get_autocast_dtype(device));
     torch::NoGradGuard no_grad;
+    NoAutocastCache no_cache;
     if (hooks) hooks->before_forward(*block);
     auto y = block->forward(x, {cos, sin}, mask, nullptr, 0);
     if (hooks) hooks->after_forward(*block);
@@ -47,6 +103,8 @@ struct BlockCheckpoint : public torch::autograd::Function<BlockCheckpoint> {
     if (!ctx->saved_data["mask"].isNone()) mask.mask = ctx->saved_data["mask"].toTensor();
     torch::Tensor y;
     {
+      RestoreRngState restore(x.device());
+      set_rng_state(x.device(), ctx->saved_data["rng_state"].toTensor());
       torch::AutoGradMode grad(true);
       ops::AutocastGuard autocast(
           x.device().type(), ctx->saved_data["autocast"].toBool(),
@@ -67,8 +125,18 @@ struct BlockCheckpoint : public torch::autograd::Function<BlockCheckpoint> {
 torch::Tensor checkpointed_block(DecoderBlockImpl& block, const torch::Tensor& x,
                                  const ops::RopeTables& rope, const AttentionMask& mask,
                                  BlockHooks* hooks) {
-  if (!torch::GradMode::is_enabled() || !x.requires_grad()) {
-    return block.forward(x, rope, mask, nullptr, 0);
+  if (!torch::GradMode::is_enabled()) return block.forward(x, rope, mask, nullptr, 0);
+  if (!x.requires_grad()) {
+    // Block 0 under LoRA: the frozen embedding's output needs no gradient, but the block's
+    // adapters do. The Function records a backward only for an input that requires grad, so give
+    // it one (its gradient is computed and dropped); otherwise the block would run plainly and
+    // keep all of its activations. A block with nothing to train keeps nothing anyway.
+    bool trainable = false;
+    for (const auto& p : block.parameters())
+      trainable = trainable || p.requires_grad();
+    if (!trainable) return block.forward(x, rope, mask, nullptr, 0);
+    return BlockCheckpoint::apply(x.detach().requires_grad_(true), rope.cos, rope.sin, &block, mask,
+                                  hooks);
   }
   return BlockCheckpoint::apply(x, rope.cos, rope.sin, &block, mask, hooks);
 }

@@ -13,6 +13,7 @@
 #include "aviary/dist/data_parallel.h"
 #include "aviary/dist/fsdp.h"
 #include "aviary/train/lm_loss.h"
+#include "aviary/train/lora_config.h"
 #include "aviary/train/memory_plan.h"
 #include "aviary/train/model_spec.h"
 #include "aviary/train/optimizer.h"
@@ -121,10 +122,15 @@ class Step {
     fsdp_wrapped_ = wrapped && in.strategy == "fsdp";
     model_->set_activation_checkpointing(in.activation_checkpointing || fsdp_wrapped_);
     model_->train();
-    for (const auto& item : model_->named_parameters()) {
-      named_.emplace_back(item.key(), item.value());
-      params_.push_back(item.value());
+    if (in.lora.enabled) {
+      // As Trainer::State::add_lora_to_frozen_base: only the adapters train.
+      named_ = freeze_base_and_add_lora(*model_, in.lora, in.precision == "bf16", torch::kCPU, 99);
+    } else {
+      for (const auto& item : model_->named_parameters())
+        named_.emplace_back(item.key(), item.value());
     }
+    for (const auto& item : named_)
+      params_.push_back(item.second);
     if (fsdp_wrapped_) {
       // As Trainer::State::build_fsdp: one unit per block, the rest in the root unit.
       std::vector<dist::FullyShardedDataParallel::Unit> units;

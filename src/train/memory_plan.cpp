@@ -4,6 +4,9 @@
 #include "aviary/train/memory_plan.h"
 
 #include <algorithm>
+#include <filesystem>
+#include <string>
+#include <tuple>
 #include <vector>
 
 #include "aviary/core/error.h"
@@ -59,6 +62,53 @@ struct Shapes {
     }
     sizes.push_back(hidden);
     if (!tied) sizes.push_back(vocab * hidden);
+    return sizes;
+  }
+};
+
+// LoRA's adapters (train/lora_config.h): which projections carry one and their sizes.
+struct LoraShapes {
+  bool enabled = false;
+  bool bf16_base = false;  // base_dtype resolved: projections (and an untied lm_head) in bf16
+  bool dropout = false;    // dropout > 0: each adapter drops out its own copy of its input
+  int64_t r = 0;
+  bool q = false, k = false, v = false, o = false, gate = false, up = false, down = false;
+  std::vector<int64_t> block_sizes;  // one block's lora_A / lora_B, in registration order
+  int64_t block = 0;                 // their sum
+  int64_t adapted = 0;               // adapted projections per block
+
+  LoraShapes(const Shapes& s, const MemoryPlanInputs& in) {
+    const auto& lora = in.lora;
+    if (!lora.enabled) return;
+    enabled = true;
+    bf16_base = lora.base_dtype == "bf16" || (lora.base_dtype == "auto" && in.precision == "bf16");
+    dropout = lora.adapter.dropout > 0;
+    r = lora.adapter.r;
+    auto has = [&](const char* name) {
+      return std::find(lora.adapter.targets.begin(), lora.adapter.targets.end(), name) !=
+             lora.adapter.targets.end();
+    };
+    q = has("q_proj"), k = has("k_proj"), v = has("v_proj"), o = has("o_proj");
+    gate = has("gate_proj"), up = has("up_proj"), down = has("down_proj");
+    // Module order: q k v o (attention), gate up down (MLP); lora_A [r, in], lora_B [out, r].
+    const std::vector<std::tuple<bool, int64_t, int64_t>> projections = {
+        {q, s.hidden, s.q},       {k, s.hidden, s.kv},       {v, s.hidden, s.kv},
+        {o, s.q, s.hidden},       {gate, s.hidden, s.inter}, {up, s.hidden, s.inter},
+        {down, s.inter, s.hidden}};
+    for (const auto& [on, in_features, out_features] : projections) {
+      if (!on) continue;
+      block_sizes.push_back(r * in_features);
+      block_sizes.push_back(out_features * r);
+      block += r * (in_features + out_features);
+      ++adapted;
+    }
+  }
+
+  // Trainable parameters in registration order (what DataParallel sees).
+  std::vector<int64_t> parameter_sizes(int64_t layers) const {
+    std::vector<int64_t> sizes;
+    for (int64_t l = 0; l < layers; ++l)
+      sizes.insert(sizes.end(), block_sizes.begin(), block_sizes.end());
     return sizes;
   }
 };
@@ -177,6 +227,8 @@ struct ActivationTerms {
   int64_t layer = 0;                   // one block's saved tensors, its input included
   int64_t layer_input = 0;             // the block input alone (what a checkpoint keeps)
   int64_t layer_weight_casts = 0;      // bf16 copies of one block's matrices (bf16 only)
+  int64_t first_layer_discount = 0;    // what block 0 does not keep (LoRA: its input needs no
+                                       // gradient)
   int64_t head = 0;                    // final norm + lm_head + cross-entropy saved tensors
   int64_t shared = 0;                  // rope tables, document mask: one copy for every layer
   int64_t ce_backward = 0;             // cross-entropy backward beyond the saved log-probabilities
@@ -186,6 +238,64 @@ struct ActivationTerms {
   int64_t head_forward_transient = 0;  // bf16 logits (bf16 only), before the cross-entropy
   int64_t block_forward = 0;           // one block's forward temporaries (no gradients)
 };
+
+// LoRA replaces the block, head and backward terms (the rest is as in full training). A frozen
+// weight needs no saved input, so only what a gradient still flows through is kept:
+//   every block      the norms' input and rstd (no normalised copy: the weight is frozen); SDPA
+//                    as in full training; SwiGLU's gate output, silu(gate) and up
+//   adapter inputs   lora_A keeps its input for its own gradient: without dropout the shared
+//                    norm output (fp32, once) or, under bf16, autocast's per-call bf16 cast (once
+//                    per adapter); with dropout each adapter drops out its own copy, keeping the
+//                    result (bf16: its cast) and dropout's scale mask (CPU: a tensor in the input's
+//                    dtype; CUDA: a bool mask). o_proj's input is SDPA's output, kept anyway;
+//                    down_proj's is the SwiGLU product, kept only for its adapter
+//   adapter outputs  lora_A's output [N, r] (kept by lora_B)
+//   weights          frozen bf16 weights are used as they are; frozen fp32 ones under bf16
+//                    autocast are cast per call (not cached: autocast caches leaves that need a
+//                    gradient) and the matmul keeps the cast for the input's gradient
+//   block 0          its input, the embedding output, needs no gradient: its first norm keeps
+//                    nothing and its q/k/v dropouts keep no mask
+// Backward: no weight gradient is in transit, only input gradients.
+void lora_activation_terms(const Shapes& s, const MemoryPlanInputs& in, ActivationTerms& t) {
+  const LoraShapes lora(s, in);
+  const bool bf16 = in.precision == "bf16";
+  const bool cuda = in.device == "cuda";
+  const int64_t n = in.micro_batch * in.seq_len;
+  const int64_t h = s.hidden, i = s.inter, v = s.vocab;
+  const int64_t e = bf16 ? kBF16 : kF32;  // the matmuls' dtype: SDPA and SwiGLU tensors
+  // Per token: the norms' inputs and rstd, SDPA, SwiGLU's gate output, silu(gate) and up.
+  const int64_t sdpa =
+      bf16 ? 4 * s.q + 4 * s.kv + 4 * s.heads : kF32 * (2 * s.q + 2 * s.kv + s.heads);
+  int64_t per_token = 2 * (kF32 * h + kF32) + sdpa + 3 * e * i;
+  // A group of adapters on one shared fp32 norm output (q/k/v, or gate/up) of width h.
+  const int64_t norm_noise = cuda ? 1 : kF32;
+  auto norm_group = [&](int adapted) -> int64_t {
+    if (adapted == 0) return 0;
+    if (lora.dropout) return adapted * (norm_noise + e) * h;
+    return bf16 ? adapted * kBF16 * h : kF32 * h;
+  };
+  const int qkv = int{lora.q} + int{lora.k} + int{lora.v};
+  per_token += norm_group(qkv) + norm_group(int{lora.gate} + int{lora.up});
+  // o_proj and down_proj take tensors in the matmul dtype.
+  const int64_t noise = cuda ? 1 : e;
+  if (lora.o && lora.dropout) per_token += (noise + e) * s.q;
+  if (lora.down) per_token += lora.dropout ? (noise + e) * i : e * i;
+  per_token += lora.adapted * e * lora.r;
+  const bool fp32_base = !lora.bf16_base;
+  t.layer_weight_casts =
+      bf16 ? kBF16 * lora.block + (fp32_base ? kBF16 * s.block_matrices() : 0) : 0;
+  t.layer = n * per_token + t.layer_weight_casts;
+  t.first_layer_discount = n * (kF32 * h + kF32 + (lora.dropout ? qkv * norm_noise * h : 0));
+  // Head: the final norm's input and rstd, the log-probabilities, the targets; lm_head keeps the
+  // bf16 cast of an fp32 weight (tied, or an fp32 base) for its input's gradient.
+  const bool lm_head_fp32 = s.tied || fp32_base;
+  t.head = kF32 * n * (h + 1 + v) + kI64 * n + (bf16 && lm_head_fp32 ? kBF16 * v * h : 0);
+  t.head_backward = bf16 ? kBF16 * n * h + kF32 * n * h : kF32 * n * h;
+  t.layer_backward = bf16
+                         ? kF32 * n * h + std::max(2 * kBF16 * n * i, kBF16 * n * h + kBF16 * n * i)
+                         : kF32 * n * h + 2 * kF32 * n * i;
+  t.layer_backward_fresh = t.layer_backward;
+}
 
 ActivationTerms activation_terms(const Shapes& s, const MemoryPlanInputs& in) {
   const bool bf16 = in.precision == "bf16";
@@ -249,6 +359,7 @@ ActivationTerms activation_terms(const Shapes& s, const MemoryPlanInputs& in) {
   // and the norm's output m.
   const int64_t e = bf16 ? kBF16 : kF32;
   t.block_forward = 4 * e * n * i + e * n * h + 2 * kF32 * n * h;
+  if (in.lora.enabled) lora_activation_terms(s, in, t);
   return t;
 }
 
@@ -270,7 +381,7 @@ ActivationPeaks activation_peaks(const Shapes& s, const MemoryPlanInputs& in, bo
     // Every block's saved tensors live until its backward; the loss head's backward runs on top
     // of all of them (cross-entropy's gradients or lm_head's), then each block's backward frees
     // more than it adds. The forward never holds more than the start of backward.
-    const int64_t saved = layers * t.layer + t.head + t.shared;
+    const int64_t saved = layers * t.layer - t.first_layer_discount + t.head + t.shared;
     p.head = saved + std::max(t.ce_backward, t.head_backward);
     p.blocks = saved - t.head + layer_backward;
     return p;
@@ -281,17 +392,15 @@ ActivationPeaks activation_peaks(const Shapes& s, const MemoryPlanInputs& in, bo
   const int64_t inputs = layers * t.layer_input + t.shared;
   p.head = inputs + t.head + std::max(t.ce_backward, t.head_backward);
   p.blocks = inputs + t.layer - t.layer_input + layer_backward + t.layer_input;
-  // The forward: the block inputs so far and one block's temporaries; under bf16 autocast also
-  // the cache of bf16 weight copies. Autocast keeps the copy of every weight it casts until the
-  // outermost autocast region ends (causal_lm_loss's, after lm_head); the checkpointed forward
-  // runs without gradients but the cache still fills, so by the last block every block's bf16
-  // weights are alive at once, and still are next to the head's tensors and the bf16 logits.
-  const int64_t casts = in.precision == "bf16" ? layers * t.layer_weight_casts : 0;
-  p.forward = inputs + casts + t.block_forward;
-  if (in.precision == "bf16") {
-    p.forward =
-        std::max(p.forward, inputs + casts + t.head - kF32 * in.micro_batch * in.seq_len * s.vocab +
-                                t.head_forward_transient);
+  // The forward: the block inputs so far and one block's temporaries. The checkpointed forward
+  // runs with autocast's weight cache off (nn/checkpoint.cpp), so under bf16 each matmul casts its
+  // weight for the call only: one matrix at a time (the largest, an MLP one, bounds it). Then the
+  // loss head: its tensors and the bf16 logits.
+  const bool bf16 = in.precision == "bf16";
+  p.forward = inputs + t.block_forward + (bf16 ? kBF16 * s.hidden * s.inter : 0);
+  if (bf16) {
+    p.forward = std::max(p.forward, inputs + t.head - kF32 * in.micro_batch * in.seq_len * s.vocab +
+                                        t.head_forward_transient);
   }
   return p;
 }
@@ -314,6 +423,16 @@ void check_inputs(const MemoryPlanInputs& in) {
     throw_invalid("unknown reduce dtype '" + in.reduce_dtype + "'", "parallel.reduce_dtype",
                   "fp32 or bf16");
   }
+  if (in.lora.enabled) {
+    if (in.strategy == "fsdp" && in.world > 1) {
+      throw_invalid("fsdp with LoRA is refused by the trainer", "parallel.strategy",
+                    "use ddp, zero1 or zero2: the adapters are small");
+    }
+    if (in.lora.base_dtype == "bf16" && in.precision != "bf16") {
+      throw_invalid("a bf16 base needs bf16 compute", "lora.base_dtype",
+                    "set train.precision: bf16 or lora.base_dtype: auto");
+    }
+  }
 }
 
 }  // namespace
@@ -321,10 +440,19 @@ void check_inputs(const MemoryPlanInputs& in) {
 MemoryPlan plan_memory(const AquilaConfig& config, const MemoryPlanInputs& in) {
   check_inputs(in);
   const Shapes s(config);
-  const int64_t params = s.total();
+  const LoraShapes lora(s, in);
+  // Trainable parameters (gradients, AdamW state, what the strategies reduce), and the bytes of
+  // every parameter: fp32, except a LoRA base stored in bf16 (its projections and an untied
+  // lm_head; embeddings and norms stay fp32).
+  const int64_t params = lora.enabled ? s.layers * lora.block : s.total();
+  const int64_t bf16_base_elements =
+      lora.bf16_base ? s.layers * s.block_matrices() + (s.tied ? 0 : s.vocab * s.hidden) : 0;
+  const int64_t weight_bytes = kF32 * (s.total() - bf16_base_elements) +
+                               kBF16 * bf16_base_elements + kF32 * (lora.enabled ? params : 0);
   MemoryPlan plan;
   plan.strategy = in.strategy;
   plan.world = in.world;
+  plan.trainable = params;
   // The trainer wraps the model only when world > 1; fsdp then forces checkpointing.
   const bool wrapped = in.world > 1;
   const bool fsdp = wrapped && in.strategy == "fsdp";
@@ -346,7 +474,7 @@ MemoryPlan plan_memory(const AquilaConfig& config, const MemoryPlanInputs& in) {
     // One process: fp32 parameters, their .grad, AdamW's two moments. Clipping (per-tensor norms)
     // and the fused AdamW allocate nothing of note. The gradients are held under the activations
     // with accumulation; without it they grow as the activations shrink (an upper bound then).
-    plan.weights = kF32 * params;
+    plan.weights = weight_bytes;
     plan.gradients = plan.gradients_after_sync = kF32 * params;
     plan.optimizer = 2 * kF32 * params;
     plan.total = plan.weights + plan.gradients + plan.optimizer + act.max();
@@ -360,10 +488,10 @@ MemoryPlan plan_memory(const AquilaConfig& config, const MemoryPlanInputs& in) {
     const int64_t reduce_bytes = in.reduce_dtype == "bf16" ? kBF16 : kF32;
     const bool sharded = in.strategy == "zero1" || in.strategy == "zero2";
     const bool zero2 = in.strategy == "zero2";
-    const auto sizes = s.parameter_sizes();
+    const auto sizes = lora.enabled ? lora.parameter_sizes(s.layers) : s.parameter_sizes();
     const auto owners = assign_owners(sizes, in.world, sharded);
     const int64_t busiest = *std::max_element(owners.owned.begin(), owners.owned.end());
-    plan.weights = kF32 * params;
+    plan.weights = weight_bytes;
     plan.gradients = kF32 * params + reduce_bytes * params;
     // After the sync: ddp / zero1 keep every averaged gradient; zero2 only its owner's.
     plan.gradients_after_sync = kF32 * (zero2 ? busiest : params);
@@ -376,9 +504,12 @@ MemoryPlan plan_memory(const AquilaConfig& config, const MemoryPlanInputs& in) {
     // buffer is out, and with accumulation the new gradient is in transit to .grad (beside the
     // gradient reaching the embedding).
     const int64_t tokens = in.micro_batch * in.seq_len;
-    const int64_t embedding_backward = kF32 * params + reduce_bytes * (params - buckets.last) +
-                                       kF32 * tokens * s.hidden +
-                                       (in.accumulation > 1 ? kF32 * s.vocab * s.hidden : 0);
+    // (LoRA: the embedding is frozen and gets no gradient; the last buffer lands with the rest.)
+    const int64_t embedding_backward =
+        lora.enabled
+            ? plan.gradients
+            : kF32 * params + reduce_bytes * (params - buckets.last) + kF32 * tokens * s.hidden +
+                  (in.accumulation > 1 ? kF32 * s.vocab * s.hidden : 0);
     for (int64_t r = 0; r < in.world; ++r) {
       const auto rank = static_cast<size_t>(r);
       const int64_t after = kF32 * (zero2 ? owners.owned[rank] : params);
@@ -403,30 +534,35 @@ MemoryPlan plan_memory(const AquilaConfig& config, const MemoryPlanInputs& in) {
     const int64_t block = kF32 * f.block_padded;
     const int64_t gathered_blocks = std::min<int64_t>(2, s.layers) * block;
     plan.weights = kF32 * (f.shard + f.root_padded) + gathered_blocks;
-    // reduce_gradients() builds a zero-padded flat copy of each unit's gradients for its
-    // reduce-scatter and keeps it (reduce_input) until after_backward() has waited for every
-    // unit. The peak is the root unit's turn, last: every block's flat and reduce-scatter output
-    // (shard-sized), the shard gradients of earlier micro-batches, the root unit's own .grad (its
-    // parameters stay gathered, so autograd accumulates their full gradients during the whole
-    // backward) and its new flat, before those gradients are released one by one.
+    // reduce_gradients() builds a zero-padded flat copy of a unit's gradients for its
+    // reduce-scatter, after completing the previous unit's (whose flat goes then): one flat at a
+    // time. The peak is the root unit's turn, last: the blocks' shard gradients, the root unit's
+    // own .grad (its parameters stay gathered, so autograd accumulates their full gradients during
+    // the whole backward), its new flat and its reduce-scatter output.
     const int64_t held = kF32 * (in.accumulation > 1 ? f.shard : 0);
-    plan.gradients = kF32 * (f.padded + s.layers * f.block_shard + s.root()) + held;
+    // The blocks' reduce-scatter outputs become their shards' .grad (first micro-batch) or are
+    // added to the held ones.
+    const int64_t new_block_grads = in.accumulation > 1 ? 0 : s.layers * f.block_shard;
+    plan.gradients =
+        kF32 * (s.root() + f.root_padded + f.root_padded / in.world + new_block_grads) + held;
     plan.gradients_after_sync = kF32 * f.shard;
     plan.optimizer = 2 * kF32 * f.shard;
     // Moments of the last micro-batch. Held throughout: the shard gradients of earlier
     // micro-batches. From the loss head's backward on: lm_head's .grad (its gradient in transit
     // in the head's peak). In a block's backward its weight gradients are new tensors (they are
-    // dropped after its reduce-scatter). Each block done leaves its flat and its reduce-scatter
-    // output behind and frees its checkpointed input; the first block re-run (two blocks
+    // dropped after its reduce-scatter). Each block done leaves its shard gradient (first
+    // micro-batch) and frees its checkpointed input; from the second block on, the previous
+    // block's flat and reduce-scatter output are in flight. The first block re-run (two blocks
     // gathered) and the last one (one) bound the phase.
     const auto fresh = activation_peaks(s, in, true, /*fresh_block_gradients=*/true);
     const int64_t base = plan.weights + plan.optimizer + held;
     const int64_t lm_head_grad = kF32 * s.vocab * s.hidden;
     const int64_t first_block = base + lm_head_grad + fresh.blocks;
-    const int64_t last_block =
-        first_block - (gathered_blocks - std::min<int64_t>(1, s.layers) * block) +
-        (s.layers - 1) *
-            (kF32 * (f.block_padded + f.block_shard) - activation_terms(s, in).layer_input);
+    const int64_t last_block = first_block -
+                               (gathered_blocks - std::min<int64_t>(1, s.layers) * block) +
+                               (s.layers > 1 ? kF32 * (f.block_padded + f.block_shard) : 0) +
+                               (s.layers - 1) * (kF32 * (in.accumulation > 1 ? 0 : f.block_shard) -
+                                                 activation_terms(s, in).layer_input);
     // After backward: no block gathered, every reduction buffer; then clipping squares each
     // shard gradient in fp64 (16 bytes per element of the largest segment slice).
     const int64_t end = plan.weights - gathered_blocks + plan.optimizer + plan.gradients;
@@ -438,12 +574,32 @@ MemoryPlan plan_memory(const AquilaConfig& config, const MemoryPlanInputs& in) {
   return plan;
 }
 
-PlanConfig read_plan_config(const Json& config, const std::string& source, int64_t world) {
+PlanConfig read_plan_config(const Json& config, const std::string& source, int64_t world,
+                            const std::string& model_override) {
   if (world < 1) throw_invalid("world must be >= 1", "nproc");
   PlanConfig out;
   ConfigReader root(config, "", source);
-  auto model = root.child("model");
-  out.model = CausalLMSpec::from_section(model).config;
+  if (!model_override.empty()) {
+    // Shapes from a preset or an HF directory instead of the model section (which is still
+    // read, so that its keys are checked, unless it names a checkpoint that is not here yet).
+    std::error_code ec;
+    Json section = std::filesystem::is_directory(model_override, ec)
+                       ? Json{{"init_from", model_override}}
+                       : Json{{"preset", model_override}};
+    ConfigReader override_reader(section, "model", "--model " + model_override);
+    out.model = CausalLMSpec::from_section(override_reader).config;
+    root.child("model");  // marks the section as known
+  } else {
+    auto model = root.child("model");
+    try {
+      out.model = CausalLMSpec::from_section(model).config;
+    } catch (const Error& e) {
+      if (e.kind() != ErrorKind::kNotFound) throw;
+      throw Error(e.kind(), e.message(), e.context(),
+                  "a plan needs only the shapes: pass --model with a preset (e.g. --model "
+                  "aquila-7b, see `aviary info`) or a directory holding the model's config.json");
+    }
+  }
   auto data = root.child("data");
   auto train = root.child("train");
   auto parallel = root.child("parallel");
@@ -471,11 +627,9 @@ PlanConfig read_plan_config(const Json& config, const std::string& source, int64
       parallel.get_choice("strategy", {"ddp", "zero1", "zero2", "fsdp"}, std::string("ddp"));
   in.bucket_mb = parallel.get_double("bucket_mb", 25.0, 0.001);
   in.reduce_dtype = parallel.get_choice("reduce_dtype", {"fp32", "bf16"}, std::string("fp32"));
-  if (config.contains("lora") && !config["lora"].is_null()) {
-    out.notes.push_back(source +
-                        ": the lora section is not modelled; the plan is for full "
-                        "training of every parameter");
-  }
+  auto lora = root.child("lora");
+  in.lora =
+      LoraTrainingConfig::from_section(lora, config.contains("lora") && !config["lora"].is_null());
   if (in.seq_len > out.model.max_position_embeddings) {
     throw_invalid("seq_len " + std::to_string(in.seq_len) +
                       " is longer than the model's max_position_embeddings " +
@@ -488,6 +642,7 @@ PlanConfig read_plan_config(const Json& config, const std::string& source, int64
 Json MemoryPlan::to_json() const {
   Json j = {{"strategy", strategy},
             {"world", world},
+            {"trainable", trainable},
             {"weights", weights},
             {"gradients", gradients},
             {"gradients_after_sync", gradients_after_sync},

@@ -97,6 +97,85 @@ TEST(MemoryPlan, AgreesWithMeasuredStepWithin10Percent) {
   }
 }
 
+LoraTrainingConfig lora_config(std::vector<std::string> targets, double dropout,
+                               const char* base_dtype = "auto") {
+  LoraTrainingConfig lora;
+  lora.enabled = true;
+  lora.adapter.r = 4;
+  lora.adapter.alpha = 8;
+  lora.adapter.dropout = dropout;
+  lora.adapter.targets = std::move(targets);
+  lora.base_dtype = base_dtype;
+  return lora;
+}
+
+// LoRA: a frozen base (bf16 under bf16 autocast), adapters on some or all projections, with and
+// without dropout (which keeps a mask and an input copy per adapter): the same 10% bound.
+TEST(MemoryPlan, LoraAgreesWithMeasuredStepWithin10Percent) {
+  OneThread one_thread;
+  const std::vector<std::string> all = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
+                                        "gate_proj", "up_proj", "down_proj"};
+  struct LoraCase {
+    const char* name;
+    AquilaConfig config;
+    int64_t micro_batch, seq_len;
+    const char* precision;
+    LoraTrainingConfig lora;
+  };
+  const std::vector<LoraCase> cases = {
+      {"all-fp32", tiny(64, 176, 4, 2, 512), 4, 64, "fp32", lora_config(all, 0.0)},
+      {"all-dropout-fp32", tiny(128, 352, 4, 4, 1000), 2, 128, "fp32", lora_config(all, 0.1)},
+      {"qv-fp32", tiny(96, 256, 6, 2, 320), 3, 96, "fp32", lora_config({"q_proj", "v_proj"}, 0.05)},
+      {"all-bf16-base", tiny(64, 176, 4, 2, 512), 4, 64, "bf16", lora_config(all, 0.0)},
+      {"all-dropout-bf16", tiny(64, 176, 4, 2, 512), 4, 64, "bf16", lora_config(all, 0.1)},
+      {"qv-bf16-fp32-base", tiny(64, 176, 4, 2, 512), 4, 64, "bf16",
+       lora_config({"q_proj", "v_proj"}, 0.0, "fp32")}};
+  for (const auto& c : cases) {
+    for (bool checkpointing : {false, true}) {
+      MemoryPlanInputs in;
+      in.micro_batch = c.micro_batch;
+      in.seq_len = c.seq_len;
+      in.activation_checkpointing = checkpointing;
+      in.precision = c.precision;
+      in.accumulation = 2;
+      in.lora = c.lora;
+      const auto plan = plan_memory(c.config, in);
+      const auto got = measure_training_step(c.config, in);
+      const int64_t planned_act =
+          checkpointing ? plan.activations_checkpointed : *plan.activations_full;
+      SCOPED_TRACE(std::string(c.name) + (checkpointing ? " ckpt on" : " ckpt off") + ": planned " +
+                   plan.to_json().dump() + " measured " + got.to_json().dump());
+      EXPECT_LT(plan.trainable, c.config.num_parameters() / 4);
+      EXPECT_LT(relative_error(plan.weights, got.weights), 0.01);
+      EXPECT_LT(relative_error(plan.gradients, got.gradients), 0.01);
+      EXPECT_LT(relative_error(plan.optimizer, got.optimizer), 0.01);
+      EXPECT_LT(relative_error(planned_act, got.activations), 0.10);
+      EXPECT_LT(relative_error(plan.total, got.total), 0.10);
+    }
+  }
+}
+
+TEST(MemoryPlan, LoraNeedsLessThanFullTrainingAndRefusesFsdp) {
+  const auto c = tiny(128, 352, 4, 2, 1000);
+  MemoryPlanInputs in;
+  in.micro_batch = 2;
+  in.seq_len = 128;
+  const auto full = plan_memory(c, in);
+  in.lora = lora_config({"q_proj", "v_proj"}, 0.0);
+  const auto lora = plan_memory(c, in);
+  EXPECT_EQ(lora.trainable, 2 * (4 * (128 + 128) + 4 * (128 + 64)));
+  EXPECT_EQ(lora.optimizer, 2 * 4 * lora.trainable);
+  EXPECT_LT(lora.total, full.total);
+  EXPECT_LT(*lora.activations_full, *full.activations_full);
+  in.world = 2;
+  in.strategy = "fsdp";
+  auto e = test::expect_error(ErrorKind::kInvalidArgument, [&] { plan_memory(c, in); });
+  EXPECT_NE(std::string(e.what()).find("parallel.strategy"), std::string::npos) << e.what();
+  in.strategy = "zero2";
+  const auto zero2 = plan_memory(c, in);
+  EXPECT_LE(zero2.optimizer, lora.optimizer);
+}
+
 TEST(MemoryPlan, CheckpointingSavesActivations) {
   const auto c = tiny(128, 352, 4, 4, 1000);
   MemoryPlanInputs in;
@@ -244,12 +323,12 @@ TEST(MemoryPlanSharded, FsdpShardsArePaddedSegments) {
     SCOPED_TRACE("fsdp x" + std::to_string(world));
     EXPECT_EQ(plan.optimizer, 8 * shard);
     EXPECT_EQ(plan.weights, 4 * (shard + padded_root + 2 * padded_block));
-    // Every unit's padded reduce-scatter input, the blocks' reduce-scatter outputs and the root
-    // unit's full .grad, at the root unit's turn after backward.
+    // At the root unit's turn after backward: the blocks' shard gradients (their reduce-scatter
+    // outputs; one block's flat at a time, done by then), the root unit's full .grad, its padded
+    // flat and its reduce-scatter output.
     const int64_t block_shard = ceil_div(block_decay) + ceil_div(2 * h);
-    EXPECT_EQ(
-        plan.gradients,
-        4 * (padded_root + c.num_hidden_layers * (padded_block + block_shard) + (root_decay + h)));
+    EXPECT_EQ(plan.gradients, 4 * (c.num_hidden_layers * block_shard + (root_decay + h) +
+                                   padded_root + padded_root / world));
     EXPECT_EQ(plan.gradients_after_sync, 4 * shard);
     EXPECT_TRUE(plan.checkpointing);  // forced, as the trainer does
     EXPECT_FALSE(plan.activations_full.has_value());
@@ -369,6 +448,20 @@ TEST(MemoryPlanCli, PrintsEveryStrategyAndRefusesMeasureAcrossRanks) {
   EXPECT_EQ(j["precision"], "bf16");
   EXPECT_EQ(j["plans"].size(), 4u);
   EXPECT_EQ(j["plans"][3]["strategy"], "fsdp");
+
+  // A LoRA config whose init_from is not downloaded: the error points to --model, which plans it
+  // (adapters only; fsdp is refused with LoRA, so it has no table).
+  const std::string lora = std::string(AVIARY_SOURCE_DIR) + "/configs/aquila-7b-lora.yaml";
+  r = test::run_cli("plan --config " + lora + " --nproc 2");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find("--model"), std::string::npos) << r.output;
+  r = test::run_cli("plan --config " + lora + " --nproc 2 --model aquila-7b");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  for (const char* s : {"LoRA r 8 on 7 projections", "### ddp x 2 (the config's strategy)",
+                        "fsdp: refused with LoRA", "frozen base in bf16"}) {
+    EXPECT_NE(r.output.find(s), std::string::npos) << s << "\n" << r.output;
+  }
+  EXPECT_EQ(r.output.find("### fsdp"), std::string::npos) << r.output;
 }
 
 }  // namespace

@@ -19,6 +19,7 @@ namespace {
 
 struct PlanArgs {
   std::string config;
+  std::string model;
   std::vector<std::string> overrides;
   int64_t nproc = 1;
   bool json = false;
@@ -54,7 +55,16 @@ struct RowNotes {
   const char* optimizer;
 };
 
-RowNotes notes_for(const std::string& strategy, bool wrapped) {
+RowNotes notes_for(const std::string& strategy, bool wrapped, bool lora, bool bf16_base) {
+  if (lora) {
+    const char* weights = bf16_base ? "frozen base in bf16 (embeddings, norms fp32) + fp32 adapters"
+                                    : "frozen fp32 base + fp32 adapters";
+    if (!wrapped) return {weights, "the adapters' .grad", "AdamW moments of the adapters"};
+    if (strategy == "ddp")
+      return {weights, "the adapters' .grad + bucket buffers", "AdamW moments of the adapters"};
+    return {weights, "the adapters' .grad + bucket buffers",
+            "AdamW moments of the adapters owned (busiest rank)"};
+  }
   if (!wrapped) return {"fp32 parameters", ".grad", "AdamW moments (2 x fp32)"};
   if (strategy == "ddp")
     return {"fp32 parameters", ".grad + every bucket's flat buffer",
@@ -67,12 +77,16 @@ RowNotes notes_for(const std::string& strategy, bool wrapped) {
             ".grad + every bucket's flat buffer (other owners' dropped after backward)",
             "AdamW moments, parameters owned (busiest rank)"};
   return {"shard + root unit + 2 gathered blocks",
-          "every unit's padded reduce-scatter input (all kept to the end of backward) + root .grad",
+          "shard .grad + the root unit's .grad and flat (one unit's flat at a time)",
           "AdamW moments of the shard"};
 }
 
-void print_table(const MemoryPlan& plan, bool wrapped, const std::string& title) {
-  const auto notes = notes_for(plan.strategy, wrapped);
+void print_table(const MemoryPlan& plan, bool wrapped, const MemoryPlanInputs& in,
+                 const std::string& title) {
+  const bool lora = in.lora.enabled;
+  const bool bf16_base =
+      in.lora.base_dtype == "bf16" || (in.lora.base_dtype == "auto" && in.precision == "bf16");
+  const auto notes = notes_for(plan.strategy, wrapped, lora, bf16_base);
   std::printf("### %s\n\n", title.c_str());
   std::printf("| | per rank | what |\n|---|---:|---|\n");
   std::printf("| weights | %s | %s |\n", human(plan.weights).c_str(), notes.weights);
@@ -99,7 +113,7 @@ void run(const PlanArgs& a) {
   Json config = load_config_file(a.config);
   for (const auto& assignment : a.overrides)
     apply_config_override(config, assignment);
-  const PlanConfig run = read_plan_config(config, a.config, a.nproc);
+  const PlanConfig run = read_plan_config(config, a.config, a.nproc, a.model);
   for (const auto& note : run.notes)
     spdlog::warn("{}", note);
   const auto& in = run.inputs;
@@ -110,13 +124,16 @@ void run(const PlanArgs& a) {
                   "measure at --nproc 1; per-rank figures at larger N follow from the same "
                   "formulas and the strategies' sharding");
   }
+  const bool wrapped = a.nproc > 1;
+  const bool lora = in.lora.enabled;
   std::vector<MemoryPlan> plans;
   for (const char* strategy : {"ddp", "zero1", "zero2", "fsdp"}) {
     MemoryPlanInputs inputs = in;
     inputs.strategy = strategy;
+    // The trainer refuses fsdp with LoRA (across ranks): nothing to plan.
+    if (lora && wrapped && inputs.strategy == "fsdp") continue;
     plans.push_back(plan_memory(run.model, inputs));
   }
-  const bool wrapped = a.nproc > 1;
   const int64_t params = run.model.num_parameters();
 
   std::optional<MeasuredMemory> measured;
@@ -146,6 +163,8 @@ void run(const PlanArgs& a) {
                 {"bucket_mb", in.bucket_mb},
                 {"reduce_dtype", in.reduce_dtype},
                 {"config_strategy", in.strategy},
+                {"trainable", own.trainable},
+                {"lora", lora ? in.lora.to_json() : Json(nullptr)},
                 {"plans", Json::array()}};
     for (const auto& p : plans)
       out["plans"].push_back(p.to_json());
@@ -154,10 +173,16 @@ void run(const PlanArgs& a) {
     return;
   }
 
+  std::string lora_note;
+  if (lora) {
+    lora_note = ", LoRA r " + std::to_string(in.lora.adapter.r) + " on " +
+                std::to_string(in.lora.adapter.targets.size()) + " projections (" +
+                count(own.trainable) + " trainable)";
+  }
   std::printf(
-      "Memory plan for %s: %s parameters, %lld rank%s, micro_batch %lld x "
+      "Memory plan for %s: %s parameters%s, %lld rank%s, micro_batch %lld x "
       "seq_len %lld, %s on %s, activation checkpointing %s%s\n",
-      a.config.c_str(), count(params).c_str(), static_cast<long long>(a.nproc),
+      a.config.c_str(), count(params).c_str(), lora_note.c_str(), static_cast<long long>(a.nproc),
       a.nproc == 1 ? "" : "s", static_cast<long long>(in.micro_batch),
       static_cast<long long>(in.seq_len), in.precision.c_str(), in.device.c_str(),
       in.activation_checkpointing ? "on" : "off", in.document_mask ? ", document mask" : "");
@@ -168,13 +193,14 @@ void run(const PlanArgs& a) {
     std::printf(
         "One process: the trainer wraps the model in no strategy, so all four plan the "
         "same step.\n\n");
-    print_table(own, false, "one process (any strategy)");
+    print_table(own, false, in, "one process (any strategy)");
   } else {
     for (const auto& p : plans) {
       std::string title = p.strategy + " x " + std::to_string(a.nproc);
       if (p.strategy == in.strategy) title += " (the config's strategy)";
-      print_table(p, true, title);
+      print_table(p, true, in, title);
     }
+    if (lora) std::printf("fsdp: refused with LoRA by the trainer (the adapters are small).\n\n");
   }
   if (measured) {
     const auto& m = *measured;
@@ -209,6 +235,10 @@ void register_plan(CLI::App& app) {
       "fsdp): weights, gradients, optimizer state, activations with and without checkpointing");
   cmd->add_option("-c,--config", args->config, "YAML or JSON config file (as for train)")
       ->required();
+  cmd->add_option("--model", args->model,
+                  "plan for these shapes instead of the model section's: a preset (e.g. "
+                  "aquila-7b, aquila2-34b; see `aviary info`) or an HF directory with config.json. "
+                  "For fine-tuning configs whose init_from is not downloaded yet");
   cmd->add_option("--nproc", args->nproc, "data-parallel ranks (world size)")
       ->capture_default_str()
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 20));

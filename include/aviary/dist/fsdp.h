@@ -15,7 +15,11 @@
 //   block backward             before: all-gather again (prefetching the block before it), then
 //                              the recompute and its backward; after: the block's gradients are
 //                              reduce-scattered into the shards' .grad (averaged over ranks,
-//                              accumulated over micro-batches) and the block is released
+//                              accumulated over micro-batches) and the block is released. One
+//                              reduce-scatter is in flight at a time: the previous block's
+//                              completes (and its flat input is freed) before the next is issued,
+//                              so it overlaps one block's backward and never holds more than one
+//                              unit's unsharded gradients
 //   after_backward()           reduce-scatter the root unit's gradients
 // Then clip_grad_norm() over the shards, the optimizer steps the shards, end_step() releases the
 // root. materialize() / release() gather and drop every unit (evaluation, checkpoints).
@@ -90,6 +94,7 @@ class FullyShardedDataParallel : public nn::BlockHooks {
   void wait_gathered(size_t unit);
   void release(size_t unit);
   void reduce_gradients(size_t unit);
+  void finish_reduce(size_t unit);  // waits for its reduce-scatters; accumulates into the shards
   size_t unit_of(nn::DecoderBlockImpl& block) const;
 
   Comm& comm_;

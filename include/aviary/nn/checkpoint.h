@@ -5,9 +5,11 @@
 //
 // This is the "reentrant" form (PyTorch's torch.utils.checkpoint with use_reentrant=True): the
 // re-run's backward accumulates straight into the parameters' .grad, which is exactly what
-// gradient accumulation expects. The block must be deterministic (no dropout: the LLaMA blocks
-// have none) and must outlive the backward pass. The autocast state of the forward pass is
-// restored for the re-run, so bf16 training recomputes the same bf16 activations.
+// gradient accumulation expects. The block must outlive the backward pass. The autocast state
+// and the random generator's state of the forward pass are restored for the re-run, so bf16
+// training recomputes the same bf16 activations and dropout (LoRA's) the same masks; the
+// generator is put back afterwards. The checkpointed forward runs with autocast's weight cache
+// off, so it holds no low-precision weight copies.
 #pragma once
 
 #include <torch/types.h>
@@ -32,8 +34,8 @@ class BlockHooks {
 };
 
 // block(x, rope, mask) with activation checkpointing. Falls back to a plain call when gradients
-// are off or x does not require grad (nothing to recompute for). `hooks` (optional) must outlive
-// the backward pass.
+// are off, or when neither x nor any of the block's parameters requires grad (nothing to
+// recompute for). `hooks` (optional) must outlive the backward pass.
 torch::Tensor checkpointed_block(DecoderBlockImpl& block, const torch::Tensor& x,
                                  const ops::RopeTables& rope, const AttentionMask& mask,
                                  BlockHooks* hooks = nullptr);

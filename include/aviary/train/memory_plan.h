@@ -20,7 +20,15 @@
 //                accumulation; without, .grad grows while activations shrink: an upper bound).
 // Not counted: the CUDA caching allocator's fragmentation and workspaces (cuBLAS, NCCL), the
 // communication engine's staging buffers, the data loader, evaluation and checkpoint saving
-// (fsdp gathers the whole model for those), and LoRA (the plan is for full training).
+// (fsdp gathers the whole model for those).
+//
+// LoRA (inputs.lora enabled, train/lora_config.h): the base is frozen, in bf16 where base_dtype
+// resolves to it, so weights are the base in its dtype plus fp32 adapters; gradients and AdamW
+// state exist for the adapters only. Autograd keeps less: a frozen weight needs no saved input, so
+// rms_norm's normalised copies, lm_head's input and every weight gradient in transit are gone, and
+// frozen fp32 weights are not cached by autocast. It keeps more where the adapters need their
+// input: each adapted projection's lora_A keeps its (dropped-out) input, and dropout keeps its
+// scaled mask, per projection. fsdp with LoRA is refused, as the trainer refuses it.
 #pragma once
 
 #include <cstdint>
@@ -30,6 +38,7 @@
 
 #include "aviary/core/config.h"
 #include "aviary/models/aquila_config.h"
+#include "aviary/train/lora_config.h"
 
 namespace aviary {
 
@@ -52,11 +61,13 @@ struct MemoryPlanInputs {
   bool document_mask = false;             // data.document_mask: a [B, 1, L, L] mask per layer
   double bucket_mb = 25;                  // parallel.bucket_mb
   std::string reduce_dtype = "fp32";      // parallel.reduce_dtype: fp32 | bf16
+  LoraTrainingConfig lora;                // the lora section (enabled = false: full training)
 };
 
 struct MemoryPlan {
   std::string strategy;  // as planned (world 1: every strategy is the plain step)
   int64_t world = 1;
+  int64_t trainable = 0;  // parameters with gradients and AdamW state (LoRA: the adapters)
   int64_t weights = 0;
   int64_t gradients = 0;             // peak, reduction buffers included
   int64_t gradients_after_sync = 0;  // what stays for clipping and the optimizer (zero2: shard)
@@ -70,7 +81,7 @@ struct MemoryPlan {
 };
 
 // Throws kInvalidArgument (naming the field) on an unknown strategy, precision, device or
-// reduce dtype, or a size < 1.
+// reduce dtype, a size < 1, or LoRA with fsdp at world > 1 or a bf16 base without bf16.
 MemoryPlan plan_memory(const AquilaConfig& config, const MemoryPlanInputs& inputs);
 
 // A training config's model and plan inputs for `world` ranks, read with the trainer's keys,
@@ -78,14 +89,17 @@ MemoryPlan plan_memory(const AquilaConfig& config, const MemoryPlanInputs& input
 // that model's config.json), data.seq_len / document_mask, train.micro_batch (0: global_batch /
 // world; neither: 1) / global_batch / precision / activation_checkpointing / device,
 // parallel.strategy / bucket_mb / reduce_dtype. Sections a plan does not use (data paths, steps,
-// ...) may be absent. `notes` are warnings about the config (a batch the trainer would refuse,
-// an unmodelled lora section).
+// ...) may be absent. `notes` are warnings about the config (a batch the trainer would refuse).
+// The lora section is read as the trainer reads it. `model_override`, when not empty, replaces the
+// model section's shapes: a preset name or an HF directory, for planning a fine-tuning config
+// before its init_from checkpoint is downloaded.
 struct PlanConfig {
   AquilaConfig model;
   MemoryPlanInputs inputs;  // strategy: the config's parallel.strategy
   std::vector<std::string> notes;
 };
-PlanConfig read_plan_config(const Json& config, const std::string& source, int64_t world);
+PlanConfig read_plan_config(const Json& config, const std::string& source, int64_t world,
+                            const std::string& model_override = "");
 
 // The same rows measured with a counting CPU allocator while the trainer's step runs on random
 // tokens: the model built in fp32 (random init), make_adamw (the fused AdamW), causal_lm_loss
@@ -101,7 +115,8 @@ PlanConfig read_plan_config(const Json& config, const std::string& source, int64
 // (tests: a simulated rank of a larger world), the model is wrapped in DataParallel or FSDP as
 // the trainer does for inputs.strategy; then optimizer and total compare with the plan, while the
 // other rows follow the measurement's phases rather than the plan's rows (fsdp's gathered units,
-// for one, land in the activation peak). CPU only (kUnsupported otherwise).
+// for one, land in the activation peak). With inputs.lora, the base is frozen and adapters added
+// as the trainer does (freeze_base_and_add_lora). CPU only (kUnsupported otherwise).
 struct MeasuredMemory {
   int64_t weights = 0;
   int64_t gradients = 0;
