@@ -1,8 +1,27 @@
 #include "aviary/ops/rms_norm.h"
 
-namespace aviary::ops {
+#include <string>
 
-torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+#include "aviary/build_info.h"
+#include "aviary/core/error.h"
+#include "aviary/ops/impl.h"
+
+#if AVIARY_CUDA_BUILT && defined(AVIARY_TORCH_CUDA)
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/autograd.h>
+
+#include "aviary/kernels/rmsnorm.h"
+#define AVIARY_RMSNORM_KERNEL 1
+#else
+#define AVIARY_RMSNORM_KERNEL 0
+#endif
+
+namespace aviary::ops {
+namespace {
+
+// The ATen reference: HF LlamaRMSNorm exactly (the oracle of the kernel's tests).
+torch::Tensor rms_norm_reference(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
   if (x.scalar_type() == torch::kFloat32 && weight.scalar_type() == torch::kFloat32) {
     // One fused ATen kernel; identical maths in fp32.
     return at::rms_norm(x, {x.size(-1)}, weight, eps);
@@ -10,6 +29,117 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
   auto xf = x.to(torch::kFloat32);
   auto rstd = torch::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps);
   return weight * (xf * rstd).to(x.scalar_type());
+}
+
+#if AVIARY_RMSNORM_KERNEL
+
+bool kernel_dtype(torch::ScalarType t, kernels::DType* out) {
+  switch (t) {
+    case torch::kFloat32:
+      *out = kernels::DType::f32;
+      return true;
+    case torch::kFloat16:
+      *out = kernels::DType::f16;
+      return true;
+    case torch::kBFloat16:
+      *out = kernels::DType::bf16;
+      return true;
+    default:
+      return false;
+  }
+}
+
+// The forward kernel takes x, weight and y of one dtype, the last dimension contiguous.
+bool kernel_supports(const torch::Tensor& x, const torch::Tensor& weight) {
+  kernels::DType dtype;
+  return x.is_cuda() && weight.device() == x.device() && x.dim() >= 1 && x.size(-1) >= 1 &&
+         x.size(-1) <= (int64_t{1} << 30) && weight.dim() == 1 && weight.size(0) == x.size(-1) &&
+         x.scalar_type() == weight.scalar_type() && kernel_dtype(x.scalar_type(), &dtype);
+}
+
+[[noreturn]] void throw_kernel_error(cudaError_t err, const char* launcher) {
+  throw Error(ErrorKind::kInternal,
+              std::string(launcher) + " failed: " + cudaGetErrorString(err) + " at " +
+                  kernels::last_error_site(),
+              "ops.rms_norm",
+              "set ops.impl: torch (or --ops-impl torch) to run PyTorch's op instead, and report "
+              "this with the GPU's name");
+}
+
+torch::Tensor rms_norm_kernel_forward(const torch::Tensor& x, const torch::Tensor& weight,
+                                      double eps) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t cols = x.size(-1);
+  // A view when the leading dimensions collapse into one row stride; a copy otherwise.
+  auto x2 = x.stride(-1) == 1 ? x.reshape({-1, cols}) : x.contiguous().view({-1, cols});
+  auto w = weight.contiguous();
+  auto y = torch::empty({x2.size(0), cols}, x.options());
+  kernels::RmsNormForwardParams p;
+  kernel_dtype(x.scalar_type(), &p.dtype);
+  p.x = x2.data_ptr();
+  p.weight = w.data_ptr();
+  p.y = y.data_ptr();
+  p.rows = x2.size(0);
+  p.cols = cols;
+  p.x_row_stride = p.rows > 1 ? x2.stride(0) : cols;
+  p.y_row_stride = cols;
+  p.eps = static_cast<float>(eps);
+  const cudaError_t err =
+      kernels::rmsnorm_forward(p, at::cuda::getCurrentCUDAStream(x.device().index()).stream());
+  if (err != cudaSuccess) throw_kernel_error(err, "kernels::rmsnorm_forward");
+  return y.view(x.sizes());
+}
+
+// The gradient of the reference, by autograd over its ATen ops. A backward kernel drops in here
+// (taking the rstd the forward kernel can save) once it exists and is validated.
+std::pair<torch::Tensor, torch::Tensor> rms_norm_backward(const torch::Tensor& grad_y,
+                                                          const torch::Tensor& x,
+                                                          const torch::Tensor& weight, double eps,
+                                                          bool need_x, bool need_weight) {
+  torch::AutoGradMode enable(true);
+  auto xr = x.detach().requires_grad_(need_x);
+  auto wr = weight.detach().requires_grad_(need_weight);
+  auto y = rms_norm_reference(xr, wr, eps);
+  std::vector<torch::Tensor> inputs;
+  if (need_x) inputs.push_back(xr);
+  if (need_weight) inputs.push_back(wr);
+  auto grads = torch::autograd::grad({y}, inputs, {grad_y});
+  torch::Tensor gx = need_x ? grads[0] : torch::Tensor();
+  torch::Tensor gw = need_weight ? grads[need_x ? 1 : 0] : torch::Tensor();
+  return {gx, gw};
+}
+
+class RmsNormFunction : public torch::autograd::Function<RmsNormFunction> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                               const torch::Tensor& weight, double eps) {
+    ctx->save_for_backward({x, weight});
+    ctx->saved_data["eps"] = eps;
+    return rms_norm_kernel_forward(x, weight, eps);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1);
+    if (!need_x && !need_w) return {torch::Tensor(), torch::Tensor(), torch::Tensor()};
+    auto [gx, gw] = rms_norm_backward(grads[0], saved[0], saved[1],
+                                      ctx->saved_data["eps"].toDouble(), need_x, need_w);
+    return {gx, gw, torch::Tensor()};
+  }
+};
+
+#endif  // AVIARY_RMSNORM_KERNEL
+
+}  // namespace
+
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+#if AVIARY_RMSNORM_KERNEL
+  if (x.is_cuda() && kernel_supports(x, weight) && use_kernel(Op::kRmsNorm, x.device())) {
+    return RmsNormFunction::apply(x, weight, eps);
+  }
+#endif
+  return rms_norm_reference(x, weight, eps);
 }
 
 }  // namespace aviary::ops

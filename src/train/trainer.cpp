@@ -21,6 +21,7 @@
 #include "aviary/dist/fsdp.h"
 #include "aviary/models/lora_adapter.h"
 #include "aviary/nn/attention.h"
+#include "aviary/ops/impl.h"
 #include "aviary/tokenizer/tokenizer.h"
 #include "aviary/train/checkpoint.h"
 #include "aviary/train/lm_loss.h"
@@ -119,12 +120,17 @@ struct Trainer::State {
   CausalLMSpec model_spec;
   dist::ParallelConfig parallel;
   LoraTrainingConfig lora;
+  ops::OpsConfig ops;
   Json resolved;
 
   dist::DistEnvironment env;
-  std::unique_ptr<dist::Comm> comm;                      // world > 1 only
-  std::unique_ptr<dist::DataParallel> ddp;               // world > 1, ddp / zero1 / zero2
-  std::unique_ptr<dist::FullyShardedDataParallel> fsdp;  // world > 1, fsdp
+  // Whether the run opens a communication engine and wraps the model in its strategy: world > 1,
+  // or one process that a launcher (torchrun, srun, mpirun) started with parallel.backend set to
+  // nccl or mpi explicitly (a 1-GPU NCCL run exercises the whole distributed path).
+  bool distributed = false;
+  std::unique_ptr<dist::Comm> comm;                      // distributed only
+  std::unique_ptr<dist::DataParallel> ddp;               // distributed, ddp / zero1 / zero2
+  std::unique_ptr<dist::FullyShardedDataParallel> fsdp;  // distributed, fsdp
   bool leader = true;                                    // rank 0: logs, metrics, config.json
 
   torch::Device device{torch::kCPU};
@@ -193,6 +199,8 @@ void Trainer::State::read_config(const std::string& resume_override) {
   auto lora_section = root.child("lora");
   lora = LoraTrainingConfig::from_section(lora_section,
                                           config.contains("lora") && !config["lora"].is_null());
+  auto ops_section = root.child("ops");
+  ops = ops::OpsConfig::from_section(ops_section);
   root.finish();
   if (lora.enabled && model_spec.init_from.empty()) {
     throw_invalid("LoRA adapts a trained model, but model.init_from is not set", where("lora"),
@@ -202,14 +210,16 @@ void Trainer::State::read_config(const std::string& resume_override) {
   env = dist::DistEnvironment::detect();
   data_parallel = env.world;
   leader = env.rank == 0;
+  distributed = env.world > 1 || (env.launcher != "single" &&
+                                  (parallel.backend == "nccl" || parallel.backend == "mpi"));
   read_test_hooks();
-  if (lora.enabled && parallel.strategy == "fsdp" && env.world > 1) {
+  if (lora.enabled && parallel.strategy == "fsdp" && distributed) {
     throw_unsupported("LoRA with parallel.strategy fsdp is not supported",
                       where("parallel.strategy"),
                       "the frozen base is replicated and the adapters are small: use ddp (or "
                       "zero1 / zero2)");
   }
-  if (parallel.strategy == "fsdp" && env.world > 1 && !train.activation_checkpointing) {
+  if (parallel.strategy == "fsdp" && distributed && !train.activation_checkpointing) {
     // Blocks are gathered again for their backward pass, which is the checkpoint's recompute.
     spdlog::info("{}: parallel.strategy fsdp turns on train.activation_checkpointing", source);
     train.activation_checkpointing = true;
@@ -310,7 +320,7 @@ void Trainer::State::build_model_and_optimizer() {
       params.push_back(item.value());
     }
   }
-  if (env.world > 1) {
+  if (distributed) {
     // Every rank built the same model from the same seed; rank 0's copy is broadcast anyway, so a
     // rank that somehow differs cannot go unnoticed into training.
     {
@@ -414,7 +424,8 @@ Trainer::Trainer(const Json& config, const std::string& source, const std::strin
   s_->config = config;
   s_->source = source;
   s_->read_config(resume);
-  if (s_->env.world > 1) {
+  ops::set_ops_impl(s_->ops.impl);
+  if (s_->distributed) {
     dist::CommOptions options;
     options.backend = s_->parallel.backend;
     options.timeout_s = s_->parallel.timeout_s;
@@ -437,6 +448,7 @@ Trainer::Trainer(const Json& config, const std::string& source, const std::strin
   resolved["checkpoint"] = s_->checkpoint.to_json();
   resolved["log"] = s_->log.to_json();
   resolved["parallel"] = s_->parallel.to_json();
+  resolved["ops"] = s_->ops.to_json();
   if (s_->lora.enabled) {
     resolved["lora"] = s_->lora.to_json();
     resolved["lora"]["base"] = s_->model_spec.init_from_path;

@@ -1,4 +1,5 @@
-// RMSNorm forward kernel (kernels/rmsnorm.cu) against its CPU reference and an exact one.
+// RMSNorm kernels (kernels/rmsnorm.cu) against their CPU reference and an exact one: the
+// forward, the forward with the fused residual add, and the backward (dx, dweight).
 //
 // Tolerance, FlashAttention-style: with y_exact computed in double from the same (already
 // rounded) inputs, the kernel's max abs error must be at most 2x the max abs error of the
@@ -20,6 +21,7 @@
 
 #include "aviary/kernels/rmsnorm.h"
 #include "aviary/kernels/rmsnorm_reference.h"
+#include "gpu/fused_test_util.h"
 #include "gpu/gpu_test_util.h"
 
 namespace aviary::kernels {
@@ -336,6 +338,349 @@ TEST(RmsNormKernelParams, ZeroRowsIsANoOp) {
   p.cols = 16;
   p.x_row_stride = p.y_row_stride = 16;
   EXPECT_EQ(rmsnorm_forward(p, nullptr), cudaSuccess);
+}
+
+// ---- fused residual add -------------------------------------------------------------------------
+
+// With a residual, s = to_dtype(x + residual) is exact to compute, so residual_out must equal the
+// reference bit for bit, and y follows the same rules as the plain forward (y_exact from s).
+using ResidualCase = std::tuple<DType, int64_t /*cols*/, int /*mode*/>;
+// mode 0: residual_out separate; 1: residual_out over residual (the residual stream updated in
+// place); 2: no residual_out; 3: separate, odd row strides (scalar path).
+
+class RmsNormResidualKernelTest : public test::GpuTest,
+                                  public ::testing::WithParamInterface<ResidualCase> {};
+
+TEST_P(RmsNormResidualKernelTest, MatchesReference) {
+  const auto [dtype, cols, mode] = GetParam();
+  const int64_t rows = 37;
+  const int64_t stride =
+      test::stride_for(mode == 3 ? test::Stride::kOdd : test::Stride::kPadded, dtype, cols);
+  const auto x = test::random_matrix(dtype, rows, cols, stride, 21, 1.0f);
+  const auto res = test::random_matrix(dtype, rows, cols, stride, 22, 4.0f);
+  const auto w = test::random_matrix(dtype, 1, cols, cols, 23, 1.0f);
+  const std::vector<unsigned char> poison(x.size(), 0xff);
+  test::DeviceCopy d_x(x), d_res(res), d_w(w), d_y(poison), d_s(poison);
+  DeviceBuffer d_rstd(static_cast<size_t>(rows) * 4);
+  for (const test::DeviceCopy* d : {&d_x, &d_res, &d_w, &d_y, &d_s})
+    AVIARY_CUDA_ASSERT(d->err);
+  RmsNormForwardParams p;
+  p.dtype = dtype;
+  p.x = d_x.get();
+  p.residual = d_res.get();
+  p.residual_out = mode == 1 ? d_res.get() : mode == 2 ? nullptr : d_s.get();
+  p.weight = d_w.get();
+  p.y = d_y.get();
+  p.rstd = static_cast<float*>(d_rstd.get());
+  p.rows = rows;
+  p.cols = cols;
+  p.x_row_stride = p.y_row_stride = p.residual_row_stride = p.residual_out_row_stride = stride;
+  p.eps = 1e-5f;
+  const cudaError_t err = rmsnorm_forward(p, nullptr);
+  ASSERT_EQ(err, cudaSuccess) << cudaGetErrorString(err) << " at " << last_error_site();
+  AVIARY_CUDA_ASSERT(cudaDeviceSynchronize());
+  std::vector<unsigned char> y(x.size()), s(x.size());
+  AVIARY_CUDA_ASSERT(test::copy_to_host(d_y.get(), &y));
+  AVIARY_CUDA_ASSERT(test::copy_to_host(mode == 1 ? d_res.get() : d_s.get(), &s));
+
+  std::vector<unsigned char> y_ref(poison), s_ref(poison);
+  std::vector<float> rstd_ref(static_cast<size_t>(rows));
+  RmsNormForwardParams h = p;
+  h.x = x.data();
+  h.residual = res.data();
+  h.residual_out = s_ref.data();
+  h.weight = w.data();
+  h.y = y_ref.data();
+  h.rstd = rstd_ref.data();
+  rmsnorm_forward_reference(h);
+
+  if (mode != 2) {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c)
+        ASSERT_EQ(float_bits(test::value_at(dtype, s, r * stride + c)),
+                  float_bits(test::value_at(dtype, s_ref, r * stride + c)))
+            << "residual_out row " << r << " col " << c;
+  }
+  std::vector<double> y_exact(static_cast<size_t>(rows * cols));
+  for (int64_t r = 0; r < rows; ++r) {
+    double ss = 0.0;
+    for (int64_t c = 0; c < cols; ++c) {
+      const double v = test::value_at(dtype, s_ref, r * stride + c);
+      ss += v * v;
+    }
+    const double rs = 1.0 / std::sqrt(ss / static_cast<double>(cols) + p.eps);
+    for (int64_t c = 0; c < cols; ++c)
+      y_exact[static_cast<size_t>(r * cols + c)] =
+          test::value_at(dtype, w, c) * (test::value_at(dtype, s_ref, r * stride + c) * rs);
+  }
+  const double e_gpu = test::max_error(dtype, y, rows, cols, stride, y_exact);
+  const double e_ref = test::max_error(dtype, y_ref, rows, cols, stride, y_exact);
+  // atol as in RmsNormKernelTest (f32 1e-5, f16 1e-4, bf16 1e-3).
+  EXPECT_LE(e_gpu, 2.0 * e_ref + atol_for(dtype)) << "gpu " << e_gpu << ", ref " << e_ref;
+  EXPECT_EQ(test::padding_writes(dtype, y, rows, cols, stride), 0);
+  if (dtype != DType::f32) {
+    int64_t mismatches = 0;
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c)
+        mismatches += float_bits(test::value_at(dtype, y, r * stride + c)) !=
+                      float_bits(test::value_at(dtype, y_ref, r * stride + c));
+    EXPECT_LE(mismatches, rows * cols / 200 + 1);
+  }
+}
+
+std::string residual_case_name(const ::testing::TestParamInfo<ResidualCase>& info) {
+  const auto [dtype, cols, mode] = info.param;
+  return std::string(dtype_name(dtype)) + "_c" + std::to_string(cols) + "_mode" +
+         std::to_string(mode);
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, RmsNormResidualKernelTest,
+                         ::testing::Combine(::testing::Values(DType::f32, DType::f16, DType::bf16),
+                                            ::testing::Values<int64_t>(7, 1023, 4099),
+                                            ::testing::Values(0, 1, 2, 3)),
+                         residual_case_name);
+
+// ---- backward -----------------------------------------------------------------------------------
+
+using BackwardCase = std::tuple<DType, int64_t /*cols*/, int64_t /*rows*/, test::Stride>;
+
+class RmsNormBackwardKernelTest : public test::GpuTest,
+                                  public ::testing::WithParamInterface<BackwardCase> {};
+
+TEST_P(RmsNormBackwardKernelTest, MatchesReference) {
+  const auto [dtype, cols, rows, layout] = GetParam();
+  const int64_t stride = test::stride_for(layout, dtype, cols);
+  const bool with_dres = rows % 2 == 1;
+  const uint32_t seed = static_cast<uint32_t>(cols * 3 + rows);
+  const auto x = test::random_matrix(dtype, rows, cols, stride, seed, 2.0f);
+  const auto dy = test::random_matrix(dtype, rows, cols, stride, seed + 1, 1.0f);
+  const auto dres = test::random_matrix(dtype, rows, cols, stride, seed + 2, 1.0f);
+  std::vector<unsigned char> w = test::random_matrix(dtype, 1, cols, cols, seed + 3, 0.3f);
+  for (int64_t c = 0; c < cols; ++c)
+    store_from_float(dtype, w.data(), c, 1.0f + test::value_at(dtype, w, c));
+  const float eps = 1e-6f;
+  // rstd as the forward saves it: fp32 of the exact value; the exact gradients use the double.
+  std::vector<double> rstd_x(static_cast<size_t>(rows));
+  std::vector<float> rstd(static_cast<size_t>(rows));
+  for (int64_t r = 0; r < rows; ++r) {
+    double ss = 0.0;
+    for (int64_t c = 0; c < cols; ++c) {
+      const double v = test::value_at(dtype, x, r * stride + c);
+      ss += v * v;
+    }
+    rstd_x[static_cast<size_t>(r)] = 1.0 / std::sqrt(ss / static_cast<double>(cols) + eps);
+    rstd[static_cast<size_t>(r)] = static_cast<float>(rstd_x[static_cast<size_t>(r)]);
+  }
+
+  RmsNormBackwardParams p;
+  p.dtype = dtype;
+  p.rows = rows;
+  p.cols = cols;
+  p.x_row_stride = p.dy_row_stride = p.dx_row_stride = p.dresidual_row_stride = stride;
+  const size_t ws_bytes = rmsnorm_backward_workspace_bytes(p);
+  ASSERT_GT(ws_bytes, 0u);
+  const std::vector<unsigned char> poison(x.size(), 0xff);
+  test::DeviceCopy d_x(x), d_dy(dy), d_dres(dres), d_w(w), d_dx(poison),
+      d_dw(std::vector<unsigned char>(w.size(), 0xff)),
+      d_rstd(std::vector<unsigned char>(
+          reinterpret_cast<const unsigned char*>(rstd.data()),
+          reinterpret_cast<const unsigned char*>(rstd.data()) + rstd.size() * 4)),
+      d_ws(std::vector<unsigned char>(ws_bytes, 0xff));  // garbage in the workspace is fine
+  for (const test::DeviceCopy* d : {&d_x, &d_dy, &d_dres, &d_w, &d_dx, &d_dw, &d_rstd, &d_ws})
+    AVIARY_CUDA_ASSERT(d->err);
+  p.x = d_x.get();
+  p.dy = d_dy.get();
+  p.dresidual = with_dres ? d_dres.get() : nullptr;
+  p.weight = d_w.get();
+  p.rstd = static_cast<const float*>(d_rstd.get());
+  p.dx = d_dx.get();
+  p.dweight = d_dw.get();
+  p.workspace = d_ws.get();
+  const cudaError_t err = rmsnorm_backward(p, nullptr);
+  ASSERT_EQ(err, cudaSuccess) << cudaGetErrorString(err) << " at " << last_error_site();
+  AVIARY_CUDA_ASSERT(cudaDeviceSynchronize());
+  std::vector<unsigned char> dx(x.size()), dw(w.size());
+  AVIARY_CUDA_ASSERT(test::copy_to_host(d_dx.get(), &dx));
+  AVIARY_CUDA_ASSERT(test::copy_to_host(d_dw.get(), &dw));
+
+  // Determinism: a second run gives the same bits.
+  ASSERT_EQ(rmsnorm_backward(p, nullptr), cudaSuccess) << last_error_site();
+  AVIARY_CUDA_ASSERT(cudaDeviceSynchronize());
+  std::vector<unsigned char> dw2(w.size());
+  AVIARY_CUDA_ASSERT(test::copy_to_host(d_dw.get(), &dw2));
+  EXPECT_EQ(dw, dw2) << "dweight is not deterministic";
+
+  std::vector<unsigned char> dx_ref(poison), dw_ref(w.size(), 0xff);
+  RmsNormBackwardParams h = p;
+  h.x = x.data();
+  h.dy = dy.data();
+  h.dresidual = with_dres ? dres.data() : nullptr;
+  h.weight = w.data();
+  h.rstd = rstd.data();
+  h.dx = dx_ref.data();
+  h.dweight = dw_ref.data();
+  h.workspace = nullptr;
+  rmsnorm_backward_reference(h);
+
+  std::vector<double> dx_x(static_cast<size_t>(rows * cols)), dw_x(static_cast<size_t>(cols)),
+      dw_abs(static_cast<size_t>(cols));
+  for (int64_t r = 0; r < rows; ++r) {
+    const double rs = rstd_x[static_cast<size_t>(r)];
+    double dot = 0.0;
+    for (int64_t c = 0; c < cols; ++c)
+      dot += test::value_at(dtype, dy, r * stride + c) *
+             static_cast<double>(test::value_at(dtype, w, c)) *
+             test::value_at(dtype, x, r * stride + c);
+    const double coef = rs * rs * rs * dot / static_cast<double>(cols);
+    for (int64_t c = 0; c < cols; ++c) {
+      const double xv = test::value_at(dtype, x, r * stride + c);
+      const double dyv = test::value_at(dtype, dy, r * stride + c);
+      double d = rs * dyv * test::value_at(dtype, w, c) - coef * xv;
+      if (with_dres) d += test::value_at(dtype, dres, r * stride + c);
+      dx_x[static_cast<size_t>(r * cols + c)] = d;
+      dw_x[static_cast<size_t>(c)] += dyv * xv * rs;
+      dw_abs[static_cast<size_t>(c)] += std::abs(dyv * xv * rs);
+    }
+  }
+  const double e_dx = test::max_error(dtype, dx, rows, cols, stride, dx_x);
+  const double e_dx_ref = test::max_error(dtype, dx_ref, rows, cols, stride, dx_x);
+  // atol as for the forward (f32 1e-5, f16 1e-4, bf16 1e-3): dx is O(1).
+  EXPECT_LE(e_dx, 2.0 * e_dx_ref + atol_for(dtype)) << "dx: gpu " << e_dx << ", ref " << e_dx_ref;
+  EXPECT_EQ(test::padding_writes(dtype, dx, rows, cols, stride), 0);
+
+  const double e_dw = test::max_error(dtype, dw, 1, cols, cols, dw_x);
+  const double e_dw_ref = test::max_error(dtype, dw_ref, 1, cols, cols, dw_x);
+  // dweight sums `rows` terms in fp32 in another order than the reference (per block, then over
+  // blocks): atol = 1e-6 x the largest sum of |terms| (~16 fp32 ulps of it) + the dtype's atol.
+  const double dw_scale = *std::max_element(dw_abs.begin(), dw_abs.end());
+  EXPECT_LE(e_dw, 2.0 * e_dw_ref + 1e-6 * dw_scale + atol_for(dtype))
+      << "dweight: gpu " << e_dw << ", ref " << e_dw_ref << ", scale " << dw_scale;
+}
+
+std::string backward_case_name(const ::testing::TestParamInfo<BackwardCase>& info) {
+  const auto [dtype, cols, rows, layout] = info.param;
+  return std::string(dtype_name(dtype)) + "_c" + std::to_string(cols) + "_r" +
+         std::to_string(rows) + "_" + test::stride_name(layout);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, RmsNormBackwardKernelTest,
+    ::testing::Combine(::testing::Values(DType::f32, DType::f16, DType::bf16),
+                       ::testing::Values<int64_t>(1, 7, 113, 1023, 1024),
+                       // 4801 rows: several rows per warp-row slot (1024 blocks of 4 rows)
+                       ::testing::Values<int64_t>(1, 3, 64, 4801),
+                       ::testing::Values(test::Stride::kContiguous, test::Stride::kPadded,
+                                         test::Stride::kOdd)),
+    backward_case_name);
+
+// Block-per-row layout; 1201 rows: several rows per block (512 blocks).
+INSTANTIATE_TEST_SUITE_P(WideRows, RmsNormBackwardKernelTest,
+                         ::testing::Combine(::testing::Values(DType::f32, DType::f16, DType::bf16),
+                                            ::testing::Values<int64_t>(4096, 8195),
+                                            ::testing::Values<int64_t>(1, 3, 1201),
+                                            ::testing::Values(test::Stride::kContiguous,
+                                                              test::Stride::kPadded,
+                                                              test::Stride::kOdd)),
+                         backward_case_name);
+
+// Rows wider than the 48 KB default shared memory (dynamic shared memory opt-in).
+INSTANTIATE_TEST_SUITE_P(Wide, RmsNormBackwardKernelTest,
+                         ::testing::Combine(::testing::Values(DType::bf16),
+                                            ::testing::Values<int64_t>(16384, 32768),
+                                            ::testing::Values<int64_t>(5),
+                                            ::testing::Values(test::Stride::kContiguous)),
+                         backward_case_name);
+
+// In place: dx over dy gives the out-of-place dx.
+class RmsNormBackwardKernelInPlaceTest : public test::GpuTest {};
+
+TEST_F(RmsNormBackwardKernelInPlaceTest, DxOverDyEqualsOutOfPlace) {
+  const DType dtype = DType::bf16;
+  for (const int64_t cols : {int64_t{1000}, int64_t{4099}}) {
+    const int64_t rows = 11;
+    const auto x = test::random_matrix(dtype, rows, cols, cols, 31, 1.0f);
+    const auto dy = test::random_matrix(dtype, rows, cols, cols, 32, 1.0f);
+    const auto w = test::random_matrix(dtype, 1, cols, cols, 33, 1.0f);
+    std::vector<float> rstd(static_cast<size_t>(rows), 0.75f);
+    RmsNormBackwardParams p;
+    p.dtype = dtype;
+    p.rows = rows;
+    p.cols = cols;
+    p.x_row_stride = p.dy_row_stride = p.dx_row_stride = cols;
+    const std::vector<unsigned char> rb(
+        reinterpret_cast<const unsigned char*>(rstd.data()),
+        reinterpret_cast<const unsigned char*>(rstd.data()) + rstd.size() * 4);
+    test::DeviceCopy d_x(x), d_dy(dy), d_w(w), d_rstd(rb), d_dx(dy), d_dw(w), d_dw2(w),
+        d_ws(std::vector<unsigned char>(rmsnorm_backward_workspace_bytes(p)));
+    for (const test::DeviceCopy* d : {&d_x, &d_dy, &d_w, &d_rstd, &d_dx, &d_dw, &d_dw2, &d_ws})
+      AVIARY_CUDA_ASSERT(d->err);
+    p.x = d_x.get();
+    p.dy = d_dx.get();
+    p.weight = d_w.get();
+    p.rstd = static_cast<const float*>(d_rstd.get());
+    p.dx = d_dx.get();  // over dy
+    p.dweight = d_dw.get();
+    p.workspace = d_ws.get();
+    ASSERT_EQ(rmsnorm_backward(p, nullptr), cudaSuccess) << last_error_site();
+    RmsNormBackwardParams q = p;
+    q.dy = d_dy.get();
+    q.dx = d_x.get();  // over x
+    q.dweight = d_dw2.get();
+    ASSERT_EQ(rmsnorm_backward(q, nullptr), cudaSuccess) << last_error_site();
+    AVIARY_CUDA_ASSERT(cudaDeviceSynchronize());
+    std::vector<unsigned char> a(x.size()), b(x.size()), wa(w.size()), wb(w.size());
+    AVIARY_CUDA_ASSERT(test::copy_to_host(d_dx.get(), &a));
+    AVIARY_CUDA_ASSERT(test::copy_to_host(d_x.get(), &b));
+    AVIARY_CUDA_ASSERT(test::copy_to_host(d_dw.get(), &wa));
+    AVIARY_CUDA_ASSERT(test::copy_to_host(d_dw2.get(), &wb));
+    EXPECT_EQ(a, b) << "cols " << cols;
+    EXPECT_EQ(wa, wb) << "cols " << cols;
+  }
+}
+
+TEST(RmsNormBackwardKernelParams, RejectsBadParamsAndZeroRows) {
+  RmsNormBackwardParams p;
+  p.dtype = DType::f32;
+  p.rows = 2;
+  p.cols = 32769;  // beyond the shared-memory partial
+  p.x_row_stride = p.dy_row_stride = p.dx_row_stride = 32769;
+  EXPECT_EQ(rmsnorm_backward(p, nullptr), cudaErrorInvalidValue);
+  EXPECT_NE(std::string(last_error_site()).find("cols out of range"), std::string::npos);
+  p.cols = 16;
+  p.x_row_stride = p.dy_row_stride = 16;
+  p.dx_row_stride = 8;
+  EXPECT_EQ(rmsnorm_backward(p, nullptr), cudaErrorInvalidValue);
+  p.dx_row_stride = 16;
+  float buf[4] = {};
+  p.dweight = buf;
+  EXPECT_EQ(rmsnorm_backward(p, nullptr), cudaErrorInvalidValue);  // x, dy, ... missing
+  EXPECT_NE(std::string(last_error_site()).find("null pointer"), std::string::npos);
+  p.rows = 0;
+  EXPECT_EQ(rmsnorm_backward_workspace_bytes(p), 0u);
+  p.rows = 5000;
+  EXPECT_EQ(rmsnorm_backward_workspace_bytes(p), 1024u * 16u * 4u);  // 1024 blocks of 4 rows
+  p.cols = 4096;
+  EXPECT_EQ(rmsnorm_backward_workspace_bytes(p), 512u * 4096u * 4u);  // 512 blocks of 1 row
+}
+
+// rows == 0 writes dweight = 0 (it launches only the reduction).
+class RmsNormBackwardKernelZeroRowsTest : public test::GpuTest {};
+
+TEST_F(RmsNormBackwardKernelZeroRowsTest, WritesZeroDweight) {
+  const std::vector<unsigned char> ones(40 * 4, 0x3f);
+  test::DeviceCopy d_dw(ones);
+  AVIARY_CUDA_ASSERT(d_dw.err);
+  RmsNormBackwardParams p;
+  p.dtype = DType::f32;
+  p.rows = 0;
+  p.cols = 40;
+  p.x_row_stride = p.dy_row_stride = p.dx_row_stride = 40;
+  p.dweight = d_dw.get();
+  ASSERT_EQ(rmsnorm_backward(p, nullptr), cudaSuccess) << last_error_site();
+  AVIARY_CUDA_ASSERT(cudaDeviceSynchronize());
+  std::vector<unsigned char> out(ones.size());
+  AVIARY_CUDA_ASSERT(test::copy_to_host(d_dw.get(), &out));
+  EXPECT_EQ(out, std::vector<unsigned char>(ones.size(), 0));
 }
 
 }  // namespace

@@ -1,7 +1,8 @@
 // The RMSNorm CPU reference (kernels/include/aviary/kernels/rmsnorm_reference.h), the oracle of
 // the GPU kernel tests, checked here on every build: its dtype conversions against ATen's, and
 // its output against an independent double-precision computation and against HF LlamaRMSNorm
-// written in ATen, including the cast of the normalised value before the weight product.
+// written in ATen, including the cast of the normalised value before the weight product; the
+// fused residual add against ATen's add; the backward against autograd in double and in fp32.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -258,6 +259,204 @@ TEST(RmsNormReference, ZeroRowGivesZeros) {
   for (const float v : y)
     EXPECT_EQ(v, 0.0f);
   EXPECT_FLOAT_EQ(rstd, 1000.0f);  // 1/sqrt(eps)
+}
+
+// ---- fused residual add ------------------------------------------------------------------------
+
+TEST(RmsNormReference, ResidualAddMatchesATen) {
+  for (const DType dtype : {DType::f32, DType::bf16, DType::f16}) {
+    const int64_t rows = 5, cols = 1000, stride = 1003;
+    const float eps = 1e-5f;
+    torch::manual_seed(11);
+    const auto st = scalar_type(dtype);
+    const auto x = torch::randn({rows, stride}).to(st).contiguous();
+    const auto res = (3.0 * torch::randn({rows, stride})).to(st).contiguous();
+    const auto w = (1.0 + 0.3 * torch::randn({cols})).to(st).contiguous();
+    auto y = torch::full({rows, stride}, NAN, st);
+    auto s_out = torch::full({rows, stride}, NAN, st);
+    std::vector<float> rstd(static_cast<size_t>(rows));
+    RmsNormForwardParams p;
+    p.dtype = dtype;
+    p.x = x.data_ptr();
+    p.residual = res.data_ptr();
+    p.residual_out = s_out.data_ptr();
+    p.weight = w.data_ptr();
+    p.y = y.data_ptr();
+    p.rstd = rstd.data();
+    p.rows = rows;
+    p.cols = cols;
+    p.x_row_stride = p.y_row_stride = p.residual_row_stride = p.residual_out_row_stride = stride;
+    p.eps = eps;
+    rmsnorm_forward_reference(p);
+
+    // ATen adds two dtype tensors in fp32 and rounds once: bit for bit the same sum.
+    const auto s = cols_of(x, cols) + cols_of(res, cols);
+    EXPECT_TRUE(torch::equal(cols_of(s_out, cols), s)) << dtype_name(dtype);
+    const Diff d = compare(cols_of(y, cols), hf_llama_rmsnorm(s, w, eps));
+    if (dtype == DType::f32) {
+      EXPECT_LE(d.max_ulps, 8.0);
+    } else {
+      EXPECT_LT(d.mismatch_fraction, 1e-3) << dtype_name(dtype);
+      EXPECT_LE(d.max_ulps, 2.0) << dtype_name(dtype);
+    }
+
+    // In place over the residual stream (residual_out == residual): the same outputs.
+    auto res2 = res.clone();
+    auto y2 = torch::full({rows, stride}, NAN, st);
+    p.residual = res2.data_ptr();
+    p.residual_out = res2.data_ptr();
+    p.y = y2.data_ptr();
+    rmsnorm_forward_reference(p);
+    EXPECT_TRUE(torch::equal(cols_of(res2, cols), cols_of(s_out, cols))) << dtype_name(dtype);
+    EXPECT_TRUE(torch::equal(cols_of(y2, cols), cols_of(y, cols))) << dtype_name(dtype);
+  }
+}
+
+// ---- backward ----------------------------------------------------------------------------------
+
+struct BackwardRun {
+  torch::Tensor x, w, dy, dres, dx, dw;  // dtype tensors; x, dy, dres, dx: [rows, stride]
+  std::vector<float> rstd;
+};
+
+BackwardRun run_backward_reference(DType dtype, int64_t rows, int64_t cols, int64_t stride,
+                                   float eps, bool with_dres) {
+  torch::manual_seed(static_cast<uint64_t>(cols * 7 + rows));
+  const auto st = scalar_type(dtype);
+  BackwardRun run;
+  run.x = (2.0 * torch::randn({rows, stride})).to(st).contiguous();
+  run.w = (1.0 + 0.3 * torch::randn({cols})).to(st).contiguous();
+  run.dy = torch::randn({rows, stride}).to(st).contiguous();
+  run.dres = torch::randn({rows, stride}).to(st).contiguous();
+  run.dx = torch::full({rows, stride}, NAN, st);
+  run.dw = torch::full({cols}, NAN, st);
+  // rstd as the forward saves it: fp32 of the exact value.
+  const auto xd = cols_of(run.x, cols).to(torch::kDouble);
+  const auto r = torch::rsqrt(xd.pow(2).mean(-1) + eps).to(torch::kFloat).contiguous();
+  run.rstd.assign(r.data_ptr<float>(), r.data_ptr<float>() + rows);
+  RmsNormBackwardParams p;
+  p.dtype = dtype;
+  p.x = run.x.data_ptr();
+  p.weight = run.w.data_ptr();
+  p.dy = run.dy.data_ptr();
+  p.rstd = run.rstd.data();
+  p.dresidual = with_dres ? run.dres.data_ptr() : nullptr;
+  p.dx = run.dx.data_ptr();
+  p.dweight = run.dw.data_ptr();
+  p.rows = rows;
+  p.cols = cols;
+  p.x_row_stride = p.dy_row_stride = p.dx_row_stride = p.dresidual_row_stride = stride;
+  rmsnorm_backward_reference(p);
+  return run;
+}
+
+// Gradients of y = w * (x * rsqrt(mean(x^2) + eps)) by autograd, in `st` (double or float).
+void autograd_rmsnorm(const torch::Tensor& x_in, const torch::Tensor& w_in,
+                      const torch::Tensor& dy_in, double eps, torch::ScalarType st,
+                      torch::Tensor* dx, torch::Tensor* dw) {
+  auto x = x_in.to(st).detach().requires_grad_(true);
+  auto w = w_in.to(st).detach().requires_grad_(true);
+  const auto y = w * (x * torch::rsqrt(x.pow(2).mean(-1, true) + eps));
+  y.backward(dy_in.to(st));
+  *dx = x.grad();
+  *dw = w.grad();
+}
+
+TEST(RmsNormReference, BackwardF32MatchesAutogradInDouble) {
+  const int64_t rows = 37, cols = 1031, stride = 1040;
+  const float eps = 1e-6f;
+  const BackwardRun run = run_backward_reference(DType::f32, rows, cols, stride, eps, false);
+  torch::Tensor dx, dw;
+  autograd_rmsnorm(cols_of(run.x, cols), run.w, cols_of(run.dy, cols), eps, torch::kDouble, &dx,
+                   &dw);
+  // fp32 row sums of ~1000 terms and a difference of two O(1) terms: ~1e-6 of the largest term.
+  const double dx_err = (cols_of(run.dx, cols).to(torch::kDouble) - dx).abs().max().item<double>();
+  EXPECT_LT(dx_err, 2e-6 * dx.abs().max().item<double>());
+  const double dw_err = (run.dw.to(torch::kDouble) - dw).abs().max().item<double>();
+  EXPECT_LT(dw_err, 2e-6 * dw.abs().max().item<double>());
+  // Padding untouched.
+  const auto pad = run.dx.index({torch::indexing::Slice(), torch::indexing::Slice(cols, stride)});
+  EXPECT_TRUE(pad.isnan().all().item<bool>());
+}
+
+TEST(RmsNormReference, BackwardLowPrecisionWithinRoundingOfDouble) {
+  for (const DType dtype : {DType::bf16, DType::f16}) {
+    for (const int64_t cols : {int64_t{1}, int64_t{113}, int64_t{4096}}) {
+      const int64_t rows = 19;
+      const float eps = 1e-6f;
+      const BackwardRun run = run_backward_reference(dtype, rows, cols, cols, eps, true);
+      torch::Tensor dx, dw;
+      autograd_rmsnorm(run.x, run.w, run.dy, eps, torch::kDouble, &dx, &dw);
+      const auto dx_exact = dx + run.dres.to(torch::kDouble);
+      // Each output is one rounding of an fp32 value: within 1 ulp of the exact one (0.5 ulp for
+      // the rounding, the rest for fp32 sums), relative to the tensor's largest value for the
+      // elements that cancel.
+      const double ulp = dtype == DType::bf16 ? std::ldexp(1.0, -8) : std::ldexp(1.0, -11);
+      const auto dx_err = (run.dx.to(torch::kDouble) - dx_exact).abs();
+      const auto dx_bound = ulp * dx_exact.abs() + 1e-5 * dx_exact.abs().max();
+      EXPECT_TRUE((dx_err <= dx_bound).all().item<bool>())
+          << dtype_name(dtype) << " cols " << cols << " max err " << dx_err.max().item<double>();
+      const auto dw_err = (run.dw.to(torch::kDouble) - dw).abs();
+      // dweight sums dy * to_dtype(x * rstd) (what the forward multiplied w by): a 0.5-ulp
+      // rounding per term on top of the final one.
+      const auto dw_bound =
+          2 * ulp * dw.abs() +
+          ulp * (run.dy.to(torch::kDouble).abs() *
+                 (run.x.to(torch::kDouble).abs() *
+                  torch::rsqrt(run.x.to(torch::kDouble).pow(2).mean(-1, true) + eps)))
+                    .sum(0);
+      EXPECT_TRUE((dw_err <= dw_bound).all().item<bool>())
+          << dtype_name(dtype) << " cols " << cols << " max err " << dw_err.max().item<double>();
+    }
+  }
+}
+
+// Against autograd on HF's code at the input precision (the PyTorch way): same values up to the
+// roundings autograd adds (dy * w and dy * h rounded to the dtype before the sums).
+TEST(RmsNormReference, BackwardMatchesHfAutogradInDtype) {
+  for (const DType dtype : {DType::f32, DType::bf16}) {
+    const int64_t rows = 16, cols = 768;
+    const float eps = 1e-6f;
+    const BackwardRun run = run_backward_reference(dtype, rows, cols, cols, eps, false);
+    auto x = run.x.detach().requires_grad_(true);
+    auto w = run.w.detach().requires_grad_(true);
+    const auto y = hf_llama_rmsnorm(x, w, eps);
+    y.backward(run.dy);
+    const double scale_dx = x.grad().abs().max().item<float>();
+    const double scale_dw = w.grad().abs().max().item<float>();
+    const double tol = dtype == DType::f32 ? 1e-5 : 3e-2;
+    EXPECT_LT((run.dx.to(torch::kFloat) - x.grad().to(torch::kFloat)).abs().max().item<float>(),
+              tol * scale_dx)
+        << dtype_name(dtype);
+    EXPECT_LT((run.dw.to(torch::kFloat) - w.grad().to(torch::kFloat)).abs().max().item<float>(),
+              tol * scale_dw)
+        << dtype_name(dtype);
+  }
+}
+
+TEST(RmsNormReference, BackwardInPlaceOverDyAndZeroRows) {
+  const int64_t rows = 4, cols = 33;
+  const BackwardRun run = run_backward_reference(DType::bf16, rows, cols, cols, 1e-6f, false);
+  auto dy = run.dy.clone();
+  auto dw = torch::full({cols}, NAN, torch::kBFloat16);
+  RmsNormBackwardParams p;
+  p.dtype = DType::bf16;
+  p.x = run.x.data_ptr();
+  p.weight = run.w.data_ptr();
+  p.dy = dy.data_ptr();
+  p.rstd = run.rstd.data();
+  p.dx = dy.data_ptr();
+  p.dweight = dw.data_ptr();
+  p.rows = rows;
+  p.cols = cols;
+  p.x_row_stride = p.dy_row_stride = p.dx_row_stride = cols;
+  rmsnorm_backward_reference(p);
+  EXPECT_TRUE(torch::equal(dy, run.dx));
+  EXPECT_TRUE(torch::equal(dw, run.dw));
+
+  p.rows = 0;  // no rows: dweight is zero
+  rmsnorm_backward_reference(p);
+  EXPECT_TRUE(dw.eq(0).all().item<bool>());
 }
 
 }  // namespace

@@ -1,4 +1,5 @@
-// aviary bench decode | train: decode and training throughput and peak memory.
+// aviary bench decode | train: decode and training throughput and peak memory. (bench kernels:
+// cmd_bench_kernels.cpp.)
 //
 // Each case runs in a fresh child process (this binary re-executed with --case), so that the
 // peak RSS reported belongs to that case alone.
@@ -27,7 +28,9 @@
 #include "aviary/train/lora_config.h"
 #include "aviary/train/model_spec.h"
 #include "aviary/train/optimizer.h"
+#include "bench_kernels.h"
 #include "commands.h"
+#include "model_flags.h"
 
 namespace aviary::cli {
 namespace {
@@ -41,6 +44,7 @@ struct BenchArgs {
   int64_t batch = 1;
   int repeats = 3;
   bool json = false;
+  std::string ops_impl = "auto";
   std::string child_case;  // internal: run one case and print a JSON line
 };
 
@@ -157,7 +161,8 @@ void run_decode(const BenchArgs& a) {
     std::ostringstream args;
     args << "decode --case " << shell_quote(c) << " --tiny-model " << shell_quote(a.tiny_model)
          << " --threads " << a.threads << " --prompt-tokens " << a.prompt_tokens << " --new-tokens "
-         << a.new_tokens << " --batch " << a.batch << " --repeats " << a.repeats;
+         << a.new_tokens << " --batch " << a.batch << " --repeats " << a.repeats << " --ops-impl "
+         << a.ops_impl;
     rows.push_back(run_child(args.str(), c));
   }
   if (a.json) {
@@ -193,6 +198,7 @@ struct TrainBenchArgs {
   int64_t steps = 0;        // 0: tiny 20, aquila-100m 4
   int64_t warmup = 2;
   bool json = false;
+  std::string ops_impl = "auto";
   std::string child_case;
   int nproc = 0;  // > 0: the distributed comparison instead (run_train_distributed)
   std::string data = "tests/fixtures/train-parity/data";
@@ -339,6 +345,7 @@ void run_train_distributed(const TrainBenchArgs& a) {
     c["checkpoint"] = {{"dir", (run / "checkpoints").string()}, {"every", 0}};
     c["log"] = {{"dir", run.string()}, {"every", 1}, {"tensorboard", false}, {"progress", "none"}};
     if (strategy != "single") c["parallel"] = {{"strategy", strategy}};
+    c["ops"] = {{"impl", a.ops_impl}};
     fs::create_directories(run);
     const std::string config = (run / "config.yaml").string();
     std::ofstream(config) << c.dump(2);
@@ -424,7 +431,8 @@ void run_train(const TrainBenchArgs& a) {
     std::ostringstream args;
     args << "train --case " << shell_quote(c) << " --tiny-model " << shell_quote(a.tiny_model)
          << " --threads " << a.threads << " --seq-len " << a.seq_len << " --micro-batch "
-         << a.micro_batch << " --steps " << a.steps << " --warmup " << a.warmup;
+         << a.micro_batch << " --steps " << a.steps << " --warmup " << a.warmup << " --ops-impl "
+         << a.ops_impl;
     rows.push_back(run_child(args.str(), c));
   }
   if (a.json) {
@@ -472,6 +480,7 @@ void register_bench(CLI::App& app) {
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
   decode->add_flag("--json", args->json, "print JSON instead of a markdown table");
+  add_ops_impl_flag(decode, &args->ops_impl);
   decode->add_option("--case", args->child_case, "run one case in this process (internal)")
       ->group("");
   decode->callback([args] { run_decode(*args); });
@@ -498,6 +507,7 @@ void register_bench(CLI::App& app) {
       ->capture_default_str();
   train->add_option("--warmup", targs->warmup, "untimed steps first")->capture_default_str();
   train->add_flag("--json", targs->json, "print JSON instead of a markdown table");
+  add_ops_impl_flag(train, &targs->ops_impl);
   train
       ->add_option("--nproc", targs->nproc,
                    "> 1: run the trainer under `aviary launch` with each strategy (ddp, zero1, "
@@ -508,6 +518,8 @@ void register_bench(CLI::App& app) {
   train->add_option("--case", targs->child_case, "run one case in this process (internal)")
       ->group("");
   train->callback([targs] { run_train(*targs); });
+
+  register_bench_kernels(bench);
 }
 
 }  // namespace aviary::cli

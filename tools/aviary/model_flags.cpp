@@ -1,6 +1,18 @@
 #include "model_flags.h"
 
+#include "aviary/ops/impl.h"
+
 namespace aviary::cli {
+
+void add_ops_impl_flag(CLI::App* cmd, std::string* value) {
+  cmd->add_option("--ops-impl", *value,
+                  "CUDA op implementations: auto (Aviary's kernels where kernels/validated.json "
+                  "records them for this GPU) | aviary (Aviary's kernels wherever they exist) | "
+                  "torch (PyTorch's ops); CPU always runs the ATen reference")
+      ->capture_default_str()
+      ->check(CLI::IsMember(ops::ops_impl_choices()))
+      ->each([](const std::string& v) { ops::set_ops_impl(ops::parse_ops_impl(v, "--ops-impl")); });
+}
 
 void ModelFlags::add(CLI::App* cmd) {
   cmd->add_option("-m,--model", model,
@@ -19,6 +31,7 @@ void ModelFlags::add(CLI::App* cmd) {
   cmd->add_option("--template", load.chat_template,
                   "chat template: aquila-chat | aquila-v1 | aquila-legacy | aquila | aquila-v2 | "
                   "llama-2 (default: detected from the model dir)");
+  add_ops_impl_flag(cmd, &ops_impl);
 }
 
 void GenerationFlags::add(CLI::App* cmd) {

@@ -1,15 +1,28 @@
-// RMSNorm forward on the GPU (kernels/rmsnorm.cu). Semantics: RmsNormForwardParams in params.h;
+// RMSNorm forward (optionally with the residual add fused in) and backward on the GPU
+// (kernels/rmsnorm.cu). Semantics: RmsNormForwardParams and RmsNormBackwardParams in params.h;
 // CPU oracle: rmsnorm_reference.h.
 #pragma once
+
+#include <cstddef>
 
 #include "aviary/kernels/common.h"
 #include "aviary/kernels/params.h"
 
 namespace aviary::kernels {
 
-// Enqueues y (and rstd, if requested) on `stream`. Any cols >= 1 and any row strides >= cols;
-// 128-bit loads are used when x, y and weight are 16-byte aligned and both row strides are
-// multiples of 16 bytes, scalar loads otherwise. Returns cudaErrorInvalidValue on bad params.
+// Enqueues y (and rstd, and residual_out, if requested) on `stream`. Any cols >= 1 and any row
+// strides >= cols; 128-bit loads are used when every tensor is 16-byte aligned and every row
+// stride a multiple of 16 bytes, scalar loads otherwise. Returns cudaErrorInvalidValue on bad
+// params.
 cudaError_t rmsnorm_forward(const RmsNormForwardParams& params, cudaStream_t stream);
+
+// Bytes of fp32 workspace rmsnorm_backward needs for these params (it depends on rows and cols
+// only): one partial dweight row per backward block. 0 when rows == 0.
+size_t rmsnorm_backward_workspace_bytes(const RmsNormBackwardParams& params);
+
+// Enqueues dx and dweight on `stream` (two kernels: the row pass, then the deterministic dweight
+// reduction over the workspace). cols <= 32768. The workspace is scratch: its content on entry
+// does not matter and on exit is unspecified. Returns cudaErrorInvalidValue on bad params.
+cudaError_t rmsnorm_backward(const RmsNormBackwardParams& params, cudaStream_t stream);
 
 }  // namespace aviary::kernels

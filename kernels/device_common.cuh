@@ -1,0 +1,94 @@
+// Device helpers shared by the kernel families in kernels/*.cu (internal, not installed): element
+// traits of each DType, 16-byte packs, warp and block sums, alignment tests.
+//
+// Everything is in an anonymous namespace: each .cu gets its own copy, so no symbol is shared
+// between translation units (whole-program compilation, no device link step).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "aviary/kernels/dtype.h"
+
+namespace aviary::kernels {
+namespace {
+
+// Device element type of a DType: storage type, fp32 conversions (round to nearest even), and how
+// many elements one 128-bit access moves.
+template <DType D>
+struct Elem;
+
+template <>
+struct Elem<DType::f32> {
+  using T = float;
+  static constexpr int kPerPack = 4;
+  __device__ static float to_float(T v) { return v; }
+  __device__ static T from_float(float v) { return v; }
+};
+
+template <>
+struct Elem<DType::f16> {
+  using T = __half;
+  static constexpr int kPerPack = 8;
+  __device__ static float to_float(T v) { return __half2float(v); }
+  __device__ static T from_float(float v) { return __float2half_rn(v); }
+};
+
+template <>
+struct Elem<DType::bf16> {
+  using T = __nv_bfloat16;
+  static constexpr int kPerPack = 8;
+  // Exact widening by a shift; cheaper for ptxas to schedule than __bfloat162float on sm_90.
+  __device__ static float to_float(T v) {
+    return __uint_as_float(static_cast<unsigned>(__bfloat16_as_ushort(v)) << 16);
+  }
+  __device__ static T from_float(float v) { return __float2bfloat16_rn(v); }
+};
+
+// N elements moved by one access: 16 bytes (LDG.128/STG.128) when vectorised, one element else.
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1)
+    v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Sum of `v` over the kThreads threads (threadIdx.x) that share a row; every thread gets the same
+// total. With more than one warp per row all threads of the block must call it (one row per block).
+template <int kThreads>
+__device__ __forceinline__ float row_sum(float v) {
+  static_assert(kThreads % 32 == 0 && kThreads <= 1024, "whole warps, at most one block");
+  v = warp_sum(v);
+  if constexpr (kThreads == 32) {
+    return v;
+  } else {
+    __shared__ float warp_totals[kThreads / 32];
+    if (threadIdx.x % 32 == 0) warp_totals[threadIdx.x / 32] = v;
+    __syncthreads();
+    float total = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kThreads / 32; ++i)
+      total += warp_totals[i];  // same order everywhere
+    __syncthreads();            // warp_totals is rewritten for the next row
+    return total;
+  }
+}
+
+inline bool aligned16(const void* ptr) {
+  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
+}
+
+// A row stride (in elements) keeps 16-byte alignment from row to row.
+inline bool stride16(int64_t stride, DType t) {
+  return (stride * dtype_size(t)) % 16 == 0;
+}
+
+}  // namespace
+}  // namespace aviary::kernels

@@ -1,0 +1,505 @@
+// ops.impl (auto | aviary | torch): the config key, the validation record (kernels/validated.json)
+// and the decision it drives, `aviary bench kernels`, and that on CPU every setting trains
+// identically. The *Cuda* tests run the ops on a GPU and skip without one (tools/gpu_check.sh
+// runs them on the device machine).
+#include <cmath>
+#include <filesystem>
+#include <set>
+#include <sstream>
+
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include "aviary/build_info.h"
+#include "aviary/core/config.h"
+#include "aviary/dist/comm.h"
+#include "aviary/dist/data_parallel.h"
+#include "aviary/models/aquila_config.h"
+#include "aviary/ops/impl.h"
+#include "aviary/ops/rms_norm.h"
+#include "aviary/train/lm_loss.h"
+#include "aviary/train/model_spec.h"
+#include "aviary/train/optimizer.h"
+#include "aviary/train/trainer.h"
+#include "expect_error.h"
+#include "test_util.h"
+
+namespace aviary {
+namespace {
+
+namespace fs = std::filesystem;
+using ops::KernelTarget;
+using ops::Op;
+using ops::OpsImpl;
+using ops::ValidationRecord;
+using test::expect_error;
+
+// Restores the process-wide setting after a test changes it.
+class ImplGuard {
+ public:
+  ImplGuard() : saved_(ops::ops_impl()) {}
+  ~ImplGuard() { ops::set_ops_impl(saved_); }
+
+ private:
+  OpsImpl saved_;
+};
+
+bool contains(const std::string& haystack, const std::string& needle) {
+  return haystack.find(needle) != std::string::npos;
+}
+
+// ---------------------------------------------------------------- the config key
+
+TEST(OpsConfig, ReadsEachValueAndDefaultsToAuto) {
+  for (const auto& [value, impl] : std::vector<std::pair<std::string, OpsImpl>>{
+           {"auto", OpsImpl::kAuto}, {"aviary", OpsImpl::kAviary}, {"torch", OpsImpl::kTorch}}) {
+    Json node = {{"impl", value}};
+    ConfigReader r(node, "ops", "run.yaml");
+    auto c = ops::OpsConfig::from_section(r);
+    EXPECT_EQ(c.impl, impl) << value;
+    EXPECT_EQ(c.to_json()["impl"], value);
+  }
+  Json empty = Json::object();
+  ConfigReader r(empty, "ops", "run.yaml");
+  EXPECT_EQ(ops::OpsConfig::from_section(r).impl, OpsImpl::kAuto);
+}
+
+TEST(OpsConfig, UnknownValueNamesTheKeyAndTheChoices) {
+  Json node = {{"impl", "cuda"}};
+  ConfigReader r(node, "ops", "run.yaml");
+  auto e = expect_error(ErrorKind::kInvalidArgument, [&] { ops::OpsConfig::from_section(r); });
+  const std::string what = e.what();
+  EXPECT_TRUE(contains(what, "run.yaml")) << what;
+  EXPECT_TRUE(contains(what, "ops.impl")) << what;
+  EXPECT_TRUE(contains(what, "'cuda'")) << what;
+  EXPECT_TRUE(contains(what, "auto, aviary, torch")) << what;
+}
+
+TEST(OpsConfig, UnknownKeyIsRefused) {
+  Json node = {{"implementation", "torch"}};
+  ConfigReader r(node, "ops", "run.yaml");
+  auto e = expect_error(ErrorKind::kInvalidArgument, [&] { ops::OpsConfig::from_section(r); });
+  EXPECT_TRUE(contains(e.what(), "ops.implementation")) << e.what();
+}
+
+TEST(OpsConfig, ParseNamesWhere) {
+  auto e =
+      expect_error(ErrorKind::kInvalidArgument, [] { ops::parse_ops_impl("fast", "--ops-impl"); });
+  EXPECT_TRUE(contains(e.what(), "--ops-impl")) << e.what();
+  EXPECT_TRUE(contains(e.what(), "auto, aviary, torch")) << e.what();
+}
+
+// ---------------------------------------------------------------- the validation record
+
+const char* kRecord = R"({
+  "about": "test",
+  "kernels": {
+    "rmsnorm_forward": [
+      {"gpu": "NVIDIA H200", "sm": 90, "date": "2026-11-29", "commit": "0123abc",
+       "test": "*RmsNormKernel*"},
+      {"gpu": "NVIDIA A100-SXM4-80GB", "sm": 80, "date": "2026-11-30", "commit": "0123abd",
+       "test": "*RmsNormKernel*"}
+    ]
+  }
+})";
+
+TEST(ValidationRecord, ParsesEntries) {
+  auto record = ValidationRecord::parse(kRecord, "validated.json");
+  ASSERT_EQ(record.entries().size(), 2u);
+  EXPECT_EQ(record.entries()[0].kernel, "rmsnorm_forward");
+  EXPECT_EQ(record.entries()[0].gpu, "NVIDIA H200");
+  EXPECT_EQ(record.entries()[0].sm, 90);
+  EXPECT_EQ(record.entries()[1].date, "2026-11-30");
+  EXPECT_TRUE(record.validated("rmsnorm_forward", 90));
+  EXPECT_TRUE(record.validated("rmsnorm_forward", 80));
+  EXPECT_FALSE(record.validated("rmsnorm_forward", 89));
+  EXPECT_FALSE(record.validated("attention_forward", 90));
+}
+
+TEST(ValidationRecord, MalformedRecordsNameFileAndKey) {
+  struct Case {
+    std::string text;
+    std::vector<std::string> needles;
+  };
+  const std::vector<Case> cases = {
+      {"{", {"validated.json", "not valid JSON"}},
+      {"[]", {"validated.json", "kernels"}},
+      {R"({"about": "x"})", {"validated.json", "kernels", "missing"}},
+      {R"({"kernels": {"k": {}}})", {"kernels.k", "list"}},
+      {R"({"kernels": {"k": [{"gpu": "g", "date": "d", "commit": "c", "test": "t"}]}})",
+       {"kernels.k[0].sm", "missing"}},
+      {R"({"kernels": {"k": [{"gpu": "g", "sm": "90", "date": "d", "commit": "c", "test": "t"}]}})",
+       {"kernels.k[0].sm"}},
+      {R"({"kernels": {"k": [{"gpu": "g", "sm": 90, "date": "d", "commit": "c", "test": "t",
+           "passed": true}]}})",
+       {"kernels.k[0].passed"}},
+      {R"({"kernels": {}, "extra": 1})", {"extra"}},
+  };
+  for (const auto& c : cases) {
+    auto e = expect_error(ErrorKind::kCorruption,
+                          [&] { ValidationRecord::parse(c.text, "validated.json"); });
+    for (const auto& n : c.needles)
+      EXPECT_TRUE(contains(e.what(), n)) << n << " in " << e.what() << " for " << c.text;
+  }
+}
+
+TEST(ValidationRecord, EmbeddedRecordParsesAndNamesOnlyKnownKernels) {
+  const auto& record = ValidationRecord::embedded();
+  // The same file, read from the source tree: the build embedded what is committed.
+  auto from_file = ValidationRecord::parse(
+      test::read_file(std::string(AVIARY_SOURCE_DIR) + "/kernels/validated.json"),
+      "kernels/validated.json");
+  ASSERT_EQ(record.entries().size(), from_file.entries().size());
+  for (size_t i = 0; i < record.entries().size(); ++i) {
+    const auto& v = record.entries()[i];
+    EXPECT_EQ(v.kernel, from_file.entries()[i].kernel);
+    EXPECT_EQ(v.sm, from_file.entries()[i].sm);
+    bool known = false;
+    for (const auto& k : ops::kernel_registry())
+      known |= v.kernel == k.kernel;
+    EXPECT_TRUE(known) << v.kernel << " is not in ops::kernel_registry()";
+  }
+}
+
+// ---------------------------------------------------------------- the decision
+
+KernelTarget h200(bool built = true) {
+  KernelTarget t;
+  t.cuda = true;
+  t.sm = 90;
+  t.kernels_built = built;
+  t.built_archs = {80, 90};
+  return t;
+}
+
+TEST(KernelChoice, CpuAndTorchNeverUseAKernel) {
+  auto record = ValidationRecord::parse(kRecord, "validated.json");
+  KernelTarget cpu;
+  for (auto impl : {OpsImpl::kAuto, OpsImpl::kAviary, OpsImpl::kTorch})
+    EXPECT_FALSE(ops::choose_kernel(impl, Op::kRmsNorm, cpu, record).use_kernel);
+  auto choice = ops::choose_kernel(OpsImpl::kTorch, Op::kRmsNorm, h200(), record);
+  EXPECT_FALSE(choice.use_kernel);
+  EXPECT_TRUE(contains(choice.reason, "torch")) << choice.reason;
+}
+
+TEST(KernelChoice, AutoFollowsTheRecordPerArchitecture) {
+  auto record = ValidationRecord::parse(kRecord, "validated.json");
+  auto empty = ValidationRecord::parse(R"({"kernels": {}})", "empty.json");
+  auto on_h200 = ops::choose_kernel(OpsImpl::kAuto, Op::kRmsNorm, h200(), record);
+  EXPECT_TRUE(on_h200.use_kernel);
+  EXPECT_TRUE(contains(on_h200.reason, "sm_90")) << on_h200.reason;
+  auto not_recorded = ops::choose_kernel(OpsImpl::kAuto, Op::kRmsNorm, h200(), empty);
+  EXPECT_FALSE(not_recorded.use_kernel);
+  EXPECT_TRUE(contains(not_recorded.reason, "not validated")) << not_recorded.reason;
+  KernelTarget ada = h200();
+  ada.sm = 89;  // runs (PTX / sm_80 cubin), but nobody has checked it there
+  EXPECT_FALSE(ops::choose_kernel(OpsImpl::kAuto, Op::kRmsNorm, ada, record).use_kernel);
+  // Validated on sm_90, but this build has no kernels: PyTorch's op, no error.
+  EXPECT_FALSE(ops::choose_kernel(OpsImpl::kAuto, Op::kRmsNorm, h200(false), record).use_kernel);
+}
+
+TEST(KernelChoice, AviaryForcesTheKernelOrSaysWhyNot) {
+  auto empty = ValidationRecord::parse(R"({"kernels": {}})", "empty.json");
+  EXPECT_TRUE(ops::choose_kernel(OpsImpl::kAviary, Op::kRmsNorm, h200(), empty).use_kernel);
+  auto e = expect_error(ErrorKind::kUnsupported, [&] {
+    ops::choose_kernel(OpsImpl::kAviary, Op::kRmsNorm, h200(false), empty);
+  });
+  EXPECT_TRUE(contains(e.what(), "ops.impl")) << e.what();
+  EXPECT_TRUE(contains(e.what(), "rmsnorm_forward")) << e.what();
+  KernelTarget volta = h200();
+  volta.sm = 70;  // older than every architecture built
+  auto old = expect_error(ErrorKind::kUnsupported, [&] {
+    ops::choose_kernel(OpsImpl::kAviary, Op::kRmsNorm, volta, empty);
+  });
+  EXPECT_TRUE(contains(old.what(), "sm_70")) << old.what();
+  EXPECT_TRUE(contains(old.what(), "CMAKE_CUDA_ARCHITECTURES=70")) << old.what();
+}
+
+TEST(KernelChoice, RegistryNamesAreUniqueAndHaveTests) {
+  std::set<std::string> names;
+  for (const auto& k : ops::kernel_registry()) {
+    EXPECT_TRUE(names.insert(k.kernel).second) << k.kernel;
+    EXPECT_FALSE(std::string(k.gpu_tests).empty()) << k.kernel;
+    EXPECT_FALSE(std::string(k.op_tests).empty()) << k.kernel;
+    EXPECT_EQ(ops::find_kernel(k.op), &k);
+  }
+#if AVIARY_CUDA_BUILT && defined(AVIARY_TORCH_CUDA)
+  EXPECT_TRUE(ops::kernels_built());
+#else
+  EXPECT_FALSE(ops::kernels_built());
+#endif
+}
+
+// ---------------------------------------------------------------- bench kernels
+
+TEST(BenchKernels, CpuPrintsATableAgainstTheUnfusedSequence) {
+  auto r = test::run_cli("bench kernels --cpu --threads 1 --seconds 0.02 --dtypes fp32");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_TRUE(contains(r.output, "ceilings measured in this run")) << r.output;
+  EXPECT_TRUE(contains(r.output, "| op | pass | shape |")) << r.output;
+  for (const char* op : {"| rms_norm |", "| rope |", "| attention |"})
+    EXPECT_TRUE(contains(r.output, op)) << op << " in " << r.output;
+  EXPECT_TRUE(contains(r.output, "unfused ATen")) << r.output;
+  EXPECT_TRUE(contains(r.output, "ATen reference")) << r.output;
+}
+
+TEST(BenchKernels, CpuJsonHasFiguresThatAgree) {
+  auto r = test::run_cli(
+      "--log-level warn bench kernels --cpu --json --threads 1 --seconds 0.02 --ops rms_norm "
+      "attention --dtypes fp32 bf16");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  auto j = Json::parse(r.output.substr(r.output.find('{')));
+  EXPECT_EQ(j["device"], "cpu");
+  EXPECT_GT(j["ceilings"]["copy_gbs"].get<double>(), 0.0);
+  // One GEMM ceiling on CPU, fp32: bf16 arithmetic runs through fp32 there.
+  ASSERT_EQ(j["ceilings"]["gemm_tflops"].size(), 1u);
+  EXPECT_GT(j["ceilings"]["gemm_tflops"]["fp32"].get<double>(), 0.0);
+  // rms_norm x 2 shapes + attention fwd and fwd+bwd, per dtype.
+  ASSERT_EQ(j["rows"].size(), 8u) << j.dump(1);
+  for (const auto& row : j["rows"]) {
+    EXPECT_NE(row["op"], "rope");
+    EXPECT_GT(row["ms"].get<double>(), 0.0);
+    EXPECT_GT(row["baseline_ms"].get<double>(), 0.0);
+    EXPECT_NEAR(row["speedup"].get<double>(),
+                row["baseline_ms"].get<double>() / row["ms"].get<double>(), 1e-9);
+    // Same maths both ways: fp32 agrees to rounding, bf16 to a few bf16 ulps of O(1) values.
+    const double tol = row["dtype"] == "fp32" ? 1e-3 : 0.25;
+    EXPECT_LE(row["max_abs_diff"].get<double>(), tol) << row.dump();
+  }
+}
+
+TEST(BenchKernels, UnknownOpNamesTheFlag) {
+  auto r = test::run_cli("bench kernels --cpu --ops rmsnorm");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_TRUE(contains(r.output, "--ops")) << r.output;
+  EXPECT_TRUE(contains(r.output, "rms_norm")) << r.output;
+}
+
+TEST(BenchKernels, WithoutAGpuAsksForCpu) {
+  if (torch::cuda::is_available()) GTEST_SKIP() << "a GPU is visible";
+  auto r = test::run_cli("bench kernels");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_TRUE(contains(r.output, "--cpu")) << r.output;
+}
+
+TEST(BenchKernels, ListShowsTheRegistry) {
+  auto r = test::run_cli("--log-level warn bench kernels --list --json --cpu");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  auto j = Json::parse(r.output.substr(r.output.find('[')));
+  ASSERT_EQ(j.size(), ops::kernel_registry().size());
+  EXPECT_EQ(j[0]["kernel"], "rmsnorm_forward");
+  EXPECT_EQ(j[0]["used"], false);  // CPU
+}
+
+TEST(OpsImplFlag, GenerateRejectsABadValue) {
+  auto r = test::run_cli("generate --model '" + test::fixture("tiny-llama") +
+                         "' --prompt hi -n 1 --ops-impl fast");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_TRUE(contains(r.output, "--ops-impl")) << r.output;
+}
+
+// ---------------------------------------------------------------- training
+
+Json tiny_config(const std::string& run_dir, const std::string& impl) {
+  Json c;
+  c["model"] = {{"arch", "aquila"}, {"init_from", test::fixture("tiny-llama")}};
+  c["data"] = {{"datasets", Json::array({test::fixture("train-parity/data")})},
+               {"seq_len", 32},
+               {"shuffle", true}};
+  c["train"] = {{"steps", 3}, {"global_batch", 4}, {"micro_batch", 4}, {"threads", 1}};
+  c["optim"] = {{"lr", 5e-3}};
+  c["checkpoint"] = {{"dir", run_dir + "/checkpoints"}, {"every", 0}};
+  c["log"] = {{"dir", run_dir}, {"every", 1}, {"tensorboard", false}, {"progress", "none"}};
+  c["ops"] = {{"impl", impl}};
+  return c;
+}
+
+std::vector<double> losses(const std::string& metrics) {
+  std::vector<double> out;
+  std::istringstream in(test::read_file(metrics));
+  std::string line;
+  while (std::getline(in, line)) {
+    auto j = Json::parse(line);
+    if (j["type"] == "train") out.push_back(j["loss"].get<double>());
+  }
+  return out;
+}
+
+TEST(OpsImplTraining, CpuTrainsIdenticallyWithEverySetting) {
+  ImplGuard guard;
+  std::vector<std::vector<double>> runs;
+  for (const std::string impl : {"torch", "aviary", "auto"}) {
+    test::TempDir dir;
+    Trainer trainer(tiny_config(dir.path(), impl), "ops.yaml");
+    EXPECT_EQ(ops::ops_impl(), ops::parse_ops_impl(impl, "test"));
+    EXPECT_EQ(trainer.resolved_config()["ops"]["impl"], impl);
+    auto result = trainer.run();
+    EXPECT_EQ(result.status, "completed");
+    auto written = Json::parse(test::read_file(dir.file("config.json")));
+    EXPECT_EQ(written["ops"]["impl"], impl);
+    runs.push_back(losses(dir.file("metrics.jsonl")));
+  }
+  ASSERT_EQ(runs[0].size(), 3u);
+  EXPECT_EQ(runs[0], runs[1]);  // bit for bit: the CPU path is the same ATen reference
+  EXPECT_EQ(runs[0], runs[2]);
+}
+
+TEST(OpsImplTraining, BadValueIsRefusedBeforeTraining) {
+  test::TempDir dir;
+  auto e = expect_error(ErrorKind::kInvalidArgument,
+                        [&] { Trainer trainer(tiny_config(dir.path(), "kernels"), "ops.yaml"); });
+  EXPECT_TRUE(contains(e.what(), "ops.yaml")) << e.what();
+  EXPECT_TRUE(contains(e.what(), "ops.impl")) << e.what();
+  EXPECT_TRUE(contains(e.what(), "auto, aviary, torch")) << e.what();
+  EXPECT_FALSE(fs::exists(dir.file("metrics.jsonl")));
+}
+
+// ---------------------------------------------------------------- on a GPU
+
+bool have_cuda() {
+  return torch::cuda::is_available();
+}
+
+// max |y - y_exact| where y_exact is HF's RMSNorm in double on the same (rounded) inputs.
+double max_error(const torch::Tensor& y, const torch::Tensor& x, const torch::Tensor& w,
+                 double eps) {
+  auto xd = x.to(torch::kCPU, torch::kFloat64);
+  auto rstd = torch::rsqrt(xd.pow(2).mean(-1, true) + eps);
+  auto exact = w.to(torch::kCPU, torch::kFloat64) * (xd * rstd);
+  return (y.to(torch::kCPU, torch::kFloat64) - exact).abs().max().item<double>();
+}
+
+TEST(OpsRmsNormCuda, KernelMatchesTheReferenceWithinTwiceItsError) {
+  if (!have_cuda()) GTEST_SKIP() << "no CUDA device";
+  if (!ops::kernels_built()) GTEST_SKIP() << "this build has no CUDA kernels";
+  ImplGuard guard;
+  torch::manual_seed(7);
+  const double eps = 1e-5;
+  for (auto dtype : {torch::kFloat32, torch::kBFloat16, torch::kFloat16}) {
+    for (auto shape :
+         std::vector<std::vector<int64_t>>{{1, 1}, {7, 113}, {3, 5, 1023}, {2, 4096}, {4, 8195}}) {
+      auto opts = torch::TensorOptions().dtype(dtype).device(torch::kCUDA);
+      auto x = torch::randn(shape, opts) * 3;
+      auto w = (1 + 0.1 * torch::randn({shape.back()}, opts.dtype(torch::kFloat32))).to(dtype);
+      ops::set_ops_impl(OpsImpl::kAviary);
+      ASSERT_TRUE(ops::use_kernel(Op::kRmsNorm, x.device()));
+      auto y_kernel = ops::rms_norm(x, w, eps);
+      ops::set_ops_impl(OpsImpl::kTorch);
+      auto y_torch = ops::rms_norm(x, w, eps);
+      ASSERT_EQ(y_kernel.sizes(), x.sizes());
+      ASSERT_EQ(y_kernel.scalar_type(), dtype);
+      const double err_kernel = max_error(y_kernel, x, w, eps);
+      const double err_torch = max_error(y_torch, x, w, eps);
+      const double atol =
+          dtype == torch::kFloat32 ? 1e-5 : 1e-3;  // stated here: see docs/kernels.md
+      EXPECT_LE(err_kernel, 2 * err_torch + atol)
+          << c10::toString(dtype) << " " << x.sizes() << " kernel " << err_kernel << " torch "
+          << err_torch;
+    }
+  }
+}
+
+TEST(OpsRmsNormCuda, StridedRowsAndGradientsMatchTheReference) {
+  if (!have_cuda()) GTEST_SKIP() << "no CUDA device";
+  if (!ops::kernels_built()) GTEST_SKIP() << "this build has no CUDA kernels";
+  ImplGuard guard;
+  torch::manual_seed(11);
+  auto opts = torch::TensorOptions().dtype(torch::kBFloat16).device(torch::kCUDA);
+  // Rows of a wider buffer: a row stride of 160 for 129 columns, and a transposed (copied) input.
+  auto base = torch::randn({37, 160}, opts);
+  auto x = base.narrow(1, 3, 129);
+  auto w = torch::randn({129}, opts);
+  std::vector<torch::Tensor> grads[2];
+  torch::Tensor outs[2];
+  for (int k = 0; k < 2; ++k) {
+    ops::set_ops_impl(k == 0 ? OpsImpl::kAviary : OpsImpl::kTorch);
+    auto xr = x.detach().requires_grad_(), wr = w.detach().requires_grad_();
+    outs[k] = ops::rms_norm(xr, wr, 1e-6);
+    auto g = torch::ones_like(outs[k]);
+    grads[k] = torch::autograd::grad({outs[k]}, {xr, wr}, {g});
+  }
+  EXPECT_LE(max_error(outs[0], x, w, 1e-6), 2 * max_error(outs[1], x, w, 1e-6) + 1e-3);
+  // The backward is the reference's, on the same inputs: identical.
+  EXPECT_TRUE(torch::equal(grads[0][0], grads[1][0]));
+  EXPECT_TRUE(torch::equal(grads[0][1], grads[1][1]));
+  auto xt = torch::randn({64, 48}, opts).t();  // last dim not contiguous
+  ops::set_ops_impl(OpsImpl::kAviary);
+  auto yt = ops::rms_norm(xt, torch::ones({64}, opts), 1e-6);
+  EXPECT_LE(max_error(yt, xt, torch::ones({64}, opts), 1e-6), 0.02);
+}
+
+TEST(OpsRmsNormCuda, AutoFollowsTheEmbeddedRecord) {
+  if (!have_cuda()) GTEST_SKIP() << "no CUDA device";
+  ImplGuard guard;
+  ops::set_ops_impl(OpsImpl::kAuto);
+  const torch::Device device(torch::kCUDA, 0);
+  const int sm = ops::device_sm(device);
+  EXPECT_EQ(ops::use_kernel(Op::kRmsNorm, device),
+            ops::kernels_built() && ValidationRecord::embedded().validated("rmsnorm_forward", sm));
+}
+
+// One data-parallel training step over the NCCL engine at world size 1 (issue 4): the same
+// update as a plain step, since the all-reduce of one rank is the identity.
+TEST(DistNcclCuda, OneGpuTrainingStepMatchesAPlainStep) {
+  if (!have_cuda()) GTEST_SKIP() << "no CUDA device";
+  if (!dist::nccl_available()) GTEST_SKIP() << "this build has no NCCL engine";
+  CausalLMSpec spec;
+  spec.config = AquilaConfig::from_hf_file(test::fixture("tiny-llama") + "/config.json");
+  const auto opts = torch::TensorOptions().dtype(torch::kFloat32).device(torch::kCUDA);
+  auto tokens = torch::randint(0, spec.config.vocab_size, {4, 33}, torch::kInt64).to(torch::kCUDA);
+  OptimizerConfig optim;
+  optim.lr = 1e-3;
+  std::vector<torch::Tensor> after[2];
+  double loss[2];
+  for (int k = 0; k < 2; ++k) {
+    auto model = build_causal_lm(spec, opts, 1234);
+    model->train();
+    NamedTensors named;
+    std::vector<torch::Tensor> params;
+    for (const auto& item : model->named_parameters()) {
+      named.emplace_back(item.key(), item.value());
+      params.push_back(item.value());
+    }
+    std::unique_ptr<dist::Comm> comm;
+    std::unique_ptr<dist::DataParallel> ddp;
+    std::unique_ptr<AdamW> optimizer;
+    if (k == 1) {
+      dist::DistEnvironment env;  // rank 0 of 1
+      dist::CommOptions options;
+      options.backend = "nccl";
+      options.cuda = true;
+      options.timeout_s = 60;
+      comm = dist::open_comm(env, options);
+      ASSERT_STREQ(comm->backend(), "nccl");
+      dist::ParallelConfig parallel;
+      parallel.backend = "nccl";
+      ddp = std::make_unique<dist::DataParallel>(*comm, named, parallel);
+      optimizer = make_adamw(ddp->owned(), optim);
+      ddp->sync_next_backward();
+    } else {
+      optimizer = make_adamw(named, optim);
+    }
+    LmLossOptions loss_options;
+    loss_options.bf16 = true;
+    auto l = causal_lm_loss(*model, tokens, loss_options);
+    l.backward();
+    if (ddp) {
+      ddp->finish_gradient_sync();
+      ddp->clip_grad_norm(1.0);
+    } else {
+      clip_grad_norm(params, 1.0);
+    }
+    optimizer->step();
+    if (ddp) ddp->sync_parameters();
+    loss[k] = l.item<double>();
+    for (const auto& p : params)
+      after[k].push_back(p.detach().cpu());
+  }
+  EXPECT_EQ(loss[0], loss[1]);
+  ASSERT_EQ(after[0].size(), after[1].size());
+  for (size_t i = 0; i < after[0].size(); ++i)
+    EXPECT_TRUE(torch::allclose(after[0][i], after[1][i], 1e-5, 1e-6)) << "parameter " << i;
+}
+
+}  // namespace
+}  // namespace aviary

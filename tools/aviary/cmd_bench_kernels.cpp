@@ -1,0 +1,543 @@
+// aviary bench kernels: each op of ops/ timed against a comparison on the same inputs, beside the
+// ceilings measured in the same run (GEMM FLOP/s through torch::mm, copy bandwidth through one
+// large tensor copy).
+//
+//   CUDA    Aviary's op with ops.impl aviary (its kernel where one exists) vs PyTorch's own op
+//           (at::rms_norm, SDPA, ...). Timed with device synchronisation around batches of calls.
+//   --cpu   the ATen reference of each op (what ops/ runs on CPU) vs the unfused ATen sequence.
+//
+// Adding an op: a case builder below (inputs, the two callables, bytes and FLOPs) and one line in
+// op_benches().
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <fmt/format.h>
+#include <torch/torch.h>
+#include <nlohmann/json.hpp>
+
+#include "aviary/core/dtype.h"
+#include "aviary/core/error.h"
+#include "aviary/ops/attention.h"
+#include "aviary/ops/impl.h"
+#include "aviary/ops/rms_norm.h"
+#include "aviary/ops/rope.h"
+#include "bench_kernels.h"
+
+#ifdef AVIARY_TORCH_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
+
+namespace aviary::cli {
+namespace {
+
+struct KernelBenchArgs {
+  bool cpu = false;
+  bool json = false;
+  bool list = false;
+  std::vector<std::string> ops;     // empty: every op
+  std::vector<std::string> dtypes;  // empty: bf16 on CUDA; fp32 and bf16 on CPU
+  int threads = 0;
+  double seconds = 0.25;  // timing budget of one measurement
+};
+
+struct Context {
+  torch::Device device;
+  torch::ScalarType dtype;
+  bool cuda() const { return device.is_cuda(); }
+  torch::TensorOptions options() const {
+    return torch::TensorOptions().dtype(dtype).device(device);
+  }
+  double elem() const { return static_cast<double>(c10::elementSize(dtype)); }
+};
+
+// The names --dtypes takes, also used in the output.
+std::string short_dtype(torch::ScalarType t) {
+  switch (t) {
+    case torch::kFloat32:
+      return "fp32";
+    case torch::kBFloat16:
+      return "bf16";
+    case torch::kFloat16:
+      return "fp16";
+    default:
+      return dtype_name(t);
+  }
+}
+
+// One measured case: Aviary's op and its comparison, on the same inputs.
+struct BenchCase {
+  std::string op;            // ops/ name: rms_norm, rope, attention
+  std::string pass = "fwd";  // fwd | fwd+bwd
+  std::string shape;         // human-readable
+  double bytes = 0;          // fewest bytes moved: each input read once, each output written once
+  double flops = 0;          // > 0: reported in TFLOP/s against the GEMM ceiling, else GB/s
+  std::optional<ops::Op> op_id;  // its kernel family, if it has one
+  std::function<torch::Tensor()> ours;
+  std::string baseline_name;
+  std::function<torch::Tensor()> baseline;
+};
+
+// ---------------------------------------------------------------- the ops
+
+void rms_norm_cases(const Context& c, std::vector<BenchCase>& out) {
+  const std::vector<std::pair<int64_t, int64_t>> shapes =
+      c.cuda() ? std::vector<std::pair<int64_t, int64_t>>{{16384, 4096}, {16384, 8192}}
+               : std::vector<std::pair<int64_t, int64_t>>{{2048, 1024}, {512, 4096}};
+  for (const auto& [rows, cols] : shapes) {
+    auto x = torch::randn({rows, cols}, c.options());
+    auto w = (1.0 + 0.1 * torch::randn({cols}, c.options().dtype(torch::kFloat32))).to(c.dtype);
+    const double eps = 1e-6;
+    BenchCase b;
+    b.op = "rms_norm";
+    b.shape = fmt::format("{}x{}", rows, cols);
+    b.bytes = c.elem() * (2.0 * static_cast<double>(rows * cols) + static_cast<double>(cols));
+    b.op_id = ops::Op::kRmsNorm;
+    b.ours = [=] { return ops::rms_norm(x, w, eps); };
+    if (c.cuda()) {
+      b.baseline_name = "at::rms_norm";
+      b.baseline = [=] { return at::rms_norm(x, {cols}, w, eps); };
+    } else {
+      b.baseline_name = "unfused ATen";
+      b.baseline = [=] {
+        auto xf = x.to(torch::kFloat32);
+        auto rstd = torch::rsqrt(xf.pow(2).mean(-1, true) + eps);
+        return w * (xf * rstd).to(x.scalar_type());
+      };
+    }
+    out.push_back(std::move(b));
+  }
+}
+
+void rope_cases(const Context& c, std::vector<BenchCase>& out) {
+  // [B, H, T, D]: 16k tokens of 32 heads on CUDA (one Aquila-7B layer's queries).
+  const int64_t B = c.cuda() ? 4 : 1, H = c.cuda() ? 32 : 8, T = c.cuda() ? 4096 : 512,
+                D = c.cuda() ? 128 : 64;
+  auto x = torch::randn({B, H, T, D}, c.options());
+  auto positions = torch::arange(T, torch::TensorOptions().dtype(torch::kInt64).device(c.device))
+                       .unsqueeze(0)
+                       .expand({B, T})
+                       .contiguous();
+  auto tables = ops::rope_tables(positions, ops::rope_inv_freq(D, 10000.0), c.dtype);
+  BenchCase b;
+  b.op = "rope";
+  b.shape = fmt::format("B{} H{} T{} D{}", B, H, T, D);
+  b.bytes =
+      c.elem() * (2.0 * static_cast<double>(B * H * T * D) + 2.0 * static_cast<double>(B * T * D));
+  b.ours = [=] { return ops::apply_rope(x, tables); };
+  b.baseline_name = "HF rotate_half (ATen)";
+  b.baseline = [=] {
+    auto x1 = x.narrow(-1, 0, D / 2), x2 = x.narrow(-1, D / 2, D / 2);
+    return x * tables.cos.unsqueeze(1) + torch::cat({-x2, x1}, -1) * tables.sin.unsqueeze(1);
+  };
+  out.push_back(std::move(b));
+}
+
+// Causal self-attention with grouped-query heads, forward and forward + backward.
+void attention_cases(const Context& c, std::vector<BenchCase>& out) {
+  // B x T = 16k tokens at d = 128 on CUDA (the DESIGN target's shape).
+  const int64_t B = c.cuda() ? 8 : 1, H = c.cuda() ? 32 : 8, KVH = c.cuda() ? 8 : 2,
+                T = c.cuda() ? 2048 : 512, D = c.cuda() ? 128 : 64;
+  auto q = torch::randn({B, H, T, D}, c.options());
+  auto k = torch::randn({B, KVH, T, D}, c.options());
+  auto v = torch::randn({B, KVH, T, D}, c.options());
+  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  // Causal: half of the 4·B·H·T²·D of a full attention forward. Backward is 2.5x the forward.
+  const double fwd_flops =
+      2.0 * static_cast<double>(B * H) * static_cast<double>(T * T) * static_cast<double>(D);
+  const double io = c.elem() * static_cast<double>(2 * B * H * T * D + 2 * B * KVH * T * D);
+  std::function<torch::Tensor(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&)>
+      baseline;
+  std::string baseline_name;
+  if (c.cuda()) {
+    baseline_name = "SDPA";
+    baseline = [=](const torch::Tensor& q_, const torch::Tensor& k_, const torch::Tensor& v_) {
+      return at::scaled_dot_product_attention(q_, k_, v_, {}, 0.0, true, scale, /*gqa=*/true);
+    };
+  } else {
+    baseline_name = "unfused ATen (matmul, softmax, matmul)";
+    baseline = [=](const torch::Tensor& q_, const torch::Tensor& k_, const torch::Tensor& v_) {
+      auto kr = k_.repeat_interleave(H / KVH, 1), vr = v_.repeat_interleave(H / KVH, 1);
+      auto scores = torch::matmul(q_, kr.transpose(-2, -1)) * scale;
+      auto future = torch::ones({T, T}, torch::dtype(torch::kBool).device(q_.device())).triu(1);
+      auto p = torch::softmax(scores.masked_fill(future, -INFINITY), -1, torch::kFloat32);
+      return torch::matmul(p.to(q_.scalar_type()), vr);
+    };
+  }
+  const std::string shape = fmt::format("B{} H{}/{} T{} D{} causal", B, H, KVH, T, D);
+  BenchCase fwd;
+  fwd.op = "attention";
+  fwd.shape = shape;
+  fwd.bytes = io;
+  fwd.flops = fwd_flops;
+  fwd.ours = [=] { return ops::attention(q, k, v, std::nullopt, true); };
+  fwd.baseline_name = baseline_name;
+  fwd.baseline = [=] { return baseline(q, k, v); };
+  out.push_back(fwd);
+
+  auto qg = q.detach().requires_grad_(), kg = k.detach().requires_grad_(),
+       vg = v.detach().requires_grad_();
+  auto grad = torch::randn({B, H, T, D}, c.options());
+  auto backward = [=](const torch::Tensor& o) {
+    return torch::autograd::grad({o}, {qg, kg, vg}, {grad})[0];  // dq compared
+  };
+  BenchCase both = fwd;
+  both.pass = "fwd+bwd";
+  both.bytes = 2.5 * io;  // forward reads q, k, v, writes o; backward reads them and o, dO
+  both.flops = 3.5 * fwd_flops;
+  both.ours = [=] { return backward(ops::attention(qg, kg, vg, std::nullopt, true)); };
+  both.baseline = [=] { return backward(baseline(qg, kg, vg)); };
+  out.push_back(both);
+}
+
+struct OpBench {
+  const char* op;
+  void (*cases)(const Context&, std::vector<BenchCase>&);
+};
+
+const std::vector<OpBench>& op_benches() {
+  static const std::vector<OpBench> benches = {
+      {"rms_norm", rms_norm_cases},
+      {"rope", rope_cases},
+      {"attention", attention_cases},
+  };
+  return benches;
+}
+
+// ---------------------------------------------------------------- timing
+
+void sync(const torch::Device& device) {
+  if (device.is_cuda()) torch::cuda::synchronize(device.index());
+}
+
+// Median milliseconds per call of each callable, over 5 rounds; a round runs one batch of each in
+// turn (so that both see the same machine load), a batch lasting about seconds / 5 and closed by a
+// device synchronisation (so launch gaps are amortised and the host clock measures the device).
+std::vector<double> time_ms(const std::vector<std::function<torch::Tensor()>>& fns,
+                            const torch::Device& device, double seconds) {
+  using clock = std::chrono::steady_clock;
+  std::vector<int> calls;
+  for (const auto& fn : fns) {
+    fn();
+    fn();
+    sync(device);
+    const auto start = clock::now();
+    fn();
+    sync(device);
+    const double one = std::max(1e-7, std::chrono::duration<double>(clock::now() - start).count());
+    calls.push_back(std::clamp(static_cast<int>(seconds / 5.0 / one), 1, 2000));
+  }
+  std::vector<std::vector<double>> samples(fns.size());
+  for (int round = 0; round < 5; ++round) {
+    for (size_t f = 0; f < fns.size(); ++f) {
+      const auto start = clock::now();
+      for (int i = 0; i < calls[f]; ++i)
+        fns[f]();
+      sync(device);
+      samples[f].push_back(std::chrono::duration<double>(clock::now() - start).count() * 1e3 /
+                           calls[f]);
+    }
+  }
+  std::vector<double> medians;
+  for (auto& s : samples) {
+    std::sort(s.begin(), s.end());
+    medians.push_back(s[s.size() / 2]);
+  }
+  return medians;
+}
+
+double time_ms(const std::function<torch::Tensor()>& fn, const torch::Device& device,
+               double seconds) {
+  return time_ms(std::vector<std::function<torch::Tensor()>>{fn}, device, seconds)[0];
+}
+
+// Sets the process-wide ops implementation for one scope.
+class ImplScope {
+ public:
+  explicit ImplScope(ops::OpsImpl impl) : previous_(ops::ops_impl()) { ops::set_ops_impl(impl); }
+  ~ImplScope() { ops::set_ops_impl(previous_); }
+  ImplScope(const ImplScope&) = delete;
+  ImplScope& operator=(const ImplScope&) = delete;
+
+ private:
+  ops::OpsImpl previous_;
+};
+
+struct Ceilings {
+  std::vector<std::pair<std::string, double>> gemm_tflops;  // per dtype
+  double copy_gbs = 0;
+  int64_t gemm_n = 0;
+  double copy_bytes = 0;
+
+  double gemm(const std::string& dtype) const {
+    for (const auto& [d, v] : gemm_tflops) {
+      if (d == dtype) return v;
+    }
+    return 0;
+  }
+};
+
+Ceilings measure_ceilings(const torch::Device& device, const std::vector<torch::ScalarType>& dtypes,
+                          double seconds) {
+  torch::NoGradGuard no_grad;
+  Ceilings c;
+  c.gemm_n = device.is_cuda() ? 8192 : 1024;
+  // On CPU one fp32 ceiling serves every dtype: bf16 arithmetic there runs through fp32 (a bf16
+  // torch::mm without bf16 units is emulated and far below what bf16 SDPA reaches internally).
+  const std::vector<torch::ScalarType> gemm_dtypes =
+      device.is_cuda() ? dtypes : std::vector<torch::ScalarType>{torch::kFloat32};
+  for (auto dtype : gemm_dtypes) {
+    const auto opts = torch::TensorOptions().dtype(dtype).device(device);
+    auto a = torch::randn({c.gemm_n, c.gemm_n}, opts), b = torch::randn({c.gemm_n, c.gemm_n}, opts);
+    const double ms = time_ms([&] { return torch::mm(a, b); }, device, seconds);
+    c.gemm_tflops.emplace_back(
+        short_dtype(dtype), 2.0 * std::pow(static_cast<double>(c.gemm_n), 3) / (ms * 1e-3) / 1e12);
+  }
+  const int64_t bytes = device.is_cuda() ? (int64_t{1} << 30) : (int64_t{256} << 20);
+  auto src = torch::randn({bytes / 4}, torch::TensorOptions().device(device));
+  auto dst = torch::empty_like(src);
+  const double ms = time_ms([&] { return dst.copy_(src); }, device, seconds);
+  c.copy_bytes = static_cast<double>(bytes);
+  c.copy_gbs = 2.0 * static_cast<double>(bytes) / (ms * 1e-3) / 1e9;  // read + write
+  return c;
+}
+
+// ---------------------------------------------------------------- the command
+
+torch::ScalarType bench_dtype(const std::string& name) {
+  if (name == "fp32") return torch::kFloat32;
+  if (name == "bf16") return torch::kBFloat16;
+  if (name == "fp16") return torch::kFloat16;
+  throw_invalid("'" + name + "' is not one of: fp32, bf16, fp16", "--dtypes");
+}
+
+std::string describe_path(const BenchCase& b, const torch::Device& device) {
+  if (!device.is_cuda()) return "ATen reference";
+  if (!b.op_id) return "ATen (no Aviary kernel for " + b.op + " yet)";
+  try {
+    return ops::kernel_choice(*b.op_id, device).reason;
+  } catch (const Error& e) {
+    return std::string("torch: ") + e.message();
+  }
+}
+
+nlohmann::json run_case(BenchCase& b, const Context& c, const Ceilings& ceilings, double seconds) {
+  std::optional<torch::NoGradGuard> no_grad;
+  if (b.pass == "fwd") no_grad.emplace();
+  // Ours under ops.impl aviary (its kernel wherever one runs here); if the kernel cannot run on
+  // this device, under torch, and the path says why.
+  ops::OpsImpl impl = c.cuda() ? ops::OpsImpl::kAviary : ops::OpsImpl::kTorch;
+  std::string path;
+  {
+    ImplScope scope(impl);
+    path = describe_path(b, c.device);
+  }
+  if (path.rfind("torch: ", 0) == 0) impl = ops::OpsImpl::kTorch;
+  ImplScope scope(impl);
+  const auto ours_out = b.ours().to(torch::kFloat32);
+  const auto base_out = b.baseline().to(torch::kFloat32);
+  const double diff = (ours_out - base_out).abs().max().item<double>();
+  const auto ms = time_ms({b.ours, b.baseline}, c.device, seconds);
+  const double ours_ms = ms[0], base_ms = ms[1];
+  const std::string dtype = short_dtype(c.dtype);
+  nlohmann::json row = {{"op", b.op},
+                        {"pass", b.pass},
+                        {"shape", b.shape},
+                        {"dtype", dtype},
+                        {"ms", ours_ms},
+                        {"baseline", b.baseline_name},
+                        {"baseline_ms", base_ms},
+                        {"speedup", base_ms / ours_ms},
+                        {"max_abs_diff", diff},
+                        {"path", path}};
+  const double s = ours_ms * 1e-3;
+  row["gbs"] = b.bytes / s / 1e9;
+  if (b.flops > 0) {
+    row["tflops"] = b.flops / s / 1e12;
+    const double ceiling = ceilings.gemm(c.cuda() ? dtype : "fp32");
+    row["pct_of_ceiling"] = ceiling > 0 ? 100.0 * (b.flops / s / 1e12) / ceiling : 0.0;
+    row["ceiling"] = "gemm";
+  } else {
+    row["pct_of_ceiling"] = 100.0 * (b.bytes / s / 1e9) / ceilings.copy_gbs;
+    row["ceiling"] = "copy";
+  }
+  return row;
+}
+
+void list_kernels(const KernelBenchArgs& a) {
+  const bool cuda = !a.cpu && torch::cuda::is_available();
+  const torch::Device device = cuda ? torch::Device(torch::kCUDA, 0) : torch::Device(torch::kCPU);
+  nlohmann::json rows = nlohmann::json::array();
+  for (const auto& k : ops::kernel_registry()) {
+    nlohmann::json row = {{"kernel", k.kernel},
+                          {"op", ops::op_name(k.op)},
+                          {"gpu_tests", k.gpu_tests},
+                          {"op_tests", k.op_tests},
+                          {"built", ops::kernels_built()}};
+    try {
+      const auto choice = ops::kernel_choice(k.op, device);
+      row["used"] = choice.use_kernel;
+      row["reason"] = choice.reason;
+    } catch (const Error& e) {
+      row["used"] = false;
+      row["reason"] = e.message();
+    }
+    rows.push_back(row);
+  }
+  if (a.json) {
+    std::printf("%s\n", rows.dump(2).c_str());
+    return;
+  }
+  std::printf(
+      "ops.impl %s on %s%s\n\n", ops::ops_impl_name(ops::ops_impl()), device.str().c_str(),
+      cuda ? fmt::format(" ({}, sm_{})", ops::device_name(device), ops::device_sm(device)).c_str()
+           : "");
+  std::printf(
+      "| kernel | op | built | used | why | gpu tests | op tests "
+      "|\n|---|---|---|---|---|---|---|\n");
+  for (const auto& r : rows) {
+    std::printf("| %s | %s | %s | %s | %s | %s | %s |\n", r["kernel"].get<std::string>().c_str(),
+                r["op"].get<std::string>().c_str(), r["built"].get<bool>() ? "yes" : "no",
+                r["used"].get<bool>() ? "yes" : "no", r["reason"].get<std::string>().c_str(),
+                r["gpu_tests"].get<std::string>().c_str(),
+                r["op_tests"].get<std::string>().c_str());
+  }
+}
+
+void run_kernels(const KernelBenchArgs& a) {
+  if (a.list) {
+    list_kernels(a);
+    return;
+  }
+  if (a.threads > 0) torch::set_num_threads(a.threads);
+  if (!a.cpu && !torch::cuda::is_available()) {
+    throw_unsupported("no CUDA device is visible to LibTorch", "bench kernels",
+                      "use --cpu to compare the CPU references with the unfused ATen sequences");
+  }
+  const torch::Device device = a.cpu ? torch::Device(torch::kCPU) : torch::Device(torch::kCUDA, 0);
+  std::vector<std::string> dtype_names = a.dtypes;
+  if (dtype_names.empty()) {
+    dtype_names =
+        a.cpu ? std::vector<std::string>{"fp32", "bf16"} : std::vector<std::string>{"bf16"};
+  }
+  std::vector<torch::ScalarType> dtypes;
+  for (const auto& d : dtype_names)
+    dtypes.push_back(bench_dtype(d));
+  std::vector<const OpBench*> selected;
+  for (const auto& bench : op_benches()) {
+    if (a.ops.empty() || std::find(a.ops.begin(), a.ops.end(), bench.op) != a.ops.end())
+      selected.push_back(&bench);
+  }
+  for (const auto& name : a.ops) {
+    const bool known = std::any_of(op_benches().begin(), op_benches().end(),
+                                   [&](const OpBench& b) { return name == b.op; });
+    if (!known) {
+      std::string list;
+      for (const auto& b : op_benches())
+        list += (list.empty() ? "" : ", ") + std::string(b.op);
+      throw_invalid("unknown op '" + name + "'", "--ops", "one of: " + list);
+    }
+  }
+  torch::manual_seed(1234);
+  const Ceilings ceilings = measure_ceilings(device, dtypes, a.seconds);
+  nlohmann::json rows = nlohmann::json::array();
+  for (auto dtype : dtypes) {
+    const Context context{device, dtype};
+    for (const auto* bench : selected) {
+      std::vector<BenchCase> cases;
+      bench->cases(context, cases);
+      for (auto& b : cases)
+        rows.push_back(run_case(b, context, ceilings, a.seconds));
+#ifdef AVIARY_TORCH_CUDA
+      if (device.is_cuda()) c10::cuda::CUDACachingAllocator::emptyCache();  // next op's inputs
+#endif
+    }
+  }
+  nlohmann::json gemm = nlohmann::json::object();
+  for (const auto& [d, v] : ceilings.gemm_tflops)
+    gemm[d] = v;
+  nlohmann::json report = {{"device", device.str()},
+                           {"gpu", ops::device_name(device)},
+                           {"sm", ops::device_sm(device)},
+                           {"threads", torch::get_num_threads()},
+                           {"ops_impl_ours", a.cpu ? "cpu reference" : "aviary"},
+                           {"ceilings",
+                            {{"gemm_tflops", gemm},
+                             {"gemm_n", ceilings.gemm_n},
+                             {"copy_gbs", ceilings.copy_gbs},
+                             {"copy_bytes", ceilings.copy_bytes}}},
+                           {"rows", rows}};
+  if (a.json) {
+    std::printf("%s\n", report.dump(2).c_str());
+    return;
+  }
+  std::printf(
+      "%s%s, %d threads\n", device.str().c_str(),
+      device.is_cuda()
+          ? fmt::format(": {} (sm_{})", ops::device_name(device), ops::device_sm(device)).c_str()
+          : "",
+      torch::get_num_threads());
+  std::printf("ceilings measured in this run: copy %.1f GB/s (%.0f MiB tensor copy, read + write)",
+              ceilings.copy_gbs, ceilings.copy_bytes / 1048576.0);
+  for (const auto& [d, v] : ceilings.gemm_tflops)
+    std::printf(", %s GEMM %.2f TFLOP/s (torch::mm %lld^3)", d.c_str(), v,
+                static_cast<long long>(ceilings.gemm_n));
+  std::printf("\n\n");
+  std::printf(
+      "| op | pass | shape | dtype | aviary ms | achieved | %% of ceiling | compared with | its ms "
+      "| "
+      "speed-up | max abs diff | aviary path "
+      "|\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+  for (const auto& r : rows) {
+    const std::string achieved = r.contains("tflops")
+                                     ? fmt::format("{:.2f} TFLOP/s", r["tflops"].get<double>())
+                                     : fmt::format("{:.1f} GB/s", r["gbs"].get<double>());
+    std::printf(
+        "| %s | %s | %s | %s | %.3f | %s | %.0f%% of %s | %s | %.3f | %.2fx | %.3g | %s |\n",
+        r["op"].get<std::string>().c_str(), r["pass"].get<std::string>().c_str(),
+        r["shape"].get<std::string>().c_str(), r["dtype"].get<std::string>().c_str(),
+        r["ms"].get<double>(), achieved.c_str(), r["pct_of_ceiling"].get<double>(),
+        r["ceiling"].get<std::string>().c_str(), r["baseline"].get<std::string>().c_str(),
+        r["baseline_ms"].get<double>(), r["speedup"].get<double>(), r["max_abs_diff"].get<double>(),
+        r["path"].get<std::string>().c_str());
+  }
+  std::printf(
+      "\nspeed-up = the comparison's time / Aviary's (> 1: Aviary is faster). GB/s counts each "
+      "input read once and each output written once; attention FLOPs count the causal half "
+      "(backward = 2.5x forward).%s\n",
+      a.cpu ? " --cpu: Aviary's path is the ATen reference ops/ runs on CPU; the comparison is "
+              "the same maths as separate ATen ops."
+            : "");
+}
+
+}  // namespace
+
+void register_bench_kernels(CLI::App* bench) {
+  auto args = std::make_shared<KernelBenchArgs>();
+  auto* cmd = bench->add_subcommand(
+      "kernels",
+      "Each op of ops/ vs PyTorch's equivalent (CUDA) or the unfused ATen sequence (--cpu), "
+      "beside the GEMM and copy ceilings measured in the same run");
+  cmd->add_flag("--cpu", args->cpu,
+                "CPU: the ATen references of ops/ vs the unfused ATen sequences");
+  cmd->add_flag("--json", args->json, "print JSON instead of a markdown table");
+  cmd->add_flag("--list", args->list,
+                "list the kernel families, whether this build has them and whether ops.impl uses "
+                "them on this device (no timing)");
+  cmd->add_option("--ops", args->ops, "ops to run (default: all): rms_norm, rope, attention");
+  cmd->add_option("--dtypes", args->dtypes,
+                  "fp32 | bf16 | fp16 (default: bf16 on CUDA, fp32 and bf16 on CPU)");
+  cmd->add_option("--threads", args->threads, "CPU threads (0 = LibTorch default)")
+      ->capture_default_str();
+  cmd->add_option("--seconds", args->seconds, "timing budget of each measurement")
+      ->capture_default_str()
+      ->check(CLI::Range(0.001, 60.0));
+  cmd->callback([args] { run_kernels(*args); });
+}
+
+}  // namespace aviary::cli
