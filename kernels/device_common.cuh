@@ -90,5 +90,36 @@ inline bool stride16(int64_t stride, DType t) {
   return (stride * dtype_size(t)) % 16 == 0;
 }
 
+// The fixed-order column sum of the norms' deterministic weight (and bias) gradients: one fp32
+// partial row per backward block, out[c] = to_dtype(sum_b partial[b * row_floats + c]). A block
+// covers kColumnSumCols columns with kColumnSumLanes lanes: lane y sums partial rows y, y + 8, ...,
+// then lane 0 adds the lane totals in order, so the result never depends on scheduling.
+constexpr int kColumnSumCols = 32;
+constexpr int kColumnSumLanes = 8;
+
+template <DType D>
+__global__ void __launch_bounds__(kColumnSumCols* kColumnSumLanes)
+    column_sum_kernel(const float* __restrict__ partial, int64_t row_floats, int64_t partials,
+                      int cols, void* out) {
+  using E = Elem<D>;
+  using T = typename E::T;
+  __shared__ float lane_totals[kColumnSumLanes][kColumnSumCols + 1];
+  const int c = blockIdx.x * kColumnSumCols + threadIdx.x;
+  float s = 0.0f;
+  if (c < cols) {
+    for (int64_t b = threadIdx.y; b < partials; b += kColumnSumLanes)
+      s += partial[b * row_floats + c];
+  }
+  lane_totals[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < cols) {
+    float total = 0.0f;
+#pragma unroll
+    for (int l = 0; l < kColumnSumLanes; ++l)
+      total += lane_totals[l][threadIdx.x];
+    static_cast<T*>(out)[c] = E::from_float(total);
+  }
+}
+
 }  // namespace
 }  // namespace aviary::kernels

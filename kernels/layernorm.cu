@@ -29,8 +29,6 @@ constexpr int64_t kMaxCols = int64_t{1} << 30;
 constexpr int64_t kBwdMaxCols = 16384;  // 2 x cols fp32 partials in shared memory
 constexpr int64_t kBwdMaxBlocksWarpPerRow = 1024;
 constexpr int64_t kBwdMaxBlocksBlockPerRow = 512;
-constexpr int kReduceCols = 32;
-constexpr int kReduceLanes = 8;
 
 // Sum over the row of f(value) for every element of x (packs, then the scalar tail).
 template <DType D, int kN, int kThreads, typename F>
@@ -226,31 +224,6 @@ __global__ void __launch_bounds__(kThreads* kRows, kBwdMinThreadsPerSm / (kThrea
   }
 }
 
-// out[c] = to_dtype(sum_b partial[b * row_floats + c]) in a fixed order (see rmsnorm.cu).
-template <DType D>
-__global__ void __launch_bounds__(kReduceCols* kReduceLanes)
-    layernorm_reduce_kernel(const float* __restrict__ partial, int64_t row_floats, int64_t partials,
-                            int cols, void* out) {
-  using E = Elem<D>;
-  using T = typename E::T;
-  __shared__ float lane_totals[kReduceLanes][kReduceCols + 1];
-  const int c = blockIdx.x * kReduceCols + threadIdx.x;
-  float s = 0.0f;
-  if (c < cols) {
-    for (int64_t b = threadIdx.y; b < partials; b += kReduceLanes)
-      s += partial[b * row_floats + c];
-  }
-  lane_totals[threadIdx.y][threadIdx.x] = s;
-  __syncthreads();
-  if (threadIdx.y == 0 && c < cols) {
-    float total = 0.0f;
-#pragma unroll
-    for (int l = 0; l < kReduceLanes; ++l)
-      total += lane_totals[l][threadIdx.x];
-    static_cast<T*>(out)[c] = E::from_float(total);
-  }
-}
-
 template <DType D, bool kVectorized, int kThreads, int kRows>
 cudaError_t launch_forward(const LayerNormForwardParams& p, cudaStream_t stream) {
   const int64_t blocks = std::min((p.rows + kRows - 1) / kRows, kMaxGrid);
@@ -313,13 +286,14 @@ cudaError_t dispatch_backward(const LayerNormBackwardParams& p, bool vectorized,
     }
     if (err != cudaSuccess) return err;  // its site is recorded
   }
-  const auto reduce_blocks = static_cast<unsigned>((p.cols + kReduceCols - 1) / kReduceCols);
+  // dweight and dbias: fixed-order column sums of the partial rows (device_common.cuh).
+  const auto reduce_blocks = static_cast<unsigned>((p.cols + kColumnSumCols - 1) / kColumnSumCols);
   const auto* ws = static_cast<const float*>(p.workspace);
-  layernorm_reduce_kernel<D><<<reduce_blocks, dim3(kReduceCols, kReduceLanes), 0, stream>>>(
+  column_sum_kernel<D><<<reduce_blocks, dim3(kColumnSumCols, kColumnSumLanes), 0, stream>>>(
       ws, 2 * p.cols, blocks, static_cast<int>(p.cols), p.dweight);
   AVIARY_KERNEL_CHECK(cudaGetLastError());
   if (p.dbias != nullptr) {
-    layernorm_reduce_kernel<D><<<reduce_blocks, dim3(kReduceCols, kReduceLanes), 0, stream>>>(
+    column_sum_kernel<D><<<reduce_blocks, dim3(kColumnSumCols, kColumnSumLanes), 0, stream>>>(
         blocks > 0 ? ws + p.cols : ws, 2 * p.cols, blocks, static_cast<int>(p.cols), p.dbias);
     AVIARY_KERNEL_CHECK(cudaGetLastError());
   }

@@ -33,8 +33,6 @@ constexpr int64_t kBwdMaxCols = 32768;
 // Backward grid (and so the number of partial rows in the workspace), by layout.
 constexpr int64_t kBwdMaxBlocksWarpPerRow = 1024;
 constexpr int64_t kBwdMaxBlocksBlockPerRow = 512;
-constexpr int kReduceCols = 32;  // dweight reduction: 32 columns x 8 partial-row lanes per block
-constexpr int kReduceLanes = 8;
 
 // Block = dim3(kThreads, kRows): threadIdx.y picks the row, threadIdx.x strides over its packs.
 // kVectorized requires x, y, weight (and residual, residual_out when set) 16-byte aligned and all
@@ -341,32 +339,6 @@ __global__ void __launch_bounds__(kThreads* kRows, kBwdMinThreadsPerSm / (kThrea
   }
 }
 
-// dweight[c] = to_dtype(sum over the `partials` rows of the workspace), in a fixed order: lane
-// threadIdx.y sums partial rows y, y + 8, ...; then lane 0 adds the 8 lane totals in order.
-template <DType D>
-__global__ void __launch_bounds__(kReduceCols* kReduceLanes)
-    rmsnorm_dweight_reduce_kernel(const float* __restrict__ partial, int64_t partials, int cols,
-                                  void* dweight) {
-  using E = Elem<D>;
-  using T = typename E::T;
-  __shared__ float lane_totals[kReduceLanes][kReduceCols + 1];
-  const int c = blockIdx.x * kReduceCols + threadIdx.x;
-  float s = 0.0f;
-  if (c < cols) {
-    for (int64_t b = threadIdx.y; b < partials; b += kReduceLanes)
-      s += partial[b * cols + c];
-  }
-  lane_totals[threadIdx.y][threadIdx.x] = s;
-  __syncthreads();
-  if (threadIdx.y == 0 && c < cols) {
-    float total = 0.0f;
-#pragma unroll
-    for (int l = 0; l < kReduceLanes; ++l)
-      total += lane_totals[l][threadIdx.x];
-    static_cast<T*>(dweight)[c] = E::from_float(total);
-  }
-}
-
 template <DType D, bool kVectorized, int kThreads, int kRows>
 cudaError_t launch(const RmsNormForwardParams& p, cudaStream_t stream) {
   const int64_t blocks = std::min((p.rows + kRows - 1) / kRows, kMaxGrid);
@@ -428,10 +400,12 @@ cudaError_t dispatch_backward(const RmsNormBackwardParams& p, bool vectorized,
     }
     if (err != cudaSuccess) return err;  // its site is recorded
   }
-  const int64_t reduce_blocks = (p.cols + kReduceCols - 1) / kReduceCols;
-  rmsnorm_dweight_reduce_kernel<D>
-      <<<static_cast<unsigned>(reduce_blocks), dim3(kReduceCols, kReduceLanes), 0, stream>>>(
-          static_cast<const float*>(p.workspace), blocks, static_cast<int>(p.cols), p.dweight);
+  // dweight: the fixed-order column sum of the per-block partial rows (device_common.cuh).
+  const int64_t reduce_blocks = (p.cols + kColumnSumCols - 1) / kColumnSumCols;
+  column_sum_kernel<D>
+      <<<static_cast<unsigned>(reduce_blocks), dim3(kColumnSumCols, kColumnSumLanes), 0, stream>>>(
+          static_cast<const float*>(p.workspace), p.cols, blocks, static_cast<int>(p.cols),
+          p.dweight);
   AVIARY_KERNEL_CHECK(cudaGetLastError());
   return cudaSuccess;
 }
