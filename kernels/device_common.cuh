@@ -10,6 +10,7 @@
 
 #include <cstdint>
 
+#include "aviary/kernels/common.h"
 #include "aviary/kernels/dtype.h"
 
 namespace aviary::kernels {
@@ -88,6 +89,23 @@ inline bool aligned16(const void* ptr) {
 // A row stride (in elements) keeps 16-byte alignment from row to row.
 inline bool stride16(int64_t stride, DType t) {
   return (stride * dtype_size(t)) % 16 == 0;
+}
+
+// Lets `kernel` launch with `smem` bytes of dynamic shared memory. Above the default 48 KiB a
+// kernel must opt in, up to the device's limit (less 1 KiB for its static shared memory); beyond
+// that it returns cudaErrorInvalidValue with `too_large` as the recorded reason.
+template <typename Kernel>
+cudaError_t allow_dynamic_smem(Kernel* kernel, size_t smem, const char* too_large) {
+  if (smem <= 48 * 1024) return cudaSuccess;
+  int device = 0, optin = 0;
+  AVIARY_KERNEL_CHECK(cudaGetDevice(&device));
+  AVIARY_KERNEL_CHECK(
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  if (smem + 1024 > static_cast<size_t>(optin))
+    return detail::record_error_site(cudaErrorInvalidValue, __FILE__, __LINE__, too_large);
+  AVIARY_KERNEL_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(smem)));
+  return cudaSuccess;
 }
 
 // The fixed-order column sum of the norms' deterministic weight (and bias) gradients: one fp32

@@ -256,16 +256,9 @@ cudaError_t launch_backward(const LayerNormBackwardParams& p, int64_t blocks, cu
   const size_t smem =
       static_cast<size_t>(kRows) * 2 * static_cast<size_t>(cols_pad) * sizeof(float);
   auto* kernel = layernorm_backward_kernel<D, kVectorized, kThreads, kRows>;
-  if (smem > 48 * 1024) {  // above the default limit the kernel must opt in
-    int device = 0, optin = 0;
-    AVIARY_KERNEL_CHECK(cudaGetDevice(&device));
-    AVIARY_KERNEL_CHECK(
-        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    AVIARY_KERNEL_REQUIRE(smem + 1024 <= static_cast<size_t>(optin),
-                          "layernorm_backward: cols too large for this device's shared memory");
-    AVIARY_KERNEL_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             static_cast<int>(smem)));
-  }
+  const cudaError_t smem_ok = allow_dynamic_smem(
+      kernel, smem, "layernorm_backward: cols too large for this device's shared memory");
+  if (smem_ok != cudaSuccess) return smem_ok;  // its site is recorded
   kernel<<<static_cast<unsigned>(blocks), dim3(kThreads, kRows), smem, stream>>>(p);
   AVIARY_KERNEL_CHECK(cudaGetLastError());
   return cudaSuccess;

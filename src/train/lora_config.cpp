@@ -36,7 +36,7 @@ std::vector<std::pair<std::string, torch::Tensor>> freeze_base_and_add_lora(
     const torch::Device& device, uint64_t seed) {
   for (auto& p : model.parameters())
     p.set_requires_grad(false);
-  const bool bf16_base = lora.base_dtype == "bf16" || (lora.base_dtype == "auto" && bf16_compute);
+  const bool bf16_base = lora.bf16_base(bf16_compute);
   if (bf16_base) {
     if (!bf16_compute) {
       throw_invalid("a bf16 base needs bf16 compute (fp32 matmuls cannot take bf16 weights)",

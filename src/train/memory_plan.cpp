@@ -81,7 +81,7 @@ struct LoraShapes {
     const auto& lora = in.lora;
     if (!lora.enabled) return;
     enabled = true;
-    bf16_base = lora.base_dtype == "bf16" || (lora.base_dtype == "auto" && in.precision == "bf16");
+    bf16_base = lora.bf16_base(in.precision == "bf16");
     dropout = lora.adapter.dropout > 0;
     r = lora.adapter.r;
     auto has = [&](const char* name) {

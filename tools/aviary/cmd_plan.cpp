@@ -84,8 +84,7 @@ RowNotes notes_for(const std::string& strategy, bool wrapped, bool lora, bool bf
 void print_table(const MemoryPlan& plan, bool wrapped, const MemoryPlanInputs& in,
                  const std::string& title) {
   const bool lora = in.lora.enabled;
-  const bool bf16_base =
-      in.lora.base_dtype == "bf16" || (in.lora.base_dtype == "auto" && in.precision == "bf16");
+  const bool bf16_base = in.lora.bf16_base(in.precision == "bf16");
   const auto notes = notes_for(plan.strategy, wrapped, lora, bf16_base);
   std::printf("### %s\n\n", title.c_str());
   std::printf("| | per rank | what |\n|---|---:|---|\n");

@@ -34,6 +34,10 @@ struct LoraTrainingConfig {
 
   // An absent or empty section gives enabled = false.
   static LoraTrainingConfig from_section(ConfigReader& lora, bool present);
+  // Whether the frozen base is stored in bf16: base_dtype bf16, or auto under bf16 compute.
+  bool bf16_base(bool bf16_compute) const {
+    return base_dtype == "bf16" || (base_dtype == "auto" && bf16_compute);
+  }
   Json to_json() const;
 };
 
