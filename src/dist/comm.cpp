@@ -156,12 +156,15 @@ std::unique_ptr<Comm> open_comm(const DistEnvironment& env, const CommOptions& o
       throw_unsupported("this build of Aviary has no Open MPI engine", "parallel.backend",
                         "install libopenmpi-dev (tools/setup.sh does) and rebuild");
     }
-    if (env.world > 1 && env.launcher != "openmpi") {
+    // srun may start MPI ranks itself (--mpi=pmix); the engine checks MPI agrees with Slurm.
+    if (env.world > 1 && env.launcher == "torchrun") {
       throw_invalid(
-          "the mpi backend needs processes started by mpirun or `aviary launch`, but "
-          "this one was launched by " +
-              env.launcher,
-          "parallel.backend", "start the job with `aviary launch --nproc-per-node N`");
+          "the mpi backend needs processes started by mpirun (or srun --mpi=pmix), but this one "
+          "was started torchrun-style (RANK / WORLD_SIZE): Open MPI cannot join such processes",
+          "parallel.backend",
+          "on CPU, start the job with `aviary launch --nproc-per-node N` (no --nnodes / "
+          "--master-addr: it runs mpirun, with --hostfile for several nodes); on GPUs use "
+          "backend: nccl");
     }
     return make_mpi_comm(env, options);
   }

@@ -22,11 +22,19 @@
 
 #include "aviary/build_info.h"
 #include "aviary/core/error.h"
+#include "launch_util.h"
 
 namespace fs = std::filesystem;
 
 namespace aviary::dist {
 namespace {
+
+using launch_util::argv_of;
+using launch_util::describe_status;
+using launch_util::exit_code_of;
+using launch_util::now_seconds;
+using launch_util::tail_of;
+using launch_util::write_all;
 
 volatile sig_atomic_t g_child = 0;     // the process signals are forwarded to
 volatile sig_atomic_t g_requests = 0;  // stop requests received
@@ -85,59 +93,6 @@ std::string find_mpirun() {
                   "AVIARY_MPIRUN to its path");
 }
 
-std::vector<char*> argv_of(std::vector<std::string>& args) {
-  std::vector<char*> argv;
-  for (auto& a : args)
-    argv.push_back(a.data());
-  argv.push_back(nullptr);
-  return argv;
-}
-
-std::string describe_status(int status) {
-  if (WIFEXITED(status)) return "exited with code " + std::to_string(WEXITSTATUS(status));
-  if (WIFSIGNALED(status)) {
-    const int sig = WTERMSIG(status);
-    return "was killed by signal " + std::to_string(sig) + " (" + strsignal(sig) + ")";
-  }
-  return "ended with status " + std::to_string(status);
-}
-
-int exit_code_of(int status) {
-  if (WIFEXITED(status)) return WEXITSTATUS(status);
-  if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
-  return 1;
-}
-
-std::string tail_of(const std::string& path, size_t lines) {
-  std::ifstream in(path);
-  std::deque<std::string> last;
-  std::string line;
-  while (std::getline(in, line)) {
-    last.push_back(line);
-    if (last.size() > lines) last.pop_front();
-  }
-  std::string out;
-  for (const auto& l : last)
-    out += "    " + l + "\n";
-  return out;
-}
-
-double now_seconds() {
-  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
-}
-
-void write_all(int fd, const char* data, size_t size) {
-  while (size > 0) {
-    ssize_t n = ::write(fd, data, size);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return;
-    }
-    data += n;
-    size -= static_cast<size_t>(n);
-  }
-}
-
 }  // namespace
 
 int run_rank_wrapper(const std::string& log_dir, const std::vector<std::string>& command) {
@@ -188,8 +143,7 @@ int run_rank_wrapper(const std::string& log_dir, const std::vector<std::string>&
   }
   ::close(log_fd);
 
-  char host[256] = {0};
-  ::gethostname(host, sizeof host - 1);
+  const std::string host = launch_util::host_name();
   nlohmann::json record = {{"rank", rank},
                            {"pid", child},
                            {"host", host},
@@ -200,8 +154,8 @@ int run_rank_wrapper(const std::string& log_dir, const std::vector<std::string>&
       << record.dump() << "\n";
   if (exit_code_of(status) != 0) {
     std::fprintf(stderr, "[aviary launch] rank %d (pid %d on %s) %s; last lines of %s:\n%s", rank,
-                 static_cast<int>(child), host, describe_status(status).c_str(), log_path.c_str(),
-                 tail_of(log_path, 12).c_str());
+                 static_cast<int>(child), host.c_str(), describe_status(status).c_str(),
+                 log_path.c_str(), tail_of(log_path, 12).c_str());
     std::fflush(stderr);
   }
   return exit_code_of(status);
@@ -216,25 +170,15 @@ int launch(const LaunchOptions& o) {
                   "put the command after --, e.g. aviary launch --nproc-per-node 2 -- aviary "
                   "train -c cfg.yaml");
   }
-  const std::string mpirun = find_mpirun();
-  std::error_code ec;
-  fs::create_directories(o.log_dir, ec);
-  if (ec) throw_io("cannot create the log directory: " + ec.message(), o.log_dir);
-  for (const auto& entry : fs::directory_iterator(o.log_dir)) {
-    const std::string name = entry.path().filename().string();
-    if (name.rfind("rank-", 0) == 0) fs::remove(entry.path(), ec);  // a previous job's
+  if (o.uses_direct_spawn()) return launch_direct(o);
+  if (o.nnodes > 1) {
+    throw_invalid("--spawn mpirun starts every node's ranks from one mpirun", "aviary launch",
+                  "drop --nnodes and give --nproc-per-node the total with --hostfile, or use "
+                  "--spawn direct on each node");
   }
-
-  // Threads: ranks share the machine's cores unless told otherwise (torchrun sets 1).
-  const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
-  int threads = o.threads_per_rank;
-  if (threads == 0) threads = std::max(1, static_cast<int>(cores) / o.nproc_per_node);
-  if (std::getenv("OMP_NUM_THREADS") == nullptr || o.threads_per_rank > 0)
-    ::setenv("OMP_NUM_THREADS", std::to_string(threads).c_str(), 1);
-  // Spinning OpenMP workers starve each other when ranks x threads exceed the cores.
-  if (std::getenv("OMP_WAIT_POLICY") == nullptr &&
-      static_cast<unsigned>(o.nproc_per_node * threads) > cores)
-    ::setenv("OMP_WAIT_POLICY", "passive", 1);
+  const std::string mpirun = find_mpirun();
+  launch_util::prepare_log_dir(o.log_dir);
+  const int threads = launch_util::set_rank_threads(o.nproc_per_node, o.threads_per_rank);
 
   std::vector<std::string> args = {
       mpirun, "-np", std::to_string(o.nproc_per_node), "--oversubscribe", "--bind-to", "none"};

@@ -97,7 +97,10 @@ class MpiComm : public Comm {
       stop();
       throw_invalid("MPI reports rank " + std::to_string(rank_) + " of " + std::to_string(world_) +
                         " but the environment says " + env.describe(),
-                    "mpi");
+                    "mpi",
+                    env.launcher == "slurm"
+                        ? "under srun, start MPI ranks with `srun --mpi=pmix` (or use mpirun)"
+                        : "start the job with `aviary launch` or mpirun");
     }
   }
   ~MpiComm() override { stop(); }

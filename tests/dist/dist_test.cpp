@@ -2,9 +2,12 @@
 // tiny fixture model. Checks the collectives, that ddp / zero1 / zero2 at world sizes 2 and 4
 // train like one process, that checkpoints reshard across world sizes and strategies without
 // repeating or skipping a sample, and that dead ranks, crashed saves and SIGTERM are handled.
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <spawn.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -403,6 +406,148 @@ TEST(DistLaunch, SigtermStopsEveryRankAfterTheSameStepWithACheckpointThenResumes
   ASSERT_EQ(train(2, config, "zero1", dir.file("log.txt")).wait(), 0)
       << test::read_file(dir.file("log.txt"));
   expect_same_losses(losses(single.path()), losses(dir.path()), "zero1 x2 stopped and resumed");
+}
+
+// Two free TCP ports p, p + 1 on 127.0.0.1 (the workers' and the agents' rendezvous).
+int free_port_pair() {
+  for (int attempt = 0; attempt < 200; ++attempt) {
+    const int port = 20000 + static_cast<int>((getpid() * 7919 + attempt * 104729) % 40000);
+    bool free = true;
+    for (int p : {port, port + 1}) {
+      const int fd = socket(AF_INET, SOCK_STREAM, 0);
+      sockaddr_in addr{};
+      addr.sin_family = AF_INET;
+      addr.sin_port = htons(static_cast<uint16_t>(p));
+      addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+      free = free && bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0;
+      close(fd);
+    }
+    if (free) return port;
+  }
+  ADD_FAILURE() << "no free port pair";
+  return 29500;
+}
+
+// `aviary launch` torchrun-style as node `node` of `nnodes`, running `script` under /bin/sh.
+Child launch_node(int node, int nnodes, int nproc, int port, const TempDir& dir,
+                  const std::string& script, const std::vector<std::string>& extra = {}) {
+  std::vector<std::string> argv = {AVIARY_CLI_PATH,    "launch",
+                                   "--nproc-per-node", std::to_string(nproc),
+                                   "--nnodes",         std::to_string(nnodes),
+                                   "--node-rank",      std::to_string(node),
+                                   "--master-addr",    "127.0.0.1",
+                                   "--master-port",    std::to_string(port),
+                                   "--log-dir",        dir.file("logs-" + std::to_string(node))};
+  argv.insert(argv.end(), extra.begin(), extra.end());
+  argv.insert(argv.end(), {"--", "/bin/sh", "-c", script});
+  return spawn(argv, dir.file("node-" + std::to_string(node) + ".txt"));
+}
+
+TEST(DistLaunch, TorchrunStyleTwoNodesGiveEveryWorkerItsRankAndALog) {
+  TempDir dir;
+  const int port = free_port_pair();
+  const std::string script =
+      "echo rank=$RANK local=$LOCAL_RANK/$LOCAL_WORLD_SIZE world=$WORLD_SIZE node=$GROUP_RANK "
+      "master=$MASTER_ADDR:$MASTER_PORT ompi=${OMPI_COMM_WORLD_SIZE:-none}";
+  // An agent started under mpirun must not hand its Open MPI rank on.
+  Child node1 = spawn({AVIARY_CLI_PATH, "launch", "-n", "2", "--nnodes", "2", "--node-rank", "1",
+                       "--master-addr", "127.0.0.1", "--master-port", std::to_string(port),
+                       "--log-dir", dir.file("logs-1"), "--", "/bin/sh", "-c", script},
+                      dir.file("node-1.txt"), {"OMPI_COMM_WORLD_SIZE=9", "OMPI_COMM_WORLD_RANK=5"});
+  Child node0 = launch_node(0, 2, 2, port, dir, script);
+  ASSERT_EQ(node0.wait(std::chrono::seconds(60)), 0) << test::read_file(dir.file("node-0.txt"));
+  ASSERT_EQ(node1.wait(std::chrono::seconds(60)), 0) << test::read_file(dir.file("node-1.txt"));
+  const std::string p = std::to_string(port);
+  for (int rank = 0; rank < 4; ++rank) {
+    const int node = rank / 2;
+    const std::string log =
+        dir.file("logs-" + std::to_string(node)) + "/rank-" + std::to_string(rank) + ".log";
+    EXPECT_EQ(test::read_file(log), "rank=" + std::to_string(rank) +
+                                        " local=" + std::to_string(rank % 2) +
+                                        "/2 world=4 node=" + std::to_string(node) +
+                                        " master=127.0.0.1:" + p + " ompi=none\n");
+    EXPECT_NE(test::read_file(dir.file("logs-" + std::to_string(node)) + "/rank-" +
+                              std::to_string(rank) + ".status")
+                  .find("\"exit_code\":0"),
+              std::string::npos);
+  }
+  // Each node's console shows its first worker.
+  EXPECT_NE(test::read_file(dir.file("node-1.txt")).find("rank=2 "), std::string::npos);
+}
+
+TEST(DistLaunch, TorchrunStyleAFailedRankStopsEveryNodeAndIsNamedOnEach) {
+  TempDir dir;
+  const int port = free_port_pair();
+  // Rank 3 fails after a second; the others would run for two minutes, and rank 0 ignores
+  // SIGTERM (as a worker stuck in a collective would), so the grace period's SIGKILL is needed.
+  const std::string script =
+      "if [ \"$RANK\" = 3 ]; then sleep 1; echo rank 3 gives up; exit 7; fi; "
+      "if [ \"$RANK\" = 0 ]; then trap '' TERM; fi; exec sleep 120";
+  const auto start = Clock::now();
+  Child node0 = launch_node(0, 2, 2, port, dir, script, {"--stop-grace-s", "2"});
+  Child node1 = launch_node(1, 2, 2, port, dir, script, {"--stop-grace-s", "2"});
+  const int code0 = node0.wait(std::chrono::seconds(90));
+  const int code1 = node1.wait(std::chrono::seconds(90));
+  const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  const std::string out0 = test::read_file(dir.file("node-0.txt"));
+  const std::string out1 = test::read_file(dir.file("node-1.txt"));
+  EXPECT_EQ(code1, 7) << out1;
+  EXPECT_EQ(code0, 7) << out0;
+  EXPECT_LT(seconds, 30.0);
+  EXPECT_NE(out1.find("rank 3 gives up"), std::string::npos) << out1;  // the failed rank's log
+  EXPECT_NE(out1.find("job failed: rank 3 exited with code 7 first"), std::string::npos) << out1;
+  EXPECT_NE(out0.find("rank 3 on node 1"), std::string::npos) << out0;
+  EXPECT_NE(out0.find("job failed: rank 3 exited with code 7 first"), std::string::npos) << out0;
+  EXPECT_NE(test::read_file(dir.file("logs-0") + "/rank-0.status").find("signal 9"),
+            std::string::npos);
+}
+
+TEST(DistLaunch, TorchrunStyleSigtermReachesEveryWorkerAndTheNodesMustAgree) {
+  TempDir dir;
+  const int port = free_port_pair();
+  // SIGTERM to the agent becomes SIGTERM to each worker, which then exits 0.
+  const std::string script = "trap 'echo stopped > " + dir.path() +
+                             "/stopped.$RANK; exit 0' TERM; while true; do sleep 0.1; done";
+  Child job =
+      spawn({AVIARY_CLI_PATH, "launch", "-n", "2", "--spawn", "direct", "--master-port",
+             std::to_string(port), "--log-dir", dir.file("logs"), "--", "/bin/sh", "-c", script},
+            dir.file("job.txt"));
+  const auto deadline = Clock::now() + std::chrono::seconds(30);
+  while (Clock::now() < deadline && !fs::exists(dir.file("logs") + "/rank-1.log"))
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  kill(job.pid, SIGTERM);
+  EXPECT_EQ(job.wait(std::chrono::seconds(30)), 0) << test::read_file(dir.file("job.txt"));
+  EXPECT_EQ(test::read_file(dir.file("stopped.0")), "stopped\n");
+  EXPECT_EQ(test::read_file(dir.file("stopped.1")), "stopped\n");
+
+  // Nodes that disagree on --nproc-per-node are refused before any worker starts.
+  TempDir other;
+  const int port2 = free_port_pair();
+  Child a = launch_node(0, 2, 2, port2, other, "echo ran");
+  Child b = launch_node(1, 2, 3, port2, other, "echo ran");
+  EXPECT_NE(a.wait(std::chrono::seconds(60)), 0);
+  EXPECT_NE(b.wait(std::chrono::seconds(60)), 0);
+  const std::string out = test::read_file(other.file("node-0.txt"));
+  EXPECT_NE(out.find("node 1 runs 3 workers but this node (node 0) runs 2"), std::string::npos)
+      << out;
+  EXPECT_FALSE(fs::exists(other.file("logs-0") + "/rank-0.log"));
+}
+
+TEST(DistLaunch, TheMpiEngineUnderTorchrunStyleLaunchIsAClearError) {
+  TempDir dir;
+  const auto config = write_config(dir, "c.json", dist_config(dir.path(), 2));
+  const int code =
+      spawn({AVIARY_CLI_PATH, "launch", "-n", "2", "--spawn", "direct", "--master-port",
+             std::to_string(free_port_pair()), "--log-dir", dir.file("logs"), "--", AVIARY_CLI_PATH,
+             "train", "-c", config, "--set", "parallel.backend=mpi"},
+            dir.file("log.txt"))
+          .wait(std::chrono::seconds(120));
+  const std::string out = test::read_file(dir.file("log.txt"));
+  EXPECT_NE(code, 0) << out;
+  EXPECT_NE(out.find("parallel.backend"), std::string::npos) << out;
+  EXPECT_NE(out.find("torchrun-style"), std::string::npos) << out;
+  EXPECT_NE(out.find("job failed: rank"), std::string::npos) << out;
 }
 
 TEST(DistConfig, AnUnknownStrategyIsAClearError) {

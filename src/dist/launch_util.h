@@ -1,0 +1,31 @@
+// Process helpers shared by the two ways `aviary launch` starts ranks: through mpirun
+// (launcher.cpp) and directly, torchrun-style (direct_launcher.cpp).
+#pragma once
+
+#include <string>
+#include <vector>
+
+namespace aviary::dist::launch_util {
+
+// argv for exec*: pointers into `args` (which must outlive the result), null-terminated.
+std::vector<char*> argv_of(std::vector<std::string>& args);
+// "exited with code 3" / "was killed by signal 9 (Killed)", from a waitpid status.
+std::string describe_status(int status);
+// The exit code a shell would report: the code, or 128 + the signal.
+int exit_code_of(int status);
+// The last `lines` lines of a text file, each indented by four spaces.
+std::string tail_of(const std::string& path, size_t lines);
+// Wall-clock seconds since the epoch (comparable across processes on one machine).
+double now_seconds();
+// write(2) until done; gives up silently on an error other than EINTR (a closed console).
+void write_all(int fd, const char* data, size_t size);
+// The directory's rank-* files of a previous job are removed; the directory is created.
+void prepare_log_dir(const std::string& dir);
+// OMP_NUM_THREADS for `ranks` ranks on this machine (`threads_per_rank` 0 = cores / ranks), set
+// unless the user set it; OMP_WAIT_POLICY=passive when ranks x threads exceed the cores.
+// Returns the thread count.
+int set_rank_threads(int ranks, int threads_per_rank);
+// This machine's host name.
+std::string host_name();
+
+}  // namespace aviary::dist::launch_util
