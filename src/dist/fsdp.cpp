@@ -1,7 +1,5 @@
 #include "aviary/dist/fsdp.h"
 
-#include <torch/optim/adamw.h>
-
 #include "aviary/core/error.h"
 #include "aviary/dist/data_parallel.h"
 
@@ -249,86 +247,42 @@ void FullyShardedDataParallel::end_step() {
   }
 }
 
-void FullyShardedDataParallel::materialize() {
-  for (size_t u = 0; u < units_.size(); ++u)
-    gather(u, /*wait=*/true);
-}
-
 void FullyShardedDataParallel::release() {
   for (size_t u = 0; u < units_.size(); ++u)
     release(u);
 }
 
-void FullyShardedDataParallel::gather_optimizer_state(const torch::optim::Optimizer& shards,
-                                                      torch::optim::Optimizer& full) {
-  torch::NoGradGuard no_grad;
-  for (auto& unit : units_) {
-    if (!unit->gathered)
-      throw Error(ErrorKind::kInternal, "gather_optimizer_state: materialize first");
-    for (auto& s : unit->segments) {
-      auto it = shards.state().find(s.shard.unsafeGetTensorImpl());
-      // Collective calls must match on every rank: a shard's state exists on all or on none,
-      // since every rank steps every step.
-      if (it == shards.state().end()) continue;
-      const auto& st = static_cast<const torch::optim::AdamWParamState&>(*it->second);
-      auto m = torch::empty({s.full_numel_}, st.exp_avg().options());
-      auto v = torch::empty({s.full_numel_}, st.exp_avg_sq().options());
-      comm_.all_gather(m, st.exp_avg().contiguous());
-      comm_.all_gather(v, st.exp_avg_sq().contiguous());
+std::vector<ParamRun> FullyShardedDataParallel::param_runs() const {
+  std::vector<ParamRun> runs;
+  const int64_t rank = comm_.rank();
+  for (const auto& unit : units_) {
+    // In parameter order within the unit, whichever segment holds each.
+    std::vector<ParamRun> in_unit(unit->unit.params.size());
+    for (const auto& s : unit->segments) {
+      const int64_t begin = rank * s.shard_numel;  // this rank's slice of the padded segment
+      const int64_t end = begin + s.shard_numel;
       for (size_t k = 0; k < s.params.size(); ++k) {
         const size_t i = s.params[k];
-        auto& p = unit->unit.params[i].second;
-        auto state = std::make_unique<torch::optim::AdamWParamState>();
-        state->step(st.step());
-        state->exp_avg(m.narrow(0, s.offsets[k], p.numel()).view(p.sizes()).clone());
-        state->exp_avg_sq(v.narrow(0, s.offsets[k], p.numel()).view(p.sizes()).clone());
-        full.state()[p.unsafeGetTensorImpl()] = std::move(state);
-      }
-    }
-  }
-}
-
-void FullyShardedDataParallel::scatter_state(const torch::optim::Optimizer& full,
-                                             torch::optim::Optimizer& shards) {
-  torch::NoGradGuard no_grad;
-  const int rank = comm_.rank();
-  for (auto& unit : units_) {
-    if (!unit->gathered) throw Error(ErrorKind::kInternal, "scatter_state: materialize first");
-    for (auto& s : unit->segments) {
-      std::vector<torch::Tensor> values, m, v;
-      int64_t step = -1;
-      bool complete = true;
-      for (size_t i : s.params) {
-        const auto& p = unit->unit.params[i].second;
-        values.push_back(p.detach());
-        auto it = full.state().find(p.unsafeGetTensorImpl());
-        if (it == full.state().end()) {
-          complete = false;
-          continue;
+        ParamRun& run = in_unit[i];
+        run.name = unit->unit.params[i].first;
+        run.shape = unit->shapes[i];
+        run.owner = s.shard;
+        int64_t n = 1;
+        for (int64_t d : run.shape)
+          n *= d;
+        const int64_t lo = std::max(begin, s.offsets[k]);
+        const int64_t hi = std::min(end, s.offsets[k] + n);
+        if (hi > lo) {
+          run.offset = lo - s.offsets[k];
+          run.numel = hi - lo;
+          run.owner_offset = lo - begin;
         }
-        const auto& st = static_cast<const torch::optim::AdamWParamState&>(*it->second);
-        m.push_back(st.exp_avg());
-        v.push_back(st.exp_avg_sq());
-        step = std::max(step, st.step());
-      }
-      auto slice = [&](const std::vector<torch::Tensor>& parts) {
-        return flat_of(parts, s.full_numel_)
-            .to(torch::kFloat32)
-            .narrow(0, rank * s.shard_numel, s.shard_numel)
-            .clone();
-      };
-      s.shard.copy_(slice(values));
-      if (complete && step >= 0) {
-        auto state = std::make_unique<torch::optim::AdamWParamState>();
-        state->step(step);
-        state->exp_avg(slice(m));
-        state->exp_avg_sq(slice(v));
-        shards.state()[s.shard.unsafeGetTensorImpl()] = std::move(state);
-      } else {
-        shards.state().erase(s.shard.unsafeGetTensorImpl());
       }
     }
+    for (auto& run : in_unit)
+      runs.push_back(std::move(run));
   }
+  return runs;
 }
 
 }  // namespace aviary::dist

@@ -379,6 +379,10 @@ bool SafetensorsFile::contains(const std::string& name) const {
   return impl_->by_name.count(name) != 0;
 }
 
+uint64_t SafetensorsFile::data_start() const {
+  return impl_->data_start;
+}
+
 const TensorInfo& SafetensorsFile::info(const std::string& name) const {
   auto it = impl_->by_name.find(name);
   if (it == impl_->by_name.end()) {
@@ -488,6 +492,109 @@ void save_safetensors(const std::string& path,
       put(c.data_ptr(), static_cast<size_t>(c.numel()) * c.element_size());
     }
   });
+}
+
+uint64_t TensorDecl::nbytes() const {
+  uint64_t n = 1;
+  for (int64_t d : shape)
+    n *= static_cast<uint64_t>(d);
+  return n * c10::elementSize(dtype);
+}
+
+void create_safetensors_layout(const std::string& path, const std::vector<TensorDecl>& tensors,
+                               const std::map<std::string, std::string>& metadata) {
+  nlohmann::ordered_json header = nlohmann::ordered_json::object();
+  if (!metadata.empty()) {
+    auto& md = header["__metadata__"];
+    md = nlohmann::ordered_json::object();
+    for (const auto& [k, v] : metadata)
+      md[k] = v;
+  }
+  std::unordered_set<std::string> names;
+  uint64_t offset = 0;
+  for (const auto& t : tensors) {
+    const std::string ctx = tensor_context(path, t.name);
+    if (t.name.empty() || t.name == "__metadata__") throw_invalid("bad tensor name", ctx);
+    if (!names.insert(t.name).second) throw_invalid("duplicate tensor name", ctx);
+    std::string dname;
+    try {
+      dname = safetensors_dtype_name(t.dtype);
+    } catch (const Error& e) {
+      throw e.with_outer_context(ctx);
+    }
+    header[t.name] = {
+        {"dtype", dname}, {"shape", t.shape}, {"data_offsets", {offset, offset + t.nbytes()}}};
+    offset += t.nbytes();
+  }
+  std::string text = header.dump();
+  text.append((8 - (text.size() % 8)) % 8, ' ');
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) {
+    int err = errno;
+    throw_io("cannot create: " + errno_text(err), path, "check that the directory is writable");
+  }
+  std::string prefix(8, '\0');
+  for (int i = 0; i < 8; ++i)
+    prefix[static_cast<size_t>(i)] =
+        static_cast<char>(static_cast<uint64_t>(text.size()) >> (8 * i));
+  const std::string head = prefix + text;
+  bool ok = ::pwrite(fd, head.data(), head.size(), 0) == static_cast<ssize_t>(head.size()) &&
+            ::ftruncate(fd, static_cast<off_t>(head.size() + offset)) == 0 && ::fsync(fd) == 0;
+  const int err = errno;
+  ::close(fd);
+  if (!ok) throw_io("cannot write the header: " + errno_text(err), path, "check free disk space");
+}
+
+SafetensorsRunWriter::SafetensorsRunWriter(const std::string& path)
+    : header_(SafetensorsFile::open(path)) {
+  fd_ = ::open(path.c_str(), O_WRONLY | O_CLOEXEC);
+  if (fd_ < 0) {
+    int err = errno;
+    throw_io("cannot open for writing: " + errno_text(err), path);
+  }
+}
+
+SafetensorsRunWriter::~SafetensorsRunWriter() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+void SafetensorsRunWriter::write(const std::string& name, int64_t offset,
+                                 const torch::Tensor& values) {
+  const TensorInfo& info = header_->info(name);
+  const std::string ctx = tensor_context(header_->path(), name);
+  const uint64_t elem = c10::elementSize(info.dtype);
+  const uint64_t numel = (info.end - info.begin) / elem;
+  if (offset < 0 || static_cast<uint64_t>(offset) + static_cast<uint64_t>(values.numel()) > numel) {
+    throw_invalid("run [" + std::to_string(offset) + ", " +
+                      std::to_string(offset + values.numel()) + ") lies outside the tensor's " +
+                      std::to_string(numel) + " elements",
+                  ctx);
+  }
+  torch::Tensor c = values.detach().to(torch::kCPU, info.dtype).contiguous();
+  const char* data = static_cast<const char*>(c.data_ptr());
+  size_t left = static_cast<size_t>(c.numel()) * elem;
+  off_t at =
+      static_cast<off_t>(header_->data_start() + info.begin + static_cast<uint64_t>(offset) * elem);
+  while (left > 0) {
+    const ssize_t n = ::pwrite(fd_, data, left, at);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      int err = errno;
+      throw_io("write failed: " + errno_text(err), ctx, "check free disk space");
+    }
+    data += n;
+    left -= static_cast<size_t>(n);
+    at += n;
+  }
+}
+
+void SafetensorsRunWriter::finish() {
+  const int fd = fd_;
+  fd_ = -1;
+  bool ok = ::fsync(fd) == 0;
+  int err = errno;
+  ok = (::close(fd) == 0) && ok;
+  if (!ok) throw_io("cannot sync: " + errno_text(err), header_->path(), "check free disk space");
 }
 
 }  // namespace aviary

@@ -331,6 +331,59 @@ const std::string& WeightReader::path() const {
   return impl_->path;
 }
 
+namespace {
+
+// Greedy sharding in the given order: a new shard when the next tensor would overflow this one.
+std::vector<std::vector<size_t>> plan_weight_shards(const std::vector<uint64_t>& sizes,
+                                                    uint64_t max_shard_bytes) {
+  std::vector<std::vector<size_t>> shards;
+  uint64_t shard_bytes = 0;
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    if (shards.empty() || (shard_bytes > 0 && shard_bytes + sizes[i] > max_shard_bytes)) {
+      shards.emplace_back();
+      shard_bytes = 0;
+    }
+    shards.back().push_back(i);
+    shard_bytes += sizes[i];
+  }
+  if (shards.empty()) shards.emplace_back();
+  return shards;
+}
+
+}  // namespace
+
+std::map<std::string, std::string> create_hf_weights_layout(const std::string& dir,
+                                                            const std::vector<TensorDecl>& tensors,
+                                                            uint64_t max_shard_bytes) {
+  if (max_shard_bytes == 0) throw_invalid("max_shard_bytes must be positive", dir);
+  std::vector<uint64_t> sizes;
+  uint64_t total_bytes = 0;
+  for (const auto& t : tensors) {
+    sizes.push_back(t.nbytes());
+    total_bytes += sizes.back();
+  }
+  const auto shards = plan_weight_shards(sizes, max_shard_bytes);
+  const std::map<std::string, std::string> metadata = {{"format", "pt"}};
+  std::map<std::string, std::string> file_of;
+  nlohmann::json index;
+  index["metadata"]["total_size"] = total_bytes;
+  index["weight_map"] = nlohmann::json::object();
+  for (size_t s = 0; s < shards.size(); ++s) {
+    const std::string file =
+        shards.size() == 1 ? "model.safetensors" : shard_file_name(s, shards.size());
+    std::vector<TensorDecl> part;
+    for (size_t i : shards[s]) {
+      part.push_back(tensors[i]);
+      file_of[tensors[i].name] = file;
+      index["weight_map"][tensors[i].name] = file;
+    }
+    create_safetensors_layout(dir + "/" + file, part, metadata);
+  }
+  if (shards.size() > 1)
+    write_file_atomic(dir + "/model.safetensors.index.json", index.dump(2) + "\n");
+  return file_of;
+}
+
 void save_hf_weights(const std::string& dir,
                      const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
                      uint64_t max_shard_bytes, bool overwrite) {
@@ -353,21 +406,13 @@ void save_hf_weights(const std::string& dir,
     if (!t.defined()) throw_invalid("tensor '" + name + "' is undefined", dir);
   }
 
-  // Greedy sharding in the given order.
-  std::vector<std::vector<size_t>> shards;
-  uint64_t shard_bytes = 0, total_bytes = 0;
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const uint64_t n =
-        static_cast<uint64_t>(tensors[i].second.numel()) * tensors[i].second.element_size();
-    if (shards.empty() || (shard_bytes > 0 && shard_bytes + n > max_shard_bytes)) {
-      shards.emplace_back();
-      shard_bytes = 0;
-    }
-    shards.back().push_back(i);
-    shard_bytes += n;
-    total_bytes += n;
+  std::vector<uint64_t> sizes;
+  uint64_t total_bytes = 0;
+  for (const auto& [name, t] : tensors) {
+    sizes.push_back(static_cast<uint64_t>(t.numel()) * t.element_size());
+    total_bytes += sizes.back();
   }
-  if (shards.empty()) shards.emplace_back();
+  const auto shards = plan_weight_shards(sizes, max_shard_bytes);
 
   fs::path parent = target.has_parent_path() ? target.parent_path() : fs::path(".");
   if (target.filename().empty()) parent = parent.parent_path();  // "out/" -> parent of "out"

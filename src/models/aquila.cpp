@@ -66,11 +66,19 @@ torch::Tensor AquilaForCausalLMImpl::hidden_states(const torch::Tensor& ids,
       config_.rope_scaling.type == "dynamic" ? positions.max().item<int64_t>() : 0;
   auto rope = ops::rope_tables(positions, inv_freq_for(max_pos), h.scalar_type());
   const bool recompute = checkpoint_blocks_ && !cache && torch::GradMode::is_enabled();
+  // Without gradients (evaluation) the hooks still bracket each block, so that FSDP gathers one
+  // block at a time there too instead of the whole model.
+  const bool hooked = block_hooks_ && !cache && !torch::GradMode::is_enabled();
   int64_t layer = 0;
   for (const auto& block : *model->layers) {
     auto* decoder = block->as<nn::DecoderBlock>();
-    h = recompute ? nn::checkpointed_block(*decoder, h, rope, mask, block_hooks_)
-                  : decoder->forward(h, rope, mask, cache, layer);
+    if (recompute) {
+      h = nn::checkpointed_block(*decoder, h, rope, mask, block_hooks_);
+    } else {
+      if (hooked) block_hooks_->before_forward(*decoder);
+      h = decoder->forward(h, rope, mask, cache, layer);
+      if (hooked) block_hooks_->after_forward(*decoder);
+    }
     ++layer;
   }
   if (cache) cache->advance(ids.size(1));

@@ -181,6 +181,25 @@ const torch::optim::AdamWOptions& adamw_options_of(const torch::optim::Optimizer
   return *options;
 }
 
+// One entry of optimizer.json's "param_groups": the hyper-parameters and the parameter names.
+Json group_json(const torch::optim::AdamWOptions& options, const Json& param_names) {
+  return Json{{"lr", options.lr()},
+              {"betas", {std::get<0>(options.betas()), std::get<1>(options.betas())}},
+              {"eps", options.eps()},
+              {"weight_decay", options.weight_decay()},
+              {"params", param_names}};
+}
+
+void write_optimizer_json(const std::string& dir, const std::string& stem, int shard, int shards,
+                          const Json& groups, const Json& steps) {
+  write_json((fs::path(dir) / (stem + ".json")).string(), Json{{"type", "adamw"},
+                                                               {"format_version", 1},
+                                                               {"shard", shard},
+                                                               {"shards", shards},
+                                                               {"param_groups", groups},
+                                                               {"step", steps}});
+}
+
 // Writes <stem>.safetensors and <stem>.json: "optimizer" for a whole optimizer, or
 // "optimizer-0000r-of-0000w" for rank r's shard (shard / shards recorded in the JSON).
 void save_optimizer(const std::string& dir, const NamedTensors& named_params,
@@ -211,19 +230,10 @@ void save_optimizer(const std::string& dir, const NamedTensors& named_params,
       tensors.emplace_back(name + ".exp_avg_sq", s.exp_avg_sq());
       steps[name] = s.step();
     }
-    groups.push_back(Json{{"lr", options.lr()},
-                          {"betas", {std::get<0>(options.betas()), std::get<1>(options.betas())}},
-                          {"eps", options.eps()},
-                          {"weight_decay", options.weight_decay()},
-                          {"params", param_names}});
+    groups.push_back(group_json(options, param_names));
   }
   save_safetensors((fs::path(dir) / (stem + ".safetensors")).string(), tensors);
-  write_json((fs::path(dir) / (stem + ".json")).string(), Json{{"type", "adamw"},
-                                                               {"format_version", 1},
-                                                               {"shard", shard},
-                                                               {"shards", shards},
-                                                               {"param_groups", groups},
-                                                               {"step", steps}});
+  write_optimizer_json(dir, stem, shard, shards, groups, steps);
 }
 
 std::string optimizer_shard_stem(int rank, int world) {
@@ -335,8 +345,13 @@ void load_model_tensors(const std::string& step_dir, const NamedTensors& named_p
 // Optimizer state of every parameter, from optimizer.json or from all the optimizer-*-of-*.json
 // shards, whatever world size wrote them: state is matched by parameter name, so a checkpoint
 // loads into an optimizer that holds any subset of the parameters (resharding).
-void load_optimizer(const std::string& step_dir, const NamedTensors& named_params,
-                    torch::optim::Optimizer& optimizer) {
+// Where each parameter's saved AdamW state is: its step and the safetensors file with its moments.
+struct OptimizerSource {
+  int64_t step;
+  std::string tensors_path;
+};
+
+std::unordered_map<std::string, OptimizerSource> optimizer_sources(const std::string& step_dir) {
   std::vector<std::string> stems;
   if (fs::exists(fs::path(step_dir) / kOptimizerJson)) {
     stems.push_back("optimizer");
@@ -360,12 +375,7 @@ void load_optimizer(const std::string& step_dir, const NamedTensors& named_param
           step_dir, "the checkpoint is damaged; resume from an older one");
     }
   }
-  struct Source {
-    int64_t step;
-    std::string tensors_path;
-  };
-  std::unordered_map<std::string, Source> sources;  // parameter name -> where its state is
-  std::map<std::string, std::shared_ptr<SafetensorsFile>> files;
+  std::unordered_map<std::string, OptimizerSource> sources;  // parameter name -> its state
   for (const auto& stem : stems) {
     const std::string json_path = (fs::path(step_dir) / (stem + ".json")).string();
     Json meta = read_json(json_path);
@@ -378,9 +388,16 @@ void load_optimizer(const std::string& step_dir, const NamedTensors& named_param
     const std::string tensors_path = (fs::path(step_dir) / (stem + ".safetensors")).string();
     for (const auto& [name, step] : meta["step"].items()) {
       if (!step.is_number_integer()) throw_corruption("bad step for '" + name + "'", json_path);
-      sources[name] = Source{step.get<int64_t>(), tensors_path};
+      sources[name] = OptimizerSource{step.get<int64_t>(), tensors_path};
     }
   }
+  return sources;
+}
+
+void load_optimizer(const std::string& step_dir, const NamedTensors& named_params,
+                    torch::optim::Optimizer& optimizer) {
+  const auto sources = optimizer_sources(step_dir);
+  std::map<std::string, std::shared_ptr<SafetensorsFile>> files;
   auto names = names_by_impl(named_params);
   torch::NoGradGuard no_grad;
   auto& state = optimizer.state();
@@ -537,10 +554,17 @@ void on_ranks_then_agree(dist::Comm* comm, bool active, const char* what,
 
 }  // namespace
 
-std::string save_checkpoint(const CheckpointConfig& config, int64_t step, const Json& run_config,
-                            const NamedTensors& named_params,
-                            const torch::optim::Optimizer& optimizer, const TrainerState& state,
-                            const CheckpointRanks& ranks) {
+namespace {
+
+// The save sequence shared by every strategy. `prepare` runs on rank 0 and must create `tmp` with
+// the files every rank then fills; `write` runs on the ranks where `write_here` is set. Rank 0
+// then completes the checkpoint.
+std::string save_checkpoint_with(
+    const CheckpointConfig& config, int64_t step, const Json& run_config, const TrainerState& state,
+    const CheckpointRanks& ranks,
+    const std::function<void(const std::string& tmp, const std::string& armed)>& prepare,
+    const char* writing, bool write_here,
+    const std::function<void(const std::string& tmp, const std::string& armed)>& write) {
   if (state.step != step) {
     throw_invalid("trainer state step " + std::to_string(state.step) +
                   " differs from the checkpoint step " + std::to_string(step));
@@ -554,28 +578,18 @@ std::string save_checkpoint(const CheckpointConfig& config, int64_t step, const 
   const std::string name = checkpoint_dir_name(step);
   const std::string final_dir = (fs::path(run_dir) / name).string();
 
-  // 1. Rank 0 writes the model (save_hf_weights builds `tmp` itself: its own temp dir + fsync +
-  //    rename) and tells the others where the checkpoint is being assembled.
+  // 1. Rank 0 makes the temp dir with what it writes alone, and tells the others where it is.
   std::string tmp;
-  on_ranks_then_agree(comm, leader, "writing the model", [&] {
+  on_ranks_then_agree(comm, leader, "preparing the checkpoint", [&] {
     check_writable(run_dir);
     remove_stale_temp_dirs(run_dir);
     tmp = make_temp_dir_path(run_dir, step);
-    save_hf_weights(tmp, named_params, config.max_shard_bytes);
-    crash_point(armed, "after_model");
+    prepare(tmp, armed);
   });
   if (world > 1) tmp = comm->broadcast_string(tmp, 0);
 
-  // 2. Optimizer state: every rank its own shard (zero1 / zero2), or rank 0 all of it.
-  const bool sharded = world > 1 && ranks.optimizer_sharded;
-  on_ranks_then_agree(comm, sharded || leader, "writing its optimizer shard", [&] {
-    if (sharded) {
-      save_optimizer(tmp, named_params, optimizer, optimizer_shard_stem(rank, world), rank, world);
-    } else {
-      save_optimizer(tmp, named_params, optimizer, "optimizer", 0, 1);
-    }
-    crash_point(armed, "after_optimizer");
-  });
+  // 2. Every rank's own part.
+  on_ranks_then_agree(comm, write_here, writing, [&] { write(tmp, armed); });
 
   // 3. Rank 0 completes the checkpoint once every shard is on disk, then moves `latest`.
   on_ranks_then_agree(comm, leader, "completing the checkpoint", [&] {
@@ -618,6 +632,122 @@ std::string save_checkpoint(const CheckpointConfig& config, int64_t step, const 
     }
   });
   return final_dir;
+}
+
+// The AdamW state of `owner` in `optimizer`, or nullptr.
+const torch::optim::AdamWParamState* adamw_state(const torch::optim::Optimizer& optimizer,
+                                                 const torch::Tensor& owner) {
+  auto it = optimizer.state().find(owner.unsafeGetTensorImpl());
+  if (it == optimizer.state().end()) return nullptr;
+  return static_cast<const torch::optim::AdamWParamState*>(it->second.get());
+}
+
+}  // namespace
+
+std::string save_checkpoint(const CheckpointConfig& config, int64_t step, const Json& run_config,
+                            const NamedTensors& named_params,
+                            const torch::optim::Optimizer& optimizer, const TrainerState& state,
+                            const CheckpointRanks& ranks) {
+  const int rank = ranks.comm ? ranks.comm->rank() : 0;
+  const int world = ranks.comm ? ranks.comm->world() : 1;
+  // Rank 0 writes the model (save_hf_weights builds `tmp` itself: its own temp dir + fsync +
+  // rename); the optimizer state is every rank's own shard (zero1 / zero2), or rank 0's.
+  const bool sharded = world > 1 && ranks.optimizer_sharded;
+  return save_checkpoint_with(
+      config, step, run_config, state, ranks,
+      [&](const std::string& tmp, const std::string& armed) {
+        save_hf_weights(tmp, named_params, config.max_shard_bytes);
+        crash_point(armed, "after_model");
+      },
+      "writing its optimizer shard", sharded || rank == 0,
+      [&](const std::string& tmp, const std::string& armed) {
+        if (sharded) {
+          save_optimizer(tmp, named_params, optimizer, optimizer_shard_stem(rank, world), rank,
+                         world);
+        } else {
+          save_optimizer(tmp, named_params, optimizer, "optimizer", 0, 1);
+        }
+        crash_point(armed, "after_optimizer");
+      });
+}
+
+std::string save_checkpoint(const CheckpointConfig& config, int64_t step, const Json& run_config,
+                            const ShardedParams& params, const torch::optim::Optimizer& optimizer,
+                            const TrainerState& state, const CheckpointRanks& ranks) {
+  // Which optimizer group holds each owner; every rank steps every owner in the same steps, so
+  // rank 0's view of which owners have state, and their step, holds for all.
+  std::unordered_map<const void*, size_t> group_of;
+  const auto& groups = optimizer.param_groups();
+  for (size_t g = 0; g < groups.size(); ++g) {
+    adamw_options_of(groups[g]);
+    for (const auto& p : groups[g].params())
+      group_of[p.unsafeGetTensorImpl()] = g;
+  }
+  for (const auto& run : params.runs) {
+    if (!group_of.count(run.owner.unsafeGetTensorImpl())) {
+      throw_invalid(
+          "parameter '" + run.name + "' is held by a tensor the optimizer does not update",
+          "optimizer", "build the optimizer over the FSDP shards");
+    }
+  }
+  return save_checkpoint_with(
+      config, step, run_config, state, ranks,
+      [&](const std::string& tmp, const std::string& /*armed*/) {
+        std::error_code ec;
+        if (!fs::create_directory(tmp, ec)) {
+          throw_io("cannot create the checkpoint's temp directory: " + ec.message(), tmp);
+        }
+        std::vector<TensorDecl> weights, moments;
+        std::vector<Json> names(groups.size(), Json::array());
+        Json steps = Json::object();
+        for (const auto& run : params.runs) {
+          weights.push_back({run.name, run.owner.scalar_type(), run.shape});
+          names[group_of.at(run.owner.unsafeGetTensorImpl())].push_back(run.name);
+          if (const auto* st = adamw_state(optimizer, run.owner)) {
+            moments.push_back({run.name + ".exp_avg", st->exp_avg().scalar_type(), run.shape});
+            moments.push_back(
+                {run.name + ".exp_avg_sq", st->exp_avg_sq().scalar_type(), run.shape});
+            steps[run.name] = st->step();
+          }
+        }
+        create_hf_weights_layout(tmp, weights, config.max_shard_bytes);
+        create_safetensors_layout((fs::path(tmp) / "optimizer.safetensors").string(), moments);
+        Json group_list = Json::array();
+        for (size_t g = 0; g < groups.size(); ++g) {
+          group_list.push_back(group_json(adamw_options_of(groups[g]), names[g]));
+        }
+        write_optimizer_json(tmp, "optimizer", 0, 1, group_list, steps);
+      },
+      "writing its shard of the model", params.writes,
+      [&](const std::string& tmp, const std::string& armed) {
+        auto reader = WeightReader::open(tmp);
+        std::map<std::string, std::unique_ptr<SafetensorsRunWriter>> writers;
+        auto writer = [&](const std::string& file) -> SafetensorsRunWriter& {
+          auto& w = writers[file];
+          if (!w) w = std::make_unique<SafetensorsRunWriter>(file);
+          return *w;
+        };
+        for (const auto& run : params.runs) {
+          if (run.numel == 0) continue;
+          writer(reader->file_of(run.name))
+              .write(run.name, run.offset, run.owner.narrow(0, run.owner_offset, run.numel));
+        }
+        crash_point(armed, "after_model");
+        const std::string moments_path = (fs::path(tmp) / "optimizer.safetensors").string();
+        for (const auto& run : params.runs) {
+          const auto* st = adamw_state(optimizer, run.owner);
+          if (run.numel == 0 || !st) continue;
+          writer(moments_path)
+              .write(run.name + ".exp_avg", run.offset,
+                     st->exp_avg().narrow(0, run.owner_offset, run.numel));
+          writer(moments_path)
+              .write(run.name + ".exp_avg_sq", run.offset,
+                     st->exp_avg_sq().narrow(0, run.owner_offset, run.numel));
+        }
+        for (auto& [file, w] : writers)
+          w->finish();
+        crash_point(armed, "after_optimizer");
+      });
 }
 
 Json read_checkpoint_config(const std::string& step_dir) {
@@ -700,6 +830,106 @@ LoadedCheckpoint load_checkpoint(const std::string& step_dir, const NamedTensors
   out.state = TrainerState::from_json(read_json(state_path), state_path);
   load_model_tensors(step_dir, named_params);
   if (optimizer) load_optimizer(step_dir, named_params, *optimizer);
+  if (restore_rng_state) restore_rng(step_dir);
+  return out;
+}
+
+LoadedCheckpoint load_checkpoint(const std::string& step_dir, const ShardedParams& params,
+                                 torch::optim::Optimizer* optimizer, bool restore_rng_state) {
+  const std::string marker = (fs::path(step_dir) / kComplete).string();
+  if (!fs::exists(marker)) {
+    throw_corruption("checkpoint is incomplete (no COMPLETE marker)", step_dir,
+                     "resume from an older checkpoint, or use resume: auto");
+  }
+  verify_file_sizes(step_dir, read_json(marker));
+  LoadedCheckpoint out;
+  out.path = step_dir;
+  out.config = read_checkpoint_config(step_dir);
+  const std::string state_path = (fs::path(step_dir) / kTrainerState).string();
+  out.state = TrainerState::from_json(read_json(state_path), state_path);
+
+  // The weights: every parameter present with its shape, nothing extra; then this rank's runs.
+  auto reader = WeightReader::open(step_dir);
+  std::set<std::string> expected;
+  for (const auto& run : params.runs) {
+    expected.insert(run.name);
+    const std::string where = reader->path() + ": " + run.name;
+    if (!reader->contains(run.name)) {
+      throw_corruption("tensor '" + run.name + "' is missing from the checkpoint", where,
+                       "the checkpoint belongs to a different model, or is damaged");
+    }
+    if (reader->shape(run.name) != run.shape) {
+      throw_invalid("shape mismatch for '" + run.name + "': checkpoint has " +
+                        shape_string(reader->shape(run.name)) + ", parameter has " +
+                        shape_string(run.shape),
+                    where, "check that model config matches the checkpoint's config.json");
+    }
+  }
+  for (const auto& name : reader->names()) {
+    if (!expected.count(name)) {
+      throw_invalid("the checkpoint has tensor '" + name + "' that the model does not",
+                    reader->file_of(name) + ": " + name,
+                    "check that model config matches the checkpoint's config.json");
+    }
+  }
+  torch::NoGradGuard no_grad;
+  for (const auto& run : params.runs) {
+    if (run.numel == 0) continue;
+    run.owner.narrow(0, run.owner_offset, run.numel)
+        .copy_(reader->get(run.name).reshape({-1}).narrow(0, run.offset, run.numel));
+  }
+
+  // The AdamW moments, owner by owner: the runs of the parameters with saved state are filled,
+  // the rest (never stepped) stay zero, and the owner takes the largest saved step.
+  if (optimizer) {
+    const auto sources = optimizer_sources(step_dir);
+    std::map<std::string, std::shared_ptr<SafetensorsFile>> files;
+    std::unordered_map<const void*, std::vector<const dist::ParamRun*>> runs_of;
+    std::vector<torch::Tensor> owners;
+    for (const auto& run : params.runs) {
+      auto& list = runs_of[run.owner.unsafeGetTensorImpl()];
+      if (list.empty()) owners.push_back(run.owner);
+      list.push_back(&run);
+    }
+    for (const auto& owner : owners) {
+      auto state = std::make_unique<torch::optim::AdamWParamState>();
+      state->exp_avg(torch::zeros_like(owner));
+      state->exp_avg_sq(torch::zeros_like(owner));
+      int64_t step = -1;
+      for (const dist::ParamRun* run : runs_of[owner.unsafeGetTensorImpl()]) {
+        auto source = sources.find(run->name);
+        if (source == sources.end()) continue;
+        step = std::max(step, source->second.step);
+        if (run->numel == 0) continue;
+        const std::string& path = source->second.tensors_path;
+        auto& file = files[path];
+        if (!file) file = SafetensorsFile::open(path);
+        for (const char* suffix : {".exp_avg", ".exp_avg_sq"}) {
+          const std::string key = run->name + suffix;
+          if (!file->contains(key)) {
+            throw_corruption("tensor '" + key + "' is missing", path + ": " + key,
+                             "the checkpoint is damaged; resume from an older one");
+          }
+          torch::Tensor src = file->tensor(key);
+          if (src.sizes() != c10::IntArrayRef(run->shape)) {
+            throw_invalid("shape mismatch for '" + key + "': checkpoint has " +
+                              shape_string(src.sizes()) + ", parameter has " +
+                              shape_string(run->shape),
+                          path + ": " + key, "the optimizer state belongs to a different model");
+          }
+          auto& moment = std::string(suffix) == ".exp_avg" ? state->exp_avg() : state->exp_avg_sq();
+          moment.narrow(0, run->owner_offset, run->numel)
+              .copy_(src.reshape({-1}).narrow(0, run->offset, run->numel));
+        }
+      }
+      if (step < 0) {
+        optimizer->state().erase(owner.unsafeGetTensorImpl());
+        continue;
+      }
+      state->step(step);
+      optimizer->state()[owner.unsafeGetTensorImpl()] = std::move(state);
+    }
+  }
   if (restore_rng_state) restore_rng(step_dir);
   return out;
 }

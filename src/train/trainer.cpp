@@ -400,12 +400,10 @@ void Trainer::State::resume() {
   if (!path) return;
   LoadedCheckpoint loaded;
   if (fsdp) {
-    // Load into the whole model and a whole optimizer, then keep this rank's slices.
-    fsdp->materialize();
-    auto full = make_adamw(named_params, optim);
-    loaded = load_checkpoint(*path, named_params, full.get(), /*restore_rng=*/true);
-    fsdp->scatter_state(*full, *optimizer);
-    fsdp->release();
+    // Each rank reads its own runs of the weights and moments, whatever wrote the checkpoint.
+    ShardedParams sharded;
+    sharded.runs = fsdp->param_runs();
+    loaded = load_checkpoint(*path, sharded, optimizer.get(), /*restore_rng=*/true);
   } else {
     loaded = load_checkpoint(*path, named_params, optimizer.get(), /*restore_rng=*/true);
   }
@@ -480,15 +478,24 @@ std::pair<double, int64_t> Trainer::State::evaluate() {
                              : std::min(available, train.eval_batches * train.micro_batch);
   torch::NoGradGuard no_grad;
   model->eval();
-  if (fsdp) fsdp->materialize();
+  // FSDP: the root unit stays gathered; the blocks are gathered one at a time by the hooks.
+  if (fsdp) fsdp->begin_micro_batch();
   double loss_sum = 0;
   int64_t tokens = 0;
   const int64_t len = source_.seq_len();
   const int rank = comm ? comm->rank() : 0;
   const int world = comm ? comm->world() : 1;
-  int64_t index = 0;
-  for (int64_t begin = 0; begin < wanted; begin += train.micro_batch, ++index) {
-    if (index % world != rank) continue;  // the ranks share the validation batches
+  // The ranks share the validation batches: rank r takes batches r, r + W, ... Under FSDP every
+  // rank must run the same number of forwards (each gathers every block from all ranks), so a
+  // rank left without a batch in the last round evaluates batch 0 again and ignores it.
+  const int64_t batches = (wanted + train.micro_batch - 1) / train.micro_batch;
+  const int64_t rounds = (batches + world - 1) / world;
+  for (int64_t round = 0; round < rounds; ++round) {
+    int64_t index = round * world + rank;
+    const bool counted = index < batches;
+    if (!counted && !fsdp) continue;
+    if (!counted) index = 0;
+    const int64_t begin = index * train.micro_batch;
     const int64_t rows = std::min(train.micro_batch, wanted - begin);
     data::Batch batch;
     batch.tokens = torch::empty({rows, len + 1}, torch::kInt32);
@@ -504,7 +511,9 @@ std::pair<double, int64_t> Trainer::State::evaluate() {
         source_.get_loss_mask(begin + r, batch.loss_mask[r].data_ptr<uint8_t>());
     }
     // The sum over counted targets (normalizer 1), so batches with few targets weigh little.
-    loss_sum += batch_loss(batch, 1.0).item<double>();
+    const double sum = batch_loss(batch, 1.0).item<double>();
+    if (!counted) continue;
+    loss_sum += sum;
     tokens += batch.loss_mask.defined() ? count_loss_targets(batch.loss_mask) : rows * len;
   }
   model->train();
@@ -528,14 +537,10 @@ std::string Trainer::State::save(double lr) {
   ranks.comm = comm.get();
   ranks.optimizer_sharded = ddp && parallel.shards_optimizer();
   if (fsdp) {
-    // Gathered into whole tensors, and written by rank 0 like a one-process checkpoint.
-    fsdp->materialize();
-    auto full = make_adamw(named_params, optim);
-    fsdp->gather_optimizer_state(*optimizer, *full);
-    auto path =
-        save_checkpoint(checkpoint, state.step, resolved, named_params, *full, state, ranks);
-    fsdp->release();
-    return path;
+    // Each rank writes its runs in place, into the one-process file layout: nothing is gathered.
+    ShardedParams sharded;
+    sharded.runs = fsdp->param_runs();
+    return save_checkpoint(checkpoint, state.step, resolved, sharded, *optimizer, state, ranks);
   }
   return save_checkpoint(checkpoint, state.step, resolved, named_params, *optimizer, state, ranks);
 }

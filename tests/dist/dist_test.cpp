@@ -125,13 +125,15 @@ Child train(int nproc, const std::string& config, const std::string& strategy,
   return spawn(argv, log, env_extra);
 }
 
-std::vector<double> losses(const std::string& run_dir) {
+// The training losses per step (or, with `type` "eval", the validation losses).
+std::vector<double> losses(const std::string& run_dir, const std::string& type = "train") {
   std::map<int64_t, double> by_step;  // a resumed run rewrites the steps after its checkpoint
   std::istringstream in(test::read_file(run_dir + "/metrics.jsonl"));
   std::string line;
+  const std::string key = type == "train" ? "loss" : "val_loss";
   while (std::getline(in, line)) {
     Json j = Json::parse(line);
-    if (j["type"] == "train") by_step[j["step"].get<int64_t>()] = j["loss"].get<double>();
+    if (j["type"] == type) by_step[j["step"].get<int64_t>()] = j[key].get<double>();
   }
   std::vector<double> out;
   for (const auto& [step, loss] : by_step)
@@ -184,28 +186,37 @@ TEST(DistComm, EveryCollectiveGivesTheRightValuesAtWorldSizes2And4) {
 
 TEST(DistTrain, DdpZero1Zero2FsdpAtWorldSizes2And4TrainLikeOneProcess) {
   constexpr int64_t kSteps = 10;
+  // Evaluation every 5 steps: fsdp evaluates gathering one block at a time.
+  auto config_in = [&](const TempDir& dir) {
+    Json c = dist_config(dir.path(), kSteps);
+    c["train"]["eval_every"] = 5;
+    return write_config(dir, "c.json", c);
+  };
   TempDir single;
-  const auto single_config = write_config(single, "c.json", dist_config(single.path(), kSteps));
+  const auto single_config = config_in(single);
   ASSERT_EQ(train(0, single_config, "ddp", single.file("log.txt")).wait(), 0)
       << test::read_file(single.file("log.txt"));
   const auto expected = losses(single.path());
   ASSERT_EQ(expected.size(), static_cast<size_t>(kSteps));
+  const auto expected_eval = losses(single.path(), "eval");
+  ASSERT_EQ(expected_eval.size(), 2u);
   for (const char* strategy : {"ddp", "zero1", "zero2", "fsdp"}) {
     for (int world : {2, 4}) {
       const std::string what = std::string(strategy) + " x" + std::to_string(world);
       TempDir dir;
-      const auto config = write_config(dir, "c.json", dist_config(dir.path(), kSteps));
+      const auto config = config_in(dir);
       ASSERT_EQ(train(world, config, strategy, dir.file("log.txt")).wait(), 0)
           << what << "\n"
           << test::read_file(dir.file("log.txt"));
       expect_same_losses(expected, losses(dir.path()), what);
+      expect_same_losses(expected_eval, losses(dir.path(), "eval"), what + " validation");
       const double dw = max_weight_difference(single.path() + "/checkpoints/step-000010",
                                               dir.path() + "/checkpoints/step-000010");
       std::printf("%s: max |final weight difference| %.3g\n", what.c_str(), dw);
       // Tolerance: 5e-5 absolute, 1% of one AdamW step at lr 5e-3. Adam divides by sqrt(v), so
       // last-bit gradient differences (another summation order) move a weight by up to ~1e-5.
       EXPECT_LE(dw, 5e-5) << what;
-      // zero1 / zero2 write optimizer shards; fsdp gathers its state and writes one file.
+      // zero1 / zero2 write optimizer shards; fsdp ranks write their runs into one file.
       const bool sharded = std::string(strategy) == "zero1" || std::string(strategy) == "zero2";
       EXPECT_EQ(fs::exists(dir.path() + "/checkpoints/step-000010/optimizer-00000-of-0000" +
                            std::to_string(world) + ".safetensors"),
@@ -282,7 +293,7 @@ std::map<int64_t, std::vector<int64_t>> samples_by_step(const std::string& prefi
 }
 
 TEST(DistCheckpoint, ReshardsAcrossWorldSizesAndStrategiesWithoutRepeatingOrSkippingSamples) {
-  constexpr int64_t kSteps = 10;
+  constexpr int64_t kSteps = 12;
   TempDir single, dir;
   Json base = dist_config(single.path(), kSteps);
   base["checkpoint"]["every"] = 3;
@@ -294,38 +305,49 @@ TEST(DistCheckpoint, ReshardsAcrossWorldSizesAndStrategiesWithoutRepeatingOrSkip
   Json c = dist_config(dir.path(), kSteps);
   c["checkpoint"]["every"] = 3;
   const auto config = write_config(dir, "c.json", c);
-  // fsdp x4 trains to step 6 and dies while saving it: step 3 is the newest checkpoint.
+  // fsdp x4 trains to step 6 and dies while saving it (each rank writes its runs of the weights
+  // in place; rank 3 dies after its own): step 3 is the newest checkpoint.
   EXPECT_NE(train(4, config, "fsdp", dir.file("log.txt"),
-                  {"AVIARY_TEST_CRASH_AT=after_model@6", "AVIARY_TEST_SAMPLE_LOG=" + dir.file("a")})
+                  {"AVIARY_TEST_CRASH_AT=after_model@6", "AVIARY_TEST_CRASH_RANK=3",
+                   "AVIARY_TEST_SAMPLE_LOG=" + dir.file("a")})
                 .wait(),
             0);
   ASSERT_EQ(test::read_file(dir.path() + "/checkpoints/latest"), "step-000003\n");
-  // zero2 x2 resumes at step 3 and dies saving step 9: step 6 is the newest.
+  // zero2 x2 resumes at step 3 from the fsdp checkpoint and dies saving step 9: step 6 is newest.
   EXPECT_NE(train(2, config, "zero2", dir.file("log.txt"),
                   {"AVIARY_TEST_CRASH_AT=after_model@9", "AVIARY_TEST_SAMPLE_LOG=" + dir.file("b")})
                 .wait(),
             0);
   ASSERT_EQ(test::read_file(dir.path() + "/checkpoints/latest"), "step-000006\n");
-  // One process finishes from step 6.
+  // fsdp x2 reads its runs out of zero2's optimizer shards and dies saving step 12.
+  EXPECT_NE(
+      train(2, config, "fsdp", dir.file("log.txt"),
+            {"AVIARY_TEST_CRASH_AT=after_optimizer@12", "AVIARY_TEST_SAMPLE_LOG=" + dir.file("c")})
+          .wait(),
+      0);
+  ASSERT_EQ(test::read_file(dir.path() + "/checkpoints/latest"), "step-000009\n");
+  // One process finishes from fsdp's step 9.
   ASSERT_EQ(
-      train(0, config, "zero1", dir.file("log.txt"), {"AVIARY_TEST_SAMPLE_LOG=" + dir.file("c")})
+      train(0, config, "zero1", dir.file("log.txt"), {"AVIARY_TEST_SAMPLE_LOG=" + dir.file("d")})
           .wait(),
       0)
       << test::read_file(dir.file("log.txt"));
 
-  expect_same_losses(losses(single.path()), losses(dir.path()), "fsdp x4 -> zero2 x2 -> 1 process");
-  const double dw = max_weight_difference(single.path() + "/checkpoints/step-000010",
-                                          dir.path() + "/checkpoints/step-000010");
+  expect_same_losses(losses(single.path()), losses(dir.path()),
+                     "fsdp x4 -> zero2 x2 -> fsdp x2 -> 1 process");
+  const double dw = max_weight_difference(single.path() + "/checkpoints/step-000012",
+                                          dir.path() + "/checkpoints/step-000012");
   EXPECT_LE(dw, 5e-5);  // as in the equivalence test
 
   // Counting samples: each step's global batch is the one process's, whichever run trained it.
   const auto expected = samples_by_step(single.file("samples"), 1);
   const auto a = samples_by_step(dir.file("a"), 4);
   const auto b = samples_by_step(dir.file("b"), 2);
-  const auto last = samples_by_step(dir.file("c"), 1);
+  const auto c2 = samples_by_step(dir.file("c"), 2);
+  const auto last = samples_by_step(dir.file("d"), 1);
   std::vector<int64_t> all_expected, all_got;
   for (int64_t step = 1; step <= kSteps; ++step) {
-    const auto& source = step <= 3 ? a : step <= 6 ? b : last;
+    const auto& source = step <= 3 ? a : step <= 6 ? b : step <= 9 ? c2 : last;
     ASSERT_TRUE(source.count(step)) << "step " << step;
     EXPECT_EQ(source.at(step), expected.at(step)) << "step " << step;
     EXPECT_EQ(source.at(step).size(), 8u) << "step " << step;
@@ -335,7 +357,7 @@ TEST(DistCheckpoint, ReshardsAcrossWorldSizesAndStrategiesWithoutRepeatingOrSkip
   std::sort(all_expected.begin(), all_expected.end());
   std::sort(all_got.begin(), all_got.end());
   EXPECT_EQ(all_got, all_expected);
-  // Within an epoch no sample repeats: 80 samples of a 170-sample split.
+  // Within an epoch no sample repeats: 96 samples of a 170-sample split.
   EXPECT_EQ(std::adjacent_find(all_got.begin(), all_got.end()), all_got.end());
 }
 

@@ -190,6 +190,116 @@ TEST(Checkpoint, ShardedModelFilesLoad) {
   expect_same_params(blank.params, run.params);
 }
 
+// FSDP-style checkpoints: the parameters live as runs in flat owners (here two, as FSDP's decay
+// and no-decay segments, padded), written in place and read back into any other layout.
+struct FlatRun {
+  std::vector<torch::Tensor> owners;
+  std::vector<dist::ParamRun> runs;
+  std::unique_ptr<AdamW> opt;
+};
+
+// Rank `rank` of `world` of the parameters of make_params, sharded flat as FSDP does, with the
+// shard values taken from `source` (or zero).
+FlatRun make_flat(const NamedTensors* source, int rank, int world) {
+  const NamedTensors shapes = make_params(0);
+  const std::vector<std::vector<size_t>> segments = {{0, 1}, {2}};  // weight+bias, norm
+  FlatRun f;
+  ParamGroups groups;
+  for (size_t g = 0; g < segments.size(); ++g) {
+    int64_t numel = 0;
+    for (size_t i : segments[g])
+      numel += shapes[i].second.numel();
+    const int64_t shard = (numel + world - 1) / world;
+    auto full = torch::zeros({shard * world});
+    int64_t offset = 0;
+    for (size_t i : segments[g]) {
+      const auto& [name, p] = shapes[i];
+      if (source) full.narrow(0, offset, p.numel()).copy_((*source)[i].second.detach().reshape(-1));
+      const int64_t lo = std::max(offset, rank * shard);
+      const int64_t hi = std::min(offset + p.numel(), (rank + 1) * shard);
+      dist::ParamRun run{name, p.sizes().vec(), 0, 0, {}, 0};
+      if (hi > lo) {
+        run.offset = lo - offset;
+        run.numel = hi - lo;
+        run.owner_offset = lo - rank * shard;
+      }
+      f.runs.push_back(run);
+      offset += p.numel();
+    }
+    auto owner = full.narrow(0, rank * shard, shard).clone().requires_grad_();
+    for (auto& run : f.runs)
+      if (!run.owner.defined()) run.owner = owner;
+    f.owners.push_back(owner);
+    (g == 0 ? groups.decay : groups.no_decay).emplace_back("segment" + std::to_string(g), owner);
+  }
+  f.opt = make_adamw(groups, OptimizerConfig{});
+  return f;
+}
+
+TEST(Checkpoint, RunsWrittenInPlaceLoadIntoWholeParametersAndIntoAnotherSharding) {
+  TempDir tmp;
+  TrainRun run = make_run(2);  // the truth: whole parameters after two steps
+  FlatRun flat = make_flat(&run.params, 0, 1);
+  // The owners' AdamW state: the whole optimizer's moments, laid out flat.
+  for (size_t g = 0; g < flat.owners.size(); ++g) {
+    auto state = std::make_unique<torch::optim::AdamWParamState>();
+    std::vector<torch::Tensor> m, v;
+    for (const auto& r : flat.runs) {
+      if (!r.owner.is_same(flat.owners[g])) continue;
+      for (const auto& [name, p] : run.params) {
+        if (name != r.name) continue;
+        const auto& st = static_cast<torch::optim::AdamWParamState&>(
+            *run.opt->state().at(p.unsafeGetTensorImpl()));
+        m.push_back(st.exp_avg().reshape(-1));
+        v.push_back(st.exp_avg_sq().reshape(-1));
+      }
+    }
+    state->exp_avg(torch::cat(m));
+    state->exp_avg_sq(torch::cat(v));
+    state->step(2);
+    flat.opt->state()[flat.owners[g].unsafeGetTensorImpl()] = std::move(state);
+  }
+  ShardedParams sharded{flat.runs, true};
+  const std::string path = save_checkpoint(config_for(tmp.path()), 2, Json::object(), sharded,
+                                           *flat.opt, state_for(2), {});
+  EXPECT_TRUE(fs::exists(path + "/COMPLETE"));
+
+  // Whole parameters (ddp / one process) get exactly the truth, moments included.
+  TrainRun blank = make_blank();
+  load_checkpoint(path, blank.params, blank.opt.get());
+  expect_same_params(blank.params, run.params);
+  fake_grads(run.params, 2);
+  run.opt->step();
+  fake_grads(blank.params, 2);
+  blank.opt->step();
+  expect_same_params(blank.params, run.params);
+
+  // Rank 1 of 3 reads its runs only: the same as sharding the truth directly.
+  TrainRun again = make_run(2);
+  for (int rank = 0; rank < 3; ++rank) {
+    FlatRun expected = make_flat(&again.params, rank, 3);
+    FlatRun got = make_flat(nullptr, rank, 3);
+    load_checkpoint(path, ShardedParams{got.runs, true}, got.opt.get());
+    for (size_t g = 0; g < got.owners.size(); ++g) {
+      EXPECT_TRUE(torch::equal(got.owners[g], expected.owners[g])) << rank << " " << g;
+      const auto& st = static_cast<torch::optim::AdamWParamState&>(
+          *got.opt->state().at(got.owners[g].unsafeGetTensorImpl()));
+      EXPECT_EQ(st.step(), 2);
+      EXPECT_EQ(st.exp_avg().numel(), got.owners[g].numel());
+    }
+  }
+  // A checkpoint without optimizer state (saved before the first step) leaves the owners without.
+  FlatRun fresh = make_flat(&run.params, 0, 1);
+  const std::string early =
+      save_checkpoint(config_for(tmp.path()), 0, Json::object(), ShardedParams{fresh.runs, true},
+                      *fresh.opt, state_for(0), {});
+  FlatRun reader = make_flat(nullptr, 1, 2);
+  reader.opt->state()[reader.owners[0].unsafeGetTensorImpl()] =
+      std::make_unique<torch::optim::AdamWParamState>();
+  load_checkpoint(early, ShardedParams{reader.runs, true}, reader.opt.get());
+  EXPECT_TRUE(reader.opt->state().empty());
+}
+
 TEST(Checkpoint, KeepLastDeletesOlderCompleteCheckpoints) {
   TempDir tmp;
   for (int64_t step = 1; step <= 4; ++step)

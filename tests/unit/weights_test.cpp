@@ -284,6 +284,47 @@ TEST(SaveHfWeights, ShardedWithIndex) {
   check_tiny(*WeightReader::open(dir));
 }
 
+// The collective write (FSDP checkpoints): a layout filled by runs, in any order, gives the very
+// bytes save_hf_weights writes.
+TEST(SaveHfWeights, ALayoutFilledRunByRunIsByteIdenticalToTheDirectWrite) {
+  for (uint64_t limit : {uint64_t{5} << 30, uint64_t{1024}}) {
+    TempDir tmp;
+    const std::string direct = tmp.file("direct");
+    save_hf_weights(direct, tiny_tensors(), limit);
+    const std::string collective = tmp.file("collective");
+    fs::create_directory(collective);
+    std::vector<TensorDecl> decls;
+    for (const auto& [name, t] : tiny_tensors())
+      decls.push_back({name, t.scalar_type(), t.sizes().vec()});
+    const auto file_of = create_hf_weights_layout(collective, decls, limit);
+    // Three uneven runs per tensor, written last tensor first, by separate writers.
+    auto tensors = tiny_tensors();
+    for (auto it = tensors.rbegin(); it != tensors.rend(); ++it) {
+      const auto flat = it->second.reshape({-1});
+      const int64_t n = flat.numel();
+      const int64_t cuts[] = {0, n / 3, n / 3 + 1, n};
+      for (int k = 2; k >= 0; --k) {
+        SafetensorsRunWriter writer(collective + "/" + file_of.at(it->first));
+        writer.write(it->first, cuts[k], flat.narrow(0, cuts[k], cuts[k + 1] - cuts[k]));
+        writer.finish();
+      }
+    }
+    size_t files = 0;
+    for (const auto& entry : fs::directory_iterator(direct)) {
+      const std::string name = entry.path().filename().string();
+      EXPECT_EQ(test::read_file(collective + "/" + name), test::read_file(entry.path().string()))
+          << name << " (limit " << limit << ")";
+      ++files;
+    }
+    EXPECT_EQ(files, static_cast<size_t>(std::distance(fs::directory_iterator(collective),
+                                                       fs::directory_iterator())));
+    // A run that does not fit its tensor is refused, naming it.
+    SafetensorsRunWriter writer(collective + "/" + file_of.at("model.norm.weight"));
+    expect_error([&] { writer.write("model.norm.weight", 6, torch::zeros({3})); },
+                 ErrorKind::kInvalidArgument, {"model.norm.weight", "[6, 9)", "8 elements"});
+  }
+}
+
 TEST(SaveHfWeights, RefusesNonEmptyDirUnlessOverwrite) {
   TempDir tmp;
   const std::string dir = tmp.file("export");

@@ -22,7 +22,9 @@
 //                              unit's unsharded gradients
 //   after_backward()           reduce-scatter the root unit's gradients
 // Then clip_grad_norm() over the shards, the optimizer steps the shards, end_step() releases the
-// root. materialize() / release() gather and drop every unit (evaluation, checkpoints).
+// root. Evaluation (no gradients): begin_micro_batch(), then the forward, whose hooks gather one
+// block at a time, then release(). Checkpoints gather nothing: each rank writes and reads its own
+// runs (param_runs()).
 #pragma once
 
 #include <functional>
@@ -32,10 +34,10 @@
 #include <utility>
 #include <vector>
 
-#include <torch/optim/optimizer.h>
 #include <torch/types.h>
 
 #include "aviary/dist/comm.h"
+#include "aviary/dist/param_run.h"
 #include "aviary/nn/checkpoint.h"
 
 namespace aviary::dist {
@@ -66,23 +68,18 @@ class FullyShardedDataParallel : public nn::BlockHooks {
   double clip_grad_norm(double max_norm);
   void end_step();
 
-  // Gather every unit (the whole model is then usable, e.g. for evaluation or saving) / drop them.
-  void materialize();
+  // Drops every gathered unit.
   void release();
-
-  // Checkpoints. With the model materialised: fills `full` (an optimizer over the model's full
-  // parameters, as make_adamw builds it) with the gathered optimizer state of `shards` (the
-  // optimizer over decay_shards / no_decay_shards) ...
-  void gather_optimizer_state(const torch::optim::Optimizer& shards, torch::optim::Optimizer& full);
-  // ... and the reverse: copies the materialised parameters into the shards and `full`'s state
-  // into `shards`.
-  void scatter_state(const torch::optim::Optimizer& full, torch::optim::Optimizer& shards);
 
   // BlockHooks
   void before_forward(nn::DecoderBlockImpl& block) override;
   void after_forward(nn::DecoderBlockImpl& block) override;
   void before_backward(nn::DecoderBlockImpl& block) override;
   void after_backward(nn::DecoderBlockImpl& block) override;
+
+  // Checkpoints without gathering: every parameter, in unit order, with this rank's run of it
+  // inside its shard (numel 0 when the run falls in another rank's shard).
+  std::vector<ParamRun> param_runs() const;
 
   // Bytes of parameters all-gathered and gradients reduce-scattered so far (per rank, payload).
   uint64_t gathered_bytes() const { return gathered_bytes_; }

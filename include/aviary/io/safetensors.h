@@ -51,6 +51,9 @@ class SafetensorsFile {
 
   const std::map<std::string, std::string>& metadata() const;  // "__metadata__"
 
+  // File offset of the data section (8 + the header's size); TensorInfo offsets are relative to it.
+  uint64_t data_start() const;
+
   // Drops the physical pages backing `name` (madvise MADV_DONTNEED on the pages lying entirely
   // inside its byte range) once its data has been copied elsewhere, to keep peak RSS low while
   // loading. Tensors aliasing the range stay valid: the pages are re-read from the file on the next
@@ -71,6 +74,40 @@ class SafetensorsFile {
 void save_safetensors(const std::string& path,
                       const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
                       const std::map<std::string, std::string>& metadata = {});
+
+// A tensor to be laid out in a file before its data exists.
+struct TensorDecl {
+  std::string name;
+  torch::ScalarType dtype = torch::kFloat32;
+  std::vector<int64_t> shape;
+  uint64_t nbytes() const;
+};
+
+// Collective writes, for data spread over several processes (FSDP checkpoints): one process
+// creates the file with its complete header and its full size (data zero, sparse) ...
+void create_safetensors_layout(const std::string& path, const std::vector<TensorDecl>& tensors,
+                               const std::map<std::string, std::string>& metadata = {});
+
+// ... then every process writes the runs it holds. Not atomic by itself: callers write into a
+// temporary directory that is renamed into place once every writer has finished.
+class SafetensorsRunWriter {
+ public:
+  // `path`: a file made by create_safetensors_layout (or any valid safetensors file).
+  explicit SafetensorsRunWriter(const std::string& path);
+  ~SafetensorsRunWriter();
+  SafetensorsRunWriter(const SafetensorsRunWriter&) = delete;
+  SafetensorsRunWriter& operator=(const SafetensorsRunWriter&) = delete;
+
+  // Writes `values` (converted to the tensor's dtype) as elements [offset, offset + numel) of
+  // tensor `name`, flattened row-major. kInvalidArgument when the run does not fit the tensor.
+  void write(const std::string& name, int64_t offset, const torch::Tensor& values);
+  // fsyncs and closes; kIO on failure. The destructor closes without syncing.
+  void finish();
+
+ private:
+  std::shared_ptr<SafetensorsFile> header_;
+  int fd_ = -1;
+};
 
 // The safetensors dtype string ("F32", "BF16", ...) for a torch dtype; throws kUnsupported.
 std::string safetensors_dtype_name(torch::ScalarType dtype);

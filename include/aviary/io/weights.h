@@ -9,12 +9,15 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include <torch/types.h>
+
+#include "aviary/io/safetensors.h"
 
 namespace aviary {
 
@@ -70,5 +73,13 @@ class WeightReader {
 void save_hf_weights(const std::string& dir,
                      const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
                      uint64_t max_shard_bytes = 5ull << 30, bool overwrite = false);
+
+// The same files, laid out for a collective write (FSDP checkpoints): in the existing directory
+// `dir`, creates model.safetensors (or the shards and the index, split as above) with complete
+// headers and zeroed data (create_safetensors_layout), for the processes that hold the tensors'
+// runs to fill with SafetensorsRunWriter. Returns each tensor's file (its name within `dir`).
+std::map<std::string, std::string> create_hf_weights_layout(const std::string& dir,
+                                                            const std::vector<TensorDecl>& tensors,
+                                                            uint64_t max_shard_bytes = 5ull << 30);
 
 }  // namespace aviary

@@ -36,6 +36,7 @@
 #include <torch/optim/optimizer.h>
 
 #include "aviary/core/config.h"
+#include "aviary/dist/param_run.h"
 #include "aviary/train/optimizer.h"
 
 namespace aviary {
@@ -104,6 +105,21 @@ std::string save_checkpoint(const CheckpointConfig& config, int64_t step, const 
                             const torch::optim::Optimizer& optimizer, const TrainerState& state,
                             const CheckpointRanks& ranks = {});
 
+// FSDP: the parameters are spread over the ranks as runs of their flattened elements (see
+// dist/param_run.h), and `optimizer` is an AdamW over the runs' owners (the shards). Each rank
+// writes its runs of the weights and of the AdamW moments in place, into files rank 0 lays out
+// beforehand, so nothing is gathered and each rank writes 1/W of the bytes. The files are the
+// one-process format above (model.safetensors or its shards, optimizer.safetensors + .json), so
+// such a checkpoint loads at any world size and strategy, and exports as it is. Ranks with
+// `writes` unset (replicas of another rank's shards) write nothing. Collective.
+struct ShardedParams {
+  std::vector<dist::ParamRun> runs;  // every parameter, in save order: this rank's run of each
+  bool writes = true;
+};
+std::string save_checkpoint(const CheckpointConfig& config, int64_t step, const Json& run_config,
+                            const ShardedParams& params, const torch::optim::Optimizer& optimizer,
+                            const TrainerState& state, const CheckpointRanks& ranks);
+
 // True when `step_dir` holds a COMPLETE marker that parses.
 bool is_complete_checkpoint(const std::string& step_dir);
 
@@ -137,6 +153,13 @@ struct LoadedCheckpoint {
 //   - if `restore_rng`: the torch CPU (and CUDA, when saved and present) generator states.
 // File sizes are checked against COMPLETE first, so a truncated file is reported as such.
 LoadedCheckpoint load_checkpoint(const std::string& step_dir, const NamedTensors& named_params,
+                                 torch::optim::Optimizer* optimizer, bool restore_rng = true);
+
+// Loads a complete checkpoint (written by any strategy and world size) into this rank's runs:
+// each run's elements of the weights, and, when `optimizer` is given (an AdamW over the runs'
+// owners), the AdamW moments of each owner's runs with their step (an owner none of whose
+// parameters has saved state is left without state). Errors as load_checkpoint's.
+LoadedCheckpoint load_checkpoint(const std::string& step_dir, const ShardedParams& params,
                                  torch::optim::Optimizer* optimizer, bool restore_rng = true);
 
 // Writes an HF model directory from a checkpoint of an Aquila/LLaMA model: config.json (from the
