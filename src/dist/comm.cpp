@@ -64,6 +64,7 @@ class SingleComm : public Comm {
     return done();
   }
   void barrier() override {}
+  std::unique_ptr<Comm> split(int, int) override { return std::make_unique<SingleComm>(); }
   [[noreturn]] void abort(const std::string& why) override {
     std::fprintf(stderr, "[aviary] aborting: %s\n", why.c_str());
     std::fflush(stderr);

@@ -16,16 +16,22 @@ ParallelConfig ParallelConfig::from_section(ConfigReader& r) {
   c.bucket_mb = r.get_double("bucket_mb", 25.0, 0.001);
   c.timeout_s = r.get_double("timeout_s", 600.0, 1.0);
   c.reduce_dtype = r.get_choice("reduce_dtype", {"fp32", "bf16"}, std::string("fp32"));
+  c.param_dtype = r.get_choice("param_dtype", {"fp32", "bf16"}, std::string("fp32"));
+  c.shard_group = static_cast<int>(r.get_int("shard_group", 0, 0));
+  if (c.strategy != "fsdp" && (c.param_dtype != "fp32" || c.shard_group != 0)) {
+    throw_invalid(std::string(c.param_dtype != "fp32" ? "param_dtype" : "shard_group") +
+                      " applies to parallel.strategy fsdp only, not " + c.strategy,
+                  "parallel", "use strategy: fsdp, or drop the key");
+  }
   r.finish();
   return c;
 }
 
 Json ParallelConfig::to_json() const {
-  return Json{{"strategy", strategy},
-              {"backend", backend},
-              {"bucket_mb", bucket_mb},
-              {"timeout_s", timeout_s},
-              {"reduce_dtype", reduce_dtype}};
+  return Json{{"strategy", strategy},         {"backend", backend},
+              {"bucket_mb", bucket_mb},       {"timeout_s", timeout_s},
+              {"reduce_dtype", reduce_dtype}, {"param_dtype", param_dtype},
+              {"shard_group", shard_group}};
 }
 
 // A run of consecutive parameters (in reverse registration order, roughly the order backward

@@ -12,7 +12,8 @@ struct FullyShardedDataParallel::Segment {
   int64_t numel = 0;
   int64_t shard_numel = 0;       // padded numel / world
   torch::Tensor shard;           // this rank's slice: the master weights the optimizer updates
-  torch::Tensor full;            // the gathered segment while the unit is materialised
+  torch::Tensor full;            // the gathered segment (in param_dtype) while the unit is used
+  torch::Tensor gather_input;    // the shard cast to param_dtype, while its all-gather is in flight
   std::shared_ptr<Work> gather;  // in flight
   torch::Tensor reduced;         // reduce-scatter output in flight
   torch::Tensor reduce_input;    // kept alive until the reduce-scatter completes
@@ -42,8 +43,9 @@ torch::Tensor flat_of(const std::vector<torch::Tensor>& parts, int64_t padded) {
 }  // namespace
 
 FullyShardedDataParallel::FullyShardedDataParallel(
-    Comm& comm, std::vector<Unit> units, const std::function<bool(const std::string&)>& no_decay)
-    : comm_(comm) {
+    Comm& comm, std::vector<Unit> units, const std::function<bool(const std::string&)>& no_decay,
+    Options options)
+    : comm_(comm), options_(options) {
   const int world = comm_.world();
   const int rank = comm_.rank();
   torch::NoGradGuard no_grad;
@@ -107,8 +109,13 @@ void FullyShardedDataParallel::gather(size_t u, bool wait) {
   if (!unit.gathered) {
     for (auto& s : unit.segments) {
       if (s.gather) continue;  // prefetched
-      s.full = torch::empty({s.full_numel_}, s.shard.options());
-      s.gather = comm_.all_gather_async(s.full, s.shard);
+      s.full = torch::empty({s.full_numel_}, s.shard.options().dtype(options_.param_dtype));
+      torch::Tensor input = s.shard;
+      if (options_.param_dtype != s.shard.scalar_type()) {
+        torch::NoGradGuard no_grad;
+        input = s.gather_input = s.shard.to(options_.param_dtype);
+      }
+      s.gather = comm_.all_gather_async(s.full, input);
       gathered_bytes_ += static_cast<uint64_t>(s.full.nbytes());
     }
   }
@@ -122,6 +129,7 @@ void FullyShardedDataParallel::wait_gathered(size_t u) {
   for (auto& s : unit.segments) {
     s.gather->wait();
     s.gather.reset();
+    s.gather_input = torch::Tensor();
     for (size_t k = 0; k < s.params.size(); ++k) {
       const size_t i = s.params[k];
       auto& p = unit.unit.params[i].second;
@@ -142,6 +150,7 @@ void FullyShardedDataParallel::release(size_t u) {
       s.gather->wait();
       s.gather.reset();
     }
+    s.gather_input = torch::Tensor();
     s.full = torch::Tensor();
   }
   torch::NoGradGuard no_grad;
@@ -160,14 +169,14 @@ void FullyShardedDataParallel::reduce_gradients(size_t u) {
   torch::NoGradGuard no_grad;
   for (auto& s : unit.segments) {
     if (s.reduce) throw Error(ErrorKind::kInternal, "FSDP: a unit reduced twice in one backward");
-    auto flat = torch::zeros({s.full_numel_}, s.shard.options());
+    auto flat = torch::zeros({s.full_numel_}, s.shard.options().dtype(options_.reduce_dtype));
     for (size_t k = 0; k < s.params.size(); ++k) {
       auto& p = unit.unit.params[s.params[k]].second;
       if (p.grad().defined()) flat.narrow(0, s.offsets[k], p.numel()).copy_(p.grad().reshape({-1}));
       p.mutable_grad() = torch::Tensor();
     }
     s.reduce_input = flat;
-    s.reduced = torch::empty({s.shard_numel}, s.shard.options());
+    s.reduced = torch::empty({s.shard_numel}, flat.options());
     s.reduce = comm_.reduce_scatter_async(s.reduced, flat, ReduceOp::kSum);
     gathered_bytes_ += static_cast<uint64_t>(flat.nbytes());
   }
@@ -210,19 +219,22 @@ void FullyShardedDataParallel::after_backward() {
 }
 
 void FullyShardedDataParallel::finish_reduce(size_t u) {
-  // Average over ranks and accumulate into the shard's gradient (over micro-batches).
-  const double scale = 1.0 / comm_.world();
+  // Sum across replicas (hybrid), average over every rank, and accumulate into the shard's fp32
+  // gradient (over micro-batches).
+  const int replicas = options_.replicas ? options_.replicas->world() : 1;
+  const double scale = 1.0 / (comm_.world() * replicas);
   torch::NoGradGuard no_grad;
   for (auto& s : units_[u]->segments) {
     if (!s.reduce) continue;
     s.reduce->wait();
     s.reduce.reset();
     s.reduce_input = torch::Tensor();
-    s.reduced.mul_(scale);
+    if (replicas > 1) options_.replicas->all_reduce(s.reduced, ReduceOp::kSum);
+    auto reduced = s.reduced.to(s.shard.scalar_type()).mul_(scale);
     if (s.shard.grad().defined()) {
-      s.shard.mutable_grad().add_(s.reduced);
+      s.shard.mutable_grad().add_(reduced);
     } else {
-      s.shard.mutable_grad() = s.reduced;
+      s.shard.mutable_grad() = reduced;
     }
     s.reduced = torch::Tensor();
   }

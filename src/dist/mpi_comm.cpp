@@ -13,6 +13,8 @@
 #include <mpi.h>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -103,7 +105,42 @@ class MpiComm : public Comm {
                         : "start the job with `aviary launch` or mpirun");
     }
   }
-  ~MpiComm() override { stop(); }
+  // A communicator split off `root`'s (see split()): its collectives run on root's thread.
+  MpiComm(MpiComm* root, MPI_Comm comm, int rank, int world)
+      : options_(root->options_),
+        rank_(rank),
+        world_(world),
+        thread_level_(root->thread_level_),
+        bf16_type_(root->bf16_type_),
+        root_(root),
+        mpi_comm_(comm) {
+    std::copy(std::begin(root->bf16_ops_), std::end(root->bf16_ops_), std::begin(bf16_ops_));
+  }
+  ~MpiComm() override {
+    if (root_ != this) {
+      MPI_Comm comm = mpi_comm_;
+      try {
+        submit("comm_free", [comm]() mutable { return MPI_Comm_free(&comm); })->wait();
+      } catch (...) {  // the job is ending anyway
+      }
+      return;
+    }
+    stop();
+  }
+
+  std::unique_ptr<Comm> split(int color, int key) override {
+    MPI_Comm parent = mpi_comm_;
+    auto out = std::make_shared<std::array<int, 2>>();
+    auto child = std::make_shared<MPI_Comm>(MPI_COMM_NULL);
+    submit("split", [parent, color, key, out, child] {
+      int rc = MPI_Comm_split(parent, color, key, child.get());
+      if (rc != MPI_SUCCESS) return rc;
+      MPI_Comm_set_errhandler(*child, MPI_ERRORS_RETURN);
+      MPI_Comm_rank(*child, &(*out)[0]);
+      return MPI_Comm_size(*child, &(*out)[1]);
+    })->wait();
+    return std::unique_ptr<Comm>(new MpiComm(root_, *child, (*out)[0], (*out)[1]));
+  }
 
   int rank() const override { return rank_; }
   int world() const override { return world_; }
@@ -113,9 +150,9 @@ class MpiComm : public Comm {
     auto [type, mop] = types(t, op, "all_reduce");
     const int n = count_of(t, "all_reduce");
     stats_.all_reduce += t.nbytes();
-    return submit("all_reduce", [=] {
-      return MPI_Allreduce(MPI_IN_PLACE, t.data_ptr(), n, type, mop, MPI_COMM_WORLD);
-    });
+    const MPI_Comm comm = mpi_comm_;
+    return submit("all_reduce",
+                  [=] { return MPI_Allreduce(MPI_IN_PLACE, t.data_ptr(), n, type, mop, comm); });
   }
   std::shared_ptr<Work> reduce_async(torch::Tensor t, int root, ReduceOp op) override {
     check_root(root);
@@ -123,9 +160,10 @@ class MpiComm : public Comm {
     const int n = count_of(t, "reduce");
     stats_.reduce += t.nbytes();
     const bool is_root = root == rank_;
+    const MPI_Comm comm = mpi_comm_;
     return submit("reduce", [=] {
       return MPI_Reduce(is_root ? MPI_IN_PLACE : t.data_ptr(), is_root ? t.data_ptr() : nullptr, n,
-                        type, mop, root, MPI_COMM_WORLD);
+                        type, mop, root, comm);
     });
   }
   std::shared_ptr<Work> broadcast_async(torch::Tensor t, int root) override {
@@ -134,8 +172,8 @@ class MpiComm : public Comm {
     (void)mop;
     const int n = count_of(t, "broadcast");
     stats_.broadcast += t.nbytes();
-    return submit("broadcast",
-                  [=] { return MPI_Bcast(t.data_ptr(), n, type, root, MPI_COMM_WORLD); });
+    const MPI_Comm comm = mpi_comm_;
+    return submit("broadcast", [=] { return MPI_Bcast(t.data_ptr(), n, type, root, comm); });
   }
   std::shared_ptr<Work> all_gather_async(torch::Tensor out, torch::Tensor in) override {
     auto [type, mop] = types(in, ReduceOp::kSum, "all_gather");
@@ -146,8 +184,9 @@ class MpiComm : public Comm {
     count_of(out, "all_gather");
     const int n = count_of(in, "all_gather");
     stats_.all_gather += out.nbytes();
+    const MPI_Comm comm = mpi_comm_;
     return submit("all_gather", [=] {
-      return MPI_Allgather(in.data_ptr(), n, type, out.data_ptr(), n, type, MPI_COMM_WORLD);
+      return MPI_Allgather(in.data_ptr(), n, type, out.data_ptr(), n, type, comm);
     });
   }
   std::shared_ptr<Work> reduce_scatter_async(torch::Tensor out, torch::Tensor in,
@@ -159,8 +198,9 @@ class MpiComm : public Comm {
     count_of(in, "reduce_scatter");
     const int n = count_of(out, "reduce_scatter");
     stats_.reduce_scatter += in.nbytes();
+    const MPI_Comm comm = mpi_comm_;
     return submit("reduce_scatter", [=] {
-      return MPI_Reduce_scatter_block(in.data_ptr(), out.data_ptr(), n, type, mop, MPI_COMM_WORLD);
+      return MPI_Reduce_scatter_block(in.data_ptr(), out.data_ptr(), n, type, mop, comm);
     });
   }
   CommStats stats() const override {
@@ -170,7 +210,8 @@ class MpiComm : public Comm {
     return s;
   }
   void barrier() override {
-    submit("barrier", [] { return MPI_Barrier(MPI_COMM_WORLD); })->wait();
+    MPI_Comm comm = mpi_comm_;
+    submit("barrier", [comm] { return MPI_Barrier(comm); })->wait();
   }
   [[noreturn]] void abort(const std::string& why) override {
     std::fprintf(stderr, "[aviary] rank %d aborting the job: %s\n", rank_, why.c_str());
@@ -240,8 +281,9 @@ class MpiComm : public Comm {
     const int rank = rank_;
     std::string name = what;
     {
-      std::lock_guard<std::mutex> lock(mutex_);
-      queue_.emplace_back([this, promise, call = std::move(call), name, rank] {
+      // Every communicator's collectives run on the root's one thread, in issue order.
+      std::lock_guard<std::mutex> lock(root_->mutex_);
+      root_->queue_.emplace_back([this, promise, call = std::move(call), name, rank] {
         const auto start = std::chrono::steady_clock::now();
         const int rc = call();
         busy_ns_ += std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -257,7 +299,7 @@ class MpiComm : public Comm {
       });
     }
     ++stats_.calls;
-    cv_.notify_all();
+    root_->cv_.notify_all();
     return std::make_shared<MpiWork>(std::move(future), name, options_.timeout_s, this);
   }
 
@@ -314,7 +356,9 @@ class MpiComm : public Comm {
   MPI_Op bf16_ops_[3]{};
   std::atomic<int64_t> busy_ns_{0};
   std::atomic<int64_t> wait_ns_{0};
-  std::thread thread_;  // last: it starts in the constructor and reads the members above
+  MpiComm* root_ = this;  // the communicator that owns the thread (MPI_COMM_WORLD's)
+  MPI_Comm mpi_comm_ = MPI_COMM_WORLD;
+  std::thread thread_;  // last: the root's starts in the constructor and reads the members above
 };
 
 void MpiWork::wait() {

@@ -109,8 +109,23 @@ class NcclComm : public Comm {
     stream_ = std::make_unique<c10::cuda::CUDAStream>(c10::cuda::getStreamFromPool(
         /*isHighPriority=*/true, static_cast<c10::DeviceIndex>(device_)));
   }
+  // A communicator split off `parent` (see split()).
+  NcclComm(const NcclComm& parent, ncclComm_t comm)
+      : device_(parent.device_), options_(parent.options_), comm_(comm) {
+    check_nccl(ncclCommUserRank(comm_, &rank_), "ncclCommUserRank");
+    check_nccl(ncclCommCount(comm_, &world_), "ncclCommCount");
+    stream_ = std::make_unique<c10::cuda::CUDAStream>(c10::cuda::getStreamFromPool(
+        /*isHighPriority=*/true, static_cast<c10::DeviceIndex>(device_)));
+  }
   ~NcclComm() override {
     if (comm_) ncclCommDestroy(comm_);
+  }
+
+  std::unique_ptr<Comm> split(int color, int key) override {
+    c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
+    ncclComm_t child = nullptr;
+    check_nccl(ncclCommSplit(comm_, color, key, &child, nullptr), "ncclCommSplit");
+    return std::make_unique<NcclComm>(*this, child);
   }
 
   int rank() const override { return rank_; }
@@ -202,8 +217,8 @@ class NcclComm : public Comm {
     return std::make_shared<NcclWork>(this, std::move(done), what);
   }
 
-  int rank_;
-  int world_;
+  int rank_ = 0;
+  int world_ = 1;
   int device_ = 0;
   CommOptions options_;
   ncclComm_t comm_ = nullptr;

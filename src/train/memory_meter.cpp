@@ -150,9 +150,12 @@ class Step {
         if (name.rfind(prefix, 0) != 0) root.params.emplace_back(name, p);
       }
       units.push_back(std::move(root));
+      dist::FsdpOptions options;
+      options.param_dtype = in.param_dtype == "bf16" ? torch::kBFloat16 : torch::kFloat32;
+      options.reduce_dtype = in.reduce_dtype == "bf16" ? torch::kBFloat16 : torch::kFloat32;
       fsdp_ = std::make_unique<dist::FullyShardedDataParallel>(
           *comm, std::move(units),
-          [this](const std::string& name) { return optim_.is_no_decay(name); });
+          [this](const std::string& name) { return optim_.is_no_decay(name); }, options);
       model_->set_block_hooks(fsdp_.get());
       ParamGroups groups;
       groups.decay = fsdp_->decay_shards();

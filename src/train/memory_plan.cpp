@@ -530,10 +530,16 @@ MemoryPlan plan_memory(const AquilaConfig& config, const MemoryPlanInputs& in) {
     // is gathered: the root unit (embeddings, final norm, lm_head) from begin_micro_batch() to
     // end_step(), and two blocks at a time (the one running and the prefetched neighbour, in
     // forward and in the backward's recompute).
-    const auto f = fsdp_sizes(s, in.world);
-    const int64_t block = kF32 * f.block_padded;
+    // Hybrid sharding shards within groups of shard_group ranks (and replicates across them);
+    // param_dtype is what is gathered, reduce_dtype what gradients travel in.
+    const int64_t shard_world =
+        in.shard_group > 0 && in.shard_group < in.world ? in.shard_group : in.world;
+    const int64_t gathered_bytes = in.param_dtype == "bf16" ? kBF16 : kF32;
+    const int64_t reduce_bytes = in.reduce_dtype == "bf16" ? kBF16 : kF32;
+    const auto f = fsdp_sizes(s, shard_world);
+    const int64_t block = gathered_bytes * f.block_padded;
     const int64_t gathered_blocks = std::min<int64_t>(2, s.layers) * block;
-    plan.weights = kF32 * (f.shard + f.root_padded) + gathered_blocks;
+    plan.weights = kF32 * f.shard + gathered_bytes * f.root_padded + gathered_blocks;
     // reduce_gradients() builds a zero-padded flat copy of a unit's gradients for its
     // reduce-scatter, after completing the previous unit's (whose flat goes then): one flat at a
     // time. The peak is the root unit's turn, last: the blocks' shard gradients, the root unit's
@@ -543,8 +549,9 @@ MemoryPlan plan_memory(const AquilaConfig& config, const MemoryPlanInputs& in) {
     // The blocks' reduce-scatter outputs become their shards' .grad (first micro-batch) or are
     // added to the held ones.
     const int64_t new_block_grads = in.accumulation > 1 ? 0 : s.layers * f.block_shard;
-    plan.gradients =
-        kF32 * (s.root() + f.root_padded + f.root_padded / in.world + new_block_grads) + held;
+    plan.gradients = gathered_bytes * s.root() +
+                     reduce_bytes * (f.root_padded + f.root_padded / shard_world) +
+                     kF32 * new_block_grads + held;
     plan.gradients_after_sync = kF32 * f.shard;
     plan.optimizer = 2 * kF32 * f.shard;
     // Moments of the last micro-batch. Held throughout: the shard gradients of earlier
@@ -556,13 +563,13 @@ MemoryPlan plan_memory(const AquilaConfig& config, const MemoryPlanInputs& in) {
     // gathered) and the last one (one) bound the phase.
     const auto fresh = activation_peaks(s, in, true, /*fresh_block_gradients=*/true);
     const int64_t base = plan.weights + plan.optimizer + held;
-    const int64_t lm_head_grad = kF32 * s.vocab * s.hidden;
+    const int64_t lm_head_grad = gathered_bytes * s.vocab * s.hidden;
     const int64_t first_block = base + lm_head_grad + fresh.blocks;
-    const int64_t last_block = first_block -
-                               (gathered_blocks - std::min<int64_t>(1, s.layers) * block) +
-                               (s.layers > 1 ? kF32 * (f.block_padded + f.block_shard) : 0) +
-                               (s.layers - 1) * (kF32 * (in.accumulation > 1 ? 0 : f.block_shard) -
-                                                 activation_terms(s, in).layer_input);
+    const int64_t last_block =
+        first_block - (gathered_blocks - std::min<int64_t>(1, s.layers) * block) +
+        (s.layers > 1 ? reduce_bytes * (f.block_padded + f.block_shard) : 0) +
+        (s.layers - 1) * (kF32 * (in.accumulation > 1 ? 0 : f.block_shard) -
+                          activation_terms(s, in).layer_input);
     // After backward: no block gathered, every reduction buffer; then clipping squares each
     // shard gradient in fp64 (16 bytes per element of the largest segment slice).
     const int64_t end = plan.weights - gathered_blocks + plan.optimizer + plan.gradients;
@@ -627,6 +634,8 @@ PlanConfig read_plan_config(const Json& config, const std::string& source, int64
       parallel.get_choice("strategy", {"ddp", "zero1", "zero2", "fsdp"}, std::string("ddp"));
   in.bucket_mb = parallel.get_double("bucket_mb", 25.0, 0.001);
   in.reduce_dtype = parallel.get_choice("reduce_dtype", {"fp32", "bf16"}, std::string("fp32"));
+  in.param_dtype = parallel.get_choice("param_dtype", {"fp32", "bf16"}, std::string("fp32"));
+  in.shard_group = parallel.get_int("shard_group", 0, 0);
   auto lora = root.child("lora");
   in.lora =
       LoraTrainingConfig::from_section(lora, config.contains("lora") && !config["lora"].is_null());

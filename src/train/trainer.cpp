@@ -128,7 +128,10 @@ struct Trainer::State {
   // or one process that a launcher (torchrun, srun, mpirun) started with parallel.backend set to
   // nccl or mpi explicitly (a 1-GPU NCCL run exercises the whole distributed path).
   bool distributed = false;
-  std::unique_ptr<dist::Comm> comm;                      // distributed only
+  std::unique_ptr<dist::Comm> comm;  // distributed only
+  // fsdp with parallel.shard_group: this rank's shard group and the ranks holding its shard in
+  // the other groups (declared after `comm`: split from it, destroyed before it).
+  std::unique_ptr<dist::Comm> shard_comm, replica_comm;
   std::unique_ptr<dist::DataParallel> ddp;               // distributed, ddp / zero1 / zero2
   std::unique_ptr<dist::FullyShardedDataParallel> fsdp;  // distributed, fsdp
   bool leader = true;                                    // rank 0: logs, metrics, config.json
@@ -154,6 +157,14 @@ struct Trainer::State {
   void open_data();
   void build_model_and_optimizer();
   void build_fsdp();
+  // Each communicator's world size and statistics so far (the job's, then any split ones).
+  std::vector<std::pair<int, dist::CommStats>> comm_stats() const {
+    std::vector<std::pair<int, dist::CommStats>> out;
+    for (const auto* c : {comm.get(), shard_comm.get(), replica_comm.get()}) {
+      if (c) out.emplace_back(c->world(), c->stats());
+    }
+    return out;
+  }
   void add_lora_to_frozen_base();
   void write_adapter() const;
   void resume();
@@ -384,9 +395,35 @@ void Trainer::State::build_fsdp() {
     if (name.rfind(prefix, 0) != 0) root.params.emplace_back(name, p);
   }
   units.push_back(std::move(root));
+  dist::FullyShardedDataParallel::Options options;
+  options.param_dtype = parallel.param_dtype == "bf16" ? torch::kBFloat16 : torch::kFloat32;
+  options.reduce_dtype = parallel.reduce_dtype == "bf16" ? torch::kBFloat16 : torch::kFloat32;
+  dist::Comm* shard_group = comm.get();
+  const int world = comm->world();
+  const int group = parallel.shard_group;
+  if (group > world || (group > 0 && world % group != 0)) {
+    throw_invalid("parallel.shard_group " + std::to_string(group) +
+                      " does not divide the world size " + std::to_string(world),
+                  where("parallel.shard_group"),
+                  "set it to the ranks per node (a divisor of the world size), or 0 to shard over "
+                  "every rank");
+  }
+  if (group > 0 && group < world) {
+    // Hybrid: shard within groups of `group` consecutive ranks, replicate across the groups.
+    const int rank = comm->rank();
+    shard_comm = comm->split(rank / group, rank);
+    replica_comm = comm->split(rank % group, rank);
+    shard_group = shard_comm.get();
+    options.replicas = replica_comm.get();
+  }
   fsdp = std::make_unique<dist::FullyShardedDataParallel>(
-      *comm, std::move(units), [this](const std::string& name) { return optim.is_no_decay(name); });
+      *shard_group, std::move(units),
+      [this](const std::string& name) { return optim.is_no_decay(name); }, options);
   model->set_block_hooks(fsdp.get());
+  spdlog::info("{}: fsdp shards over {} rank(s){}, gathers in {}, reduces in {}", source,
+               shard_group->world(),
+               replica_comm ? fmt::format(" and replicates {} ways", replica_comm->world()) : "",
+               parallel.param_dtype, parallel.reduce_dtype);
   ParamGroups groups;
   groups.decay = fsdp->decay_shards();
   groups.no_decay = fsdp->no_decay_shards();
@@ -540,6 +577,7 @@ std::string Trainer::State::save(double lr) {
     // Each rank writes its runs in place, into the one-process file layout: nothing is gathered.
     ShardedParams sharded;
     sharded.runs = fsdp->param_runs();
+    sharded.writes = !replica_comm || replica_comm->rank() == 0;  // one replica of each shard
     return save_checkpoint(checkpoint, state.step, resolved, sharded, *optimizer, state, ranks);
   }
   return save_checkpoint(checkpoint, state.step, resolved, named_params, *optimizer, state, ranks);
@@ -658,7 +696,7 @@ TrainResult Trainer::run() {
 
   while (s.state.step < s.train.steps && stop_signal == 0) {
     const auto step_start = Clock::now();
-    const dist::CommStats comm_before = s.comm ? s.comm->stats() : dist::CommStats{};
+    const auto comm_before = s.comm_stats();
     lr = s.schedule->lr(s.state.step);
     set_learning_rate(*s.optimizer, lr);
     // Every parameter, not just the optimizer's: with zero1 a rank's optimizer holds only its
@@ -732,9 +770,16 @@ TrainResult Trainer::run() {
     m.elapsed_s = seconds_since(run_start);
     m.skipped = !finite;
     if (s.comm) {
-      const auto used = s.comm->stats() - comm_before;
-      m.comm_mb = used.wire_bytes(s.comm->world()) / 1e6;
-      if (used.busy_s > 0) m.comm_overlap = std::max(0.0, 1.0 - used.wait_s / used.busy_s);
+      const auto comm_after = s.comm_stats();
+      double wire = 0, busy = 0, wait = 0;
+      for (size_t i = 0; i < comm_after.size(); ++i) {
+        const auto used = comm_after[i].second - comm_before[i].second;
+        wire += used.wire_bytes(comm_after[i].first);
+        busy += used.busy_s;
+        wait += used.wait_s;
+      }
+      m.comm_mb = wire / 1e6;
+      if (busy > 0) m.comm_overlap = std::max(0.0, 1.0 - wait / busy);
     }
 
     if (finite) {

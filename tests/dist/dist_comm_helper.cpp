@@ -68,6 +68,29 @@ int main() {
   expect(comm->broadcast_string(r == 0 ? "from rank zero" : "", 0) == "from rank zero",
          "broadcast_string");
   expect(comm->all_reduce_scalar(r, ReduceOp::kMin) == 0, "all_reduce_scalar min");
+  // Split (hybrid sharding's groups): consecutive pairs, and ranks of the same parity, with
+  // collectives on the sub-communicators interleaved with the parent's.
+  if (w % 2 == 0) {
+    auto pairs = comm->split(r / 2, r);
+    auto parity = comm->split(r % 2, -r);  // ranked in reverse
+    expect(pairs->world() == 2 && pairs->rank() == r % 2, "split into pairs");
+    expect(parity->world() == w / 2 && parity->rank() == (w / 2 - 1) - r / 2, "split by parity");
+    auto p = torch::full({4}, static_cast<float>(r + 1));
+    auto pw = pairs->all_reduce_async(p, ReduceOp::kSum);
+    auto whole = torch::full({2}, 1.0f);
+    comm->all_reduce(whole, ReduceOp::kSum);
+    pw->wait();
+    expect(torch::all(p == static_cast<float>(2 * (r / 2) * 2 + 3)).item<bool>(),
+           "all_reduce within a pair");
+    expect(torch::all(whole == static_cast<float>(w)).item<bool>(), "all_reduce between splits");
+    auto g = torch::full({1}, static_cast<double>(r), torch::kFloat64);
+    auto gathered = torch::empty({w / 2}, torch::kFloat64);
+    parity->all_gather(gathered, g);
+    // Reverse rank order: the highest rank of this parity first.
+    auto want = torch::arange(w / 2, torch::kFloat64).flip(0) * 2 + (r % 2);
+    expect(torch::equal(gathered, want), "all_gather by parity");
+    parity->barrier();
+  }
   comm->barrier();
   const auto& s = comm->stats();
   expect(s.calls > 20 && s.all_reduce > 0 && s.all_gather == 3 * w * 8u, "stats");

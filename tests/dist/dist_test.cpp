@@ -226,6 +226,99 @@ TEST(DistTrain, DdpZero1Zero2FsdpAtWorldSizes2And4TrainLikeOneProcess) {
   }
 }
 
+// Hybrid sharding: fsdp over 4 ranks as 2 shard groups of 2 (2 "nodes"), gradients summed across
+// the groups; it trains like one process, and its checkpoint (written by one replica of each
+// shard) resumes as plain fsdp x2.
+TEST(DistTrain, HybridFsdpTrainsLikeOneProcessAndItsCheckpointResumesAsFsdp) {
+  constexpr int64_t kSteps = 8;
+  TempDir single, dir;
+  Json base = dist_config(single.path(), kSteps);
+  base["train"]["eval_every"] = 4;
+  ASSERT_EQ(train(0, write_config(single, "c.json", base), "ddp", single.file("log.txt")).wait(),
+            0);
+  Json c = dist_config(dir.path(), kSteps);
+  c["train"]["eval_every"] = 4;
+  c["checkpoint"]["every"] = 4;
+  c["parallel"] = {{"shard_group", 2}};
+  const auto config = write_config(dir, "c.json", c);
+  // (At log level info, to see how the trainer laid the ranks out.)
+  EXPECT_NE(spawn({AVIARY_CLI_PATH, "launch", "-n", "4", "--log-dir", dir.file("launch-logs"), "--",
+                   AVIARY_CLI_PATH, "train", "-c", config, "--set", "parallel.strategy=fsdp"},
+                  dir.file("hybrid.txt"), {"AVIARY_TEST_CRASH_AT=before_rename@8"})
+                .wait(),
+            0);
+  EXPECT_NE(test::read_file(dir.file("hybrid.txt"))
+                .find("fsdp shards over 2 rank(s) and replicates 2 ways"),
+            std::string::npos)
+      << test::read_file(dir.file("hybrid.txt"));
+  ASSERT_EQ(test::read_file(dir.path() + "/checkpoints/latest"), "step-000004\n");
+  ASSERT_EQ(
+      train(2, config, "fsdp", dir.file("log.txt"), {}, {"--set", "parallel.shard_group=0"}).wait(),
+      0)
+      << test::read_file(dir.file("log.txt"));
+  expect_same_losses(losses(single.path()), losses(dir.path()), "hybrid fsdp 2x2 -> fsdp x2");
+  expect_same_losses(losses(single.path(), "eval"), losses(dir.path(), "eval"),
+                     "hybrid fsdp validation");
+  EXPECT_LE(max_weight_difference(single.path() + "/checkpoints/step-000008",
+                                  dir.path() + "/checkpoints/step-000008"),
+            5e-5);
+  // A shard group that does not divide the world is refused, naming the key.
+  EXPECT_NE(
+      train(4, config, "fsdp", dir.file("bad.txt"), {}, {"--set", "parallel.shard_group=3"}).wait(),
+      0);
+  EXPECT_NE(test::read_file(dir.file("bad.txt")).find("parallel.shard_group 3 does not divide"),
+            std::string::npos)
+      << test::read_file(dir.file("bad.txt"));
+}
+
+double mean_comm_mb(const std::string& run_dir) {
+  std::istringstream in(test::read_file(run_dir + "/metrics.jsonl"));
+  std::string line;
+  double sum = 0;
+  int n = 0;
+  while (std::getline(in, line)) {
+    Json j = Json::parse(line);
+    if (j["type"] == "train" && j["comm_mb"].is_number()) {
+      sum += j["comm_mb"].get<double>();
+      ++n;
+    }
+  }
+  return n ? sum / n : 0;
+}
+
+// bf16 communication: blocks gathered in bf16 (they then compute in bf16) and gradients
+// reduce-scattered in bf16, with fp32 master weights in the shards. Half the bytes on the wire;
+// the losses stay near the fp32-communication run's.
+TEST(DistTrain, FsdpGathersAndReducesInBf16ForHalfTheTraffic) {
+  constexpr int64_t kSteps = 6;
+  TempDir fp32, bf16;
+  Json a = dist_config(fp32.path(), kSteps);
+  a["train"]["precision"] = "bf16";
+  Json b = dist_config(bf16.path(), kSteps);
+  b["train"]["precision"] = "bf16";
+  b["parallel"] = {{"param_dtype", "bf16"}, {"reduce_dtype", "bf16"}};
+  ASSERT_EQ(train(2, write_config(fp32, "c.json", a), "fsdp", fp32.file("log.txt")).wait(), 0)
+      << test::read_file(fp32.file("log.txt"));
+  ASSERT_EQ(train(2, write_config(bf16, "c.json", b), "fsdp", bf16.file("log.txt")).wait(), 0)
+      << test::read_file(bf16.file("log.txt"));
+  const auto want = losses(fp32.path());
+  const auto got = losses(bf16.path());
+  ASSERT_EQ(got.size(), want.size());
+  double worst = 0;
+  for (size_t i = 0; i < got.size(); ++i)
+    worst = std::max(worst, std::abs(got[i] - want[i]) / std::abs(want[i]));
+  std::printf("bf16 vs fp32 communication: max relative loss difference %.3g\n", worst);
+  EXPECT_LT(worst, 2e-2);
+  EXPECT_GT(worst, 0.0);  // the bf16 path really ran
+  const double ratio = mean_comm_mb(bf16.path()) / mean_comm_mb(fp32.path());
+  std::printf("bf16 / fp32 bytes on the wire per step: %.3f\n", ratio);
+  EXPECT_GT(ratio, 0.45);
+  EXPECT_LT(ratio, 0.55);
+  // The checkpoint's weights are the fp32 master weights.
+  auto file = SafetensorsFile::open(bf16.path() + "/checkpoints/step-000006/model.safetensors");
+  EXPECT_EQ(file->info("model.norm.weight").dtype, torch::kFloat32);
+}
+
 // Instruction data whose conversations differ in length, so micro-batches and ranks hold different
 // numbers of loss targets: the loss must still weigh every target of the global batch the same.
 TEST(DistTrain, LoraOnInstructionDataTrainsLikeOneProcess) {

@@ -218,6 +218,9 @@ class SimulatedRank : public dist::Comm {
     return done();
   }
   void barrier() override {}
+  std::unique_ptr<dist::Comm> split(int, int) override {
+    throw std::runtime_error("SimulatedRank cannot split");
+  }
   [[noreturn]] void abort(const std::string& why) override { throw std::runtime_error(why); }
 
  private:
@@ -358,11 +361,13 @@ TEST(MemoryPlanSharded, SimulatedRanksMatchThePlan) {
     const char* precision;
     bool checkpointing;
     const char* reduce_dtype;
+    const char* fsdp_param_dtype;
   };
-  // Activation-heavy in fp32 without checkpointing; weight-heavy in bf16 with checkpointing and
-  // bf16 gradient buckets.
-  const std::vector<Sharded> cases = {{tiny(64, 176, 4, 2, 512), 4, 64, "fp32", false, "fp32"},
-                                      {tiny(128, 352, 4, 4, 1000), 1, 32, "bf16", true, "bf16"}};
+  // Activation-heavy in fp32 without checkpointing; weight-heavy in bf16 with checkpointing, bf16
+  // gradient buckets, and fsdp gathering in bf16.
+  const std::vector<Sharded> cases = {
+      {tiny(64, 176, 4, 2, 512), 4, 64, "fp32", false, "fp32", "fp32"},
+      {tiny(128, 352, 4, 4, 1000), 1, 32, "bf16", true, "bf16", "bf16"}};
   for (const auto& c : cases) {
     for (const char* strategy : {"ddp", "zero1", "zero2", "fsdp"}) {
       MemoryPlanInputs in;
@@ -373,6 +378,7 @@ TEST(MemoryPlanSharded, SimulatedRanksMatchThePlan) {
       in.precision = c.precision;
       in.activation_checkpointing = c.checkpointing;
       in.reduce_dtype = c.reduce_dtype;
+      if (std::string(strategy) == "fsdp") in.param_dtype = c.fsdp_param_dtype;
       in.accumulation = 2;
       const auto plan = plan_memory(c.config, in);
       MeasuredMemory busiest;

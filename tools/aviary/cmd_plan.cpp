@@ -196,6 +196,10 @@ void run(const PlanArgs& a) {
   } else {
     for (const auto& p : plans) {
       std::string title = p.strategy + " x " + std::to_string(a.nproc);
+      if (p.strategy == "fsdp" && in.shard_group > 0 && in.shard_group < a.nproc) {
+        title += ", sharded within groups of " + std::to_string(in.shard_group) + " (hybrid)";
+      }
+      if (p.strategy == "fsdp" && in.param_dtype == "bf16") title += ", gathered in bf16";
       if (p.strategy == in.strategy) title += " (the config's strategy)";
       print_table(p, true, in, title);
     }

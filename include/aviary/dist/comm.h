@@ -81,6 +81,10 @@ class Comm {
   virtual std::shared_ptr<Work> reduce_scatter_async(torch::Tensor output, torch::Tensor input,
                                                      ReduceOp op) = 0;
   virtual void barrier() = 0;
+  // A communicator over the ranks that pass the same `color`, ranked by `key` (MPI_Comm_split,
+  // ncclCommSplit). Every rank of this one calls it, in the same order with respect to other
+  // collectives. The result must be destroyed before this communicator.
+  virtual std::unique_ptr<Comm> split(int color, int key) = 0;
   // Ends every process of the job with exit code 1 after printing `why`.
   [[noreturn]] virtual void abort(const std::string& why) = 0;
 

@@ -7,6 +7,11 @@
 //                          # last of its gradients is accumulated, during backward
 //     timeout_s: 600       # a collective that takes longer aborts the job (a rank died or hung)
 //     reduce_dtype: fp32   # fp32 | bf16: the dtype gradients travel and are summed in
+//     param_dtype: fp32    # fsdp: fp32 | bf16, the dtype blocks are all-gathered and compute
+//                          # in (the shards, AdamW's master weights, stay fp32)
+//     shard_group: 0       # fsdp: 0 shards over every rank; N (dividing the world) shards
+//                          # within groups of N consecutive ranks (a node's GPUs) and
+//                          # replicates across the groups (hybrid sharding)
 //
 // Every rank holds the whole model. What differs by strategy:
 //   ddp    gradients are all-reduced (averaged); every rank runs the optimizer on every parameter.
@@ -39,6 +44,8 @@ struct ParallelConfig {
   double bucket_mb = 25;
   double timeout_s = 600;
   std::string reduce_dtype = "fp32";
+  std::string param_dtype = "fp32";  // fsdp only
+  int shard_group = 0;               // fsdp only; 0 = every rank
 
   static ParallelConfig from_section(ConfigReader& section);  // calls finish()
   Json to_json() const;

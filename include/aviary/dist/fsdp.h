@@ -42,6 +42,18 @@
 
 namespace aviary::dist {
 
+struct FsdpOptions {
+  // The dtype units are all-gathered in, and so the dtype the model's parameters (and so its
+  // blocks' compute) have while gathered. The shards stay fp32.
+  torch::ScalarType param_dtype = torch::kFloat32;
+  // The dtype gradients are reduce-scattered (and all-reduced across replicas) in.
+  torch::ScalarType reduce_dtype = torch::kFloat32;
+  // Hybrid sharding: `comm` is then this rank's shard group, and `replicas` connects the ranks
+  // holding the same shard in the other groups; their gradients are summed over it after the
+  // reduce-scatter. nullptr: the shard group is the whole job.
+  Comm* replicas = nullptr;
+};
+
 class FullyShardedDataParallel : public nn::BlockHooks {
  public:
   using NamedParams = std::vector<std::pair<std::string, torch::Tensor>>;
@@ -52,11 +64,14 @@ class FullyShardedDataParallel : public nn::BlockHooks {
     nn::DecoderBlockImpl* block = nullptr;  // nullptr for the root
   };
 
+  using Options = FsdpOptions;
+
   // `units` must cover every trainable parameter once; their current values (identical on every
   // rank) become the shards. `no_decay(name)` puts a parameter in the no-decay segment.
   // Afterwards every unit is released.
   FullyShardedDataParallel(Comm& comm, std::vector<Unit> units,
-                           const std::function<bool(const std::string&)>& no_decay);
+                           const std::function<bool(const std::string&)>& no_decay,
+                           Options options = {});
   ~FullyShardedDataParallel() override;
 
   // The tensors the optimizer updates: this rank's shards, grouped like make_adamw's groups.
@@ -95,6 +110,7 @@ class FullyShardedDataParallel : public nn::BlockHooks {
   size_t unit_of(nn::DecoderBlockImpl& block) const;
 
   Comm& comm_;
+  Options options_;
   std::vector<std::unique_ptr<UnitState>> units_;
   std::unordered_map<const nn::DecoderBlockImpl*, size_t> by_block_;
   NamedParams decay_shards_;

@@ -61,6 +61,8 @@ struct MemoryPlanInputs {
   bool document_mask = false;             // data.document_mask: a [B, 1, L, L] mask per layer
   double bucket_mb = 25;                  // parallel.bucket_mb
   std::string reduce_dtype = "fp32";      // parallel.reduce_dtype: fp32 | bf16
+  std::string param_dtype = "fp32";       // parallel.param_dtype (fsdp): the gathered dtype
+  int64_t shard_group = 0;                // parallel.shard_group (fsdp): 0 = shard over world
   LoraTrainingConfig lora;                // the lora section (enabled = false: full training)
 };
 
