@@ -441,9 +441,13 @@ void SafetensorsFile::release(const std::string& name) const {
   ::madvise(impl_->map->addr + lo, hi - lo, MADV_DONTNEED);
 }
 
-void save_safetensors(const std::string& path,
-                      const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
-                      const std::map<std::string, std::string>& metadata) {
+namespace {
+
+// The bytes before the data section of a file holding `tensors` in order: the 8-byte size and the
+// JSON header, padded with spaces so that the data section starts 8-byte aligned. Sets
+// `data_bytes` to the data section's size.
+std::string file_head(const std::string& path, const std::vector<TensorDecl>& tensors,
+                      const std::map<std::string, std::string>& metadata, uint64_t& data_bytes) {
   nlohmann::ordered_json header = nlohmann::ordered_json::object();
   if (!metadata.empty()) {
     auto& md = header["__metadata__"];
@@ -453,25 +457,42 @@ void save_safetensors(const std::string& path,
   }
   std::unordered_set<std::string> names;
   uint64_t offset = 0;
-  for (const auto& [name, t] : tensors) {
-    const std::string ctx = tensor_context(path, name);
-    if (name.empty()) throw_invalid("empty tensor name", path);
-    if (name == "__metadata__") throw_invalid("'__metadata__' is reserved", path);
-    if (!names.insert(name).second) throw_invalid("duplicate tensor name", ctx);
-    if (!t.defined()) throw_invalid("tensor is undefined", ctx);
+  for (const auto& t : tensors) {
+    const std::string ctx = tensor_context(path, t.name);
+    if (t.name.empty()) throw_invalid("empty tensor name", path);
+    if (t.name == "__metadata__") throw_invalid("'__metadata__' is reserved", path);
+    if (!names.insert(t.name).second) throw_invalid("duplicate tensor name", ctx);
     std::string dname;
     try {
-      dname = safetensors_dtype_name(t.scalar_type());
+      dname = safetensors_dtype_name(t.dtype);
     } catch (const Error& e) {
       throw e.with_outer_context(ctx);
     }
-    const uint64_t nbytes = static_cast<uint64_t>(t.numel()) * t.element_size();
-    header[name] = {
-        {"dtype", dname}, {"shape", t.sizes().vec()}, {"data_offsets", {offset, offset + nbytes}}};
-    offset += nbytes;
+    header[t.name] = {
+        {"dtype", dname}, {"shape", t.shape}, {"data_offsets", {offset, offset + t.nbytes()}}};
+    offset += t.nbytes();
   }
   std::string text = header.dump();
-  text.append((8 - (text.size() % 8)) % 8, ' ');  // data section starts 8-byte aligned
+  text.append((8 - (text.size() % 8)) % 8, ' ');
+  std::string head(8, '\0');
+  for (int i = 0; i < 8; ++i)
+    head[static_cast<size_t>(i)] = static_cast<char>(static_cast<uint64_t>(text.size()) >> (8 * i));
+  data_bytes = offset;
+  return head + text;
+}
+
+}  // namespace
+
+void save_safetensors(const std::string& path,
+                      const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
+                      const std::map<std::string, std::string>& metadata) {
+  std::vector<TensorDecl> decls;
+  for (const auto& [name, t] : tensors) {
+    if (!t.defined()) throw_invalid("tensor is undefined", tensor_context(path, name));
+    decls.push_back({name, t.scalar_type(), t.sizes().vec()});
+  }
+  uint64_t data_bytes = 0;
+  const std::string head = file_head(path, decls, metadata, data_bytes);
 
   write_file_atomic(path, [&](std::FILE* f) {
     auto put = [&](const void* p, size_t n) {
@@ -480,12 +501,7 @@ void save_safetensors(const std::string& path,
         throw_io("write failed: " + errno_text(err), path, "check free disk space");
       }
     };
-    uint8_t prefix[8];
-    uint64_t n = text.size();
-    for (int i = 0; i < 8; ++i)
-      prefix[i] = static_cast<uint8_t>(n >> (8 * i));
-    put(prefix, 8);
-    put(text.data(), text.size());
+    put(head.data(), head.size());
     for (const auto& [name, t] : tensors) {
       // One contiguous CPU copy at a time (none for CPU tensors that are already contiguous).
       torch::Tensor c = t.detach().to(torch::kCPU).resolve_conj().resolve_neg().contiguous();
@@ -503,43 +519,15 @@ uint64_t TensorDecl::nbytes() const {
 
 void create_safetensors_layout(const std::string& path, const std::vector<TensorDecl>& tensors,
                                const std::map<std::string, std::string>& metadata) {
-  nlohmann::ordered_json header = nlohmann::ordered_json::object();
-  if (!metadata.empty()) {
-    auto& md = header["__metadata__"];
-    md = nlohmann::ordered_json::object();
-    for (const auto& [k, v] : metadata)
-      md[k] = v;
-  }
-  std::unordered_set<std::string> names;
-  uint64_t offset = 0;
-  for (const auto& t : tensors) {
-    const std::string ctx = tensor_context(path, t.name);
-    if (t.name.empty() || t.name == "__metadata__") throw_invalid("bad tensor name", ctx);
-    if (!names.insert(t.name).second) throw_invalid("duplicate tensor name", ctx);
-    std::string dname;
-    try {
-      dname = safetensors_dtype_name(t.dtype);
-    } catch (const Error& e) {
-      throw e.with_outer_context(ctx);
-    }
-    header[t.name] = {
-        {"dtype", dname}, {"shape", t.shape}, {"data_offsets", {offset, offset + t.nbytes()}}};
-    offset += t.nbytes();
-  }
-  std::string text = header.dump();
-  text.append((8 - (text.size() % 8)) % 8, ' ');
+  uint64_t data_bytes = 0;
+  const std::string head = file_head(path, tensors, metadata, data_bytes);
   const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) {
     int err = errno;
     throw_io("cannot create: " + errno_text(err), path, "check that the directory is writable");
   }
-  std::string prefix(8, '\0');
-  for (int i = 0; i < 8; ++i)
-    prefix[static_cast<size_t>(i)] =
-        static_cast<char>(static_cast<uint64_t>(text.size()) >> (8 * i));
-  const std::string head = prefix + text;
   bool ok = ::pwrite(fd, head.data(), head.size(), 0) == static_cast<ssize_t>(head.size()) &&
-            ::ftruncate(fd, static_cast<off_t>(head.size() + offset)) == 0 && ::fsync(fd) == 0;
+            ::ftruncate(fd, static_cast<off_t>(head.size() + data_bytes)) == 0 && ::fsync(fd) == 0;
   const int err = errno;
   ::close(fd);
   if (!ok) throw_io("cannot write the header: " + errno_text(err), path, "check free disk space");

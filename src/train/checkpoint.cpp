@@ -815,8 +815,11 @@ std::optional<std::string> resolve_resume(const std::string& resume, const std::
   return latest;
 }
 
-LoadedCheckpoint load_checkpoint(const std::string& step_dir, const NamedTensors& named_params,
-                                 torch::optim::Optimizer* optimizer, bool restore_rng_state) {
+namespace {
+
+// Checks a checkpoint is complete and intact (COMPLETE, file sizes) and reads its config and
+// trainer state.
+LoadedCheckpoint open_checkpoint(const std::string& step_dir) {
   const std::string marker = (fs::path(step_dir) / kComplete).string();
   if (!fs::exists(marker)) {
     throw_corruption("checkpoint is incomplete (no COMPLETE marker)", step_dir,
@@ -828,6 +831,14 @@ LoadedCheckpoint load_checkpoint(const std::string& step_dir, const NamedTensors
   out.config = read_checkpoint_config(step_dir);
   const std::string state_path = (fs::path(step_dir) / kTrainerState).string();
   out.state = TrainerState::from_json(read_json(state_path), state_path);
+  return out;
+}
+
+}  // namespace
+
+LoadedCheckpoint load_checkpoint(const std::string& step_dir, const NamedTensors& named_params,
+                                 torch::optim::Optimizer* optimizer, bool restore_rng_state) {
+  LoadedCheckpoint out = open_checkpoint(step_dir);
   load_model_tensors(step_dir, named_params);
   if (optimizer) load_optimizer(step_dir, named_params, *optimizer);
   if (restore_rng_state) restore_rng(step_dir);
@@ -836,17 +847,7 @@ LoadedCheckpoint load_checkpoint(const std::string& step_dir, const NamedTensors
 
 LoadedCheckpoint load_checkpoint(const std::string& step_dir, const ShardedParams& params,
                                  torch::optim::Optimizer* optimizer, bool restore_rng_state) {
-  const std::string marker = (fs::path(step_dir) / kComplete).string();
-  if (!fs::exists(marker)) {
-    throw_corruption("checkpoint is incomplete (no COMPLETE marker)", step_dir,
-                     "resume from an older checkpoint, or use resume: auto");
-  }
-  verify_file_sizes(step_dir, read_json(marker));
-  LoadedCheckpoint out;
-  out.path = step_dir;
-  out.config = read_checkpoint_config(step_dir);
-  const std::string state_path = (fs::path(step_dir) / kTrainerState).string();
-  out.state = TrainerState::from_json(read_json(state_path), state_path);
+  LoadedCheckpoint out = open_checkpoint(step_dir);
 
   // The weights: every parameter present with its shape, nothing extra; then this rank's runs.
   auto reader = WeightReader::open(step_dir);
