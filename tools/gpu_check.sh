@@ -17,7 +17,8 @@
 #   gpu_tests  the gpu label's tests (kernels vs their CPU references)
 #   op_tests   the ops on CUDA (aviary_unit_tests, *Cuda* filters of each kernel family)
 #   nccl_step  a data-parallel step over the NCCL engine on 1 GPU (DistNcclCuda.*), then
-#              `aviary train` started as torchrun would (RANK=0 WORLD_SIZE=1, backend nccl)
+#              `aviary train` under `aviary launch --spawn direct` (torchrun-style, backend
+#              nccl): 3 steps of ddp, then of fsdp gathering and reducing in bf16
 #   sanitizer  compute-sanitizer memcheck + racecheck on each family's small-shape gpu tests
 #   bench      aviary bench kernels --json (ceilings, each op vs PyTorch)
 #   train      a short bf16 training run of the quickstart-size model, ops.impl torch vs aviary
@@ -191,24 +192,36 @@ stage_op_tests() {
 
 stage_nccl_step() {
   unit_filter nccl_step 'DistNcclCuda.*' || return 1
-  # And the trainer itself: `aviary train` as torchrun would start a 1-GPU job, with
-  # parallel.backend nccl, so that it opens the NCCL engine and wraps the model in DDP.
-  local run="$WORK/train-nccl"
+  # And the trainer itself, started by `aviary launch` torchrun-style on 1 GPU with
+  # parallel.backend nccl, so that it opens the NCCL engine and wraps the model: DDP, then FSDP
+  # gathering in bf16 (its sharded checkpoint is written at the end).
+  local run="$WORK/train-nccl" strategy extra status=0
   rm -rf "$run" && mkdir -p "$run"
-  cat >"$run/config.yaml" <<EOF
+  for strategy in ddp fsdp; do
+    extra=""
+    [[ $strategy == fsdp ]] && extra=", param_dtype: bf16, reduce_dtype: bf16"
+    mkdir -p "$run/$strategy"
+    cat >"$run/$strategy/config.yaml" <<EOF
 model: {arch: aquila, hidden_size: 192, intermediate_size: 512, num_hidden_layers: 6,
         num_attention_heads: 6, num_key_value_heads: 2, vocab_size: 1008,
         max_position_embeddings: 512, rms_norm_eps: 1.0e-5, init_std: 0.02}
 data: {datasets: [$ROOT/tests/fixtures/train-parity/data], seq_len: 256}
 train: {steps: 3, global_batch: 8, micro_batch: 8, precision: bf16, device: cuda, seed: 1234}
 optim: {lr: 2.0e-3, grad_clip: 1.0}
-parallel: {strategy: ddp, backend: nccl}
-checkpoint: {dir: $run/checkpoints, every: 0}
-log: {dir: $run, every: 1, tensorboard: false, progress: none}
+parallel: {strategy: $strategy, backend: nccl$extra}
+checkpoint: {dir: $run/$strategy/checkpoints, every: 0}
+log: {dir: $run/$strategy, every: 1, tensorboard: false, progress: none}
 EOF
-  RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 LOCAL_WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT=29533 \
-    "$BUILD/aviary" train -c "$run/config.yaml" 2>&1 | tee "$run/train.log" | tail -n 8
-  [[ ${PIPESTATUS[0]} -eq 0 ]] && grep -q 'over nccl' "$run/train.log"
+    "$BUILD/aviary" launch --spawn direct --nproc-per-node 1 --master-port 29533 \
+      --log-dir "$run/$strategy/logs" -- "$BUILD/aviary" train -c "$run/$strategy/config.yaml" \
+      2>&1 | tee "$run/$strategy/train.log" | tail -n 8
+    if [[ ${PIPESTATUS[0]} -ne 0 ]] || ! grep -q 'over nccl' "$run/$strategy/train.log" ||
+      [[ ! -f "$run/$strategy/checkpoints/step-000003/COMPLETE" ]]; then
+      echo "nccl_step: $strategy failed"
+      status=1
+    fi
+  done
+  return $status
 }
 
 find_sanitizer() {
