@@ -125,6 +125,7 @@ class AgentStore {
     const std::string mine = std::to_string(o.nproc_per_node);
     store_->set("aviary/launch/node/" + std::to_string(o.node_rank), bytes_of(mine));
     std::vector<std::string> keys;
+    keys.reserve(static_cast<size_t>(o.nnodes));
     for (int n = 0; n < o.nnodes; ++n)
       keys.push_back("aviary/launch/node/" + std::to_string(n));
     try {
@@ -137,10 +138,10 @@ class AgentStore {
     for (int n = 0; n < o.nnodes; ++n) {
       const std::string theirs = string_of(store_->get(keys[static_cast<size_t>(n)]));
       if (theirs != mine) {
-        throw_invalid("node " + std::to_string(n) + " runs " + theirs +
-                          " workers but this node (node " + std::to_string(o.node_rank) +
-                          ") runs " + mine,
-                      "--nproc-per-node", "give every node the same --nproc-per-node");
+        std::string message = "node " + std::to_string(n);
+        message += " runs " + theirs + " workers but this node (node ";
+        message += std::to_string(o.node_rank) + ") runs " + mine;
+        throw_invalid(message, "--nproc-per-node", "give every node the same --nproc-per-node");
       }
     }
   }

@@ -147,7 +147,10 @@ class MpiComm : public Comm {
   const char* backend() const override { return "mpi"; }
 
   std::shared_ptr<Work> all_reduce_async(torch::Tensor t, ReduceOp op) override {
-    auto [type, mop] = types(t, op, "all_reduce");
+    // Named variables, not a structured binding: lambdas may not capture those in C++17.
+    const auto kinds = types(t, op, "all_reduce");
+    const MPI_Datatype type = kinds.first;
+    const MPI_Op mop = kinds.second;
     const int n = count_of(t, "all_reduce");
     stats_.all_reduce += t.nbytes();
     const MPI_Comm comm = mpi_comm_;
@@ -156,7 +159,9 @@ class MpiComm : public Comm {
   }
   std::shared_ptr<Work> reduce_async(torch::Tensor t, int root, ReduceOp op) override {
     check_root(root);
-    auto [type, mop] = types(t, op, "reduce");
+    const auto kinds = types(t, op, "reduce");
+    const MPI_Datatype type = kinds.first;
+    const MPI_Op mop = kinds.second;
     const int n = count_of(t, "reduce");
     stats_.reduce += t.nbytes();
     const bool is_root = root == rank_;
@@ -168,7 +173,9 @@ class MpiComm : public Comm {
   }
   std::shared_ptr<Work> broadcast_async(torch::Tensor t, int root) override {
     check_root(root);
-    auto [type, mop] = types(t, ReduceOp::kSum, "broadcast");
+    const auto kinds = types(t, ReduceOp::kSum, "broadcast");
+    const MPI_Datatype type = kinds.first;
+    const MPI_Op mop = kinds.second;
     (void)mop;
     const int n = count_of(t, "broadcast");
     stats_.broadcast += t.nbytes();
@@ -176,7 +183,9 @@ class MpiComm : public Comm {
     return submit("broadcast", [=] { return MPI_Bcast(t.data_ptr(), n, type, root, comm); });
   }
   std::shared_ptr<Work> all_gather_async(torch::Tensor out, torch::Tensor in) override {
-    auto [type, mop] = types(in, ReduceOp::kSum, "all_gather");
+    const auto kinds = types(in, ReduceOp::kSum, "all_gather");
+    const MPI_Datatype type = kinds.first;
+    const MPI_Op mop = kinds.second;
     (void)mop;
     if (out.scalar_type() != in.scalar_type() || out.numel() != in.numel() * world_) {
       throw_invalid("all_gather: output must hold world x input elements of the same dtype");
@@ -191,7 +200,9 @@ class MpiComm : public Comm {
   }
   std::shared_ptr<Work> reduce_scatter_async(torch::Tensor out, torch::Tensor in,
                                              ReduceOp op) override {
-    auto [type, mop] = types(in, op, "reduce_scatter");
+    const auto kinds = types(in, op, "reduce_scatter");
+    const MPI_Datatype type = kinds.first;
+    const MPI_Op mop = kinds.second;
     if (out.scalar_type() != in.scalar_type() || in.numel() != out.numel() * world_) {
       throw_invalid("reduce_scatter: input must hold world x output elements of the same dtype");
     }

@@ -576,7 +576,7 @@ std::string save_checkpoint_with(
   const std::string armed = crash_stage(step, rank);
   const std::string& run_dir = config.dir;
   const std::string name = checkpoint_dir_name(step);
-  const std::string final_dir = (fs::path(run_dir) / name).string();
+  std::string final_dir = (fs::path(run_dir) / name).string();
 
   // 1. Rank 0 makes the temp dir with what it writes alone, and tells the others where it is.
   std::string tmp;
