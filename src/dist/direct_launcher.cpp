@@ -366,20 +366,10 @@ int launch_direct(const LaunchOptions& o) {
       if (done != w.pid) continue;
       w.running = false;
       w.status = status;
-      nlohmann::json record = {{"rank", w.rank},
-                               {"pid", w.pid},
-                               {"host", host},
-                               {"ended", describe_status(status)},
-                               {"exit_code", exit_code_of(status)},
-                               {"time", now_seconds()}};
-      std::ofstream(fs::path(o.log_dir) / ("rank-" + std::to_string(w.rank) + ".status"))
-          << record.dump() << "\n";
+      launch_util::write_status(o.log_dir, w.rank, static_cast<int>(w.pid), host, status);
       if (exit_code_of(status) != 0 && !failure && !stopping) {
         failure = Failure{w.rank, o.node_rank, host, describe_status(status), exit_code_of(status)};
-        std::fprintf(stderr, "[aviary launch] rank %d (pid %d on %s) %s; last lines of %s:\n%s",
-                     w.rank, static_cast<int>(w.pid), host.c_str(), failure->ended.c_str(),
-                     w.log_path.c_str(), tail_of(w.log_path, 12).c_str());
-        std::fflush(stderr);
+        launch_util::report_failure(w.rank, static_cast<int>(w.pid), host, status, w.log_path);
         if (agents) agents->announce(*failure);
         stop_workers();
       }

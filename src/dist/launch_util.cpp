@@ -6,12 +6,15 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <filesystem>
 #include <fstream>
 #include <thread>
+
+#include <nlohmann/json.hpp>
 
 #include "aviary/core/error.h"
 
@@ -94,6 +97,26 @@ int set_rank_threads(int ranks, int threads_per_rank) {
   if (std::getenv("OMP_WAIT_POLICY") == nullptr && static_cast<unsigned>(ranks * threads) > cores)
     ::setenv("OMP_WAIT_POLICY", "passive", 1);
   return threads;
+}
+
+void write_status(const std::string& log_dir, int rank, int pid, const std::string& host,
+                  int status) {
+  const nlohmann::json record = {{"rank", rank},
+                                 {"pid", pid},
+                                 {"host", host},
+                                 {"ended", describe_status(status)},
+                                 {"exit_code", exit_code_of(status)},
+                                 {"time", now_seconds()}};
+  std::ofstream(fs::path(log_dir) / ("rank-" + std::to_string(rank) + ".status"))
+      << record.dump() << "\n";
+}
+
+void report_failure(int rank, int pid, const std::string& host, int status,
+                    const std::string& log_path) {
+  std::fprintf(stderr, "[aviary launch] rank %d (pid %d on %s) %s; last lines of %s:\n%s", rank,
+               pid, host.c_str(), describe_status(status).c_str(), log_path.c_str(),
+               tail_of(log_path, 12).c_str());
+  std::fflush(stderr);
 }
 
 std::string host_name() {

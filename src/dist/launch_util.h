@@ -25,6 +25,13 @@ void prepare_log_dir(const std::string& dir);
 // unless the user set it; OMP_WAIT_POLICY=passive when ranks x threads exceed the cores.
 // Returns the thread count.
 int set_rank_threads(int ranks, int threads_per_rank);
+// Records how a rank's command ended in <log_dir>/rank-<rank>.status (one JSON line: rank, pid,
+// host, ended, exit_code, time), the file the launcher reads to name the first failure.
+void write_status(const std::string& log_dir, int rank, int pid, const std::string& host,
+                  int status);
+// Prints "rank R (pid P on H) <how it ended>; last lines of LOG:" and the end of its log.
+void report_failure(int rank, int pid, const std::string& host, int status,
+                    const std::string& log_path);
 // This machine's host name.
 std::string host_name();
 

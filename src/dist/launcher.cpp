@@ -144,20 +144,9 @@ int run_rank_wrapper(const std::string& log_dir, const std::vector<std::string>&
   ::close(log_fd);
 
   const std::string host = launch_util::host_name();
-  nlohmann::json record = {{"rank", rank},
-                           {"pid", child},
-                           {"host", host},
-                           {"ended", describe_status(status)},
-                           {"exit_code", exit_code_of(status)},
-                           {"time", now_seconds()}};
-  std::ofstream(fs::path(log_dir) / ("rank-" + std::to_string(rank) + ".status"))
-      << record.dump() << "\n";
-  if (exit_code_of(status) != 0) {
-    std::fprintf(stderr, "[aviary launch] rank %d (pid %d on %s) %s; last lines of %s:\n%s", rank,
-                 static_cast<int>(child), host.c_str(), describe_status(status).c_str(),
-                 log_path.c_str(), tail_of(log_path, 12).c_str());
-    std::fflush(stderr);
-  }
+  launch_util::write_status(log_dir, rank, static_cast<int>(child), host, status);
+  if (exit_code_of(status) != 0)
+    launch_util::report_failure(rank, static_cast<int>(child), host, status, log_path);
   return exit_code_of(status);
 }
 
