@@ -69,11 +69,16 @@ FullyShardedDataParallel::FullyShardedDataParallel(
       if (s->params.empty()) continue;
       s->shard_numel = (s->numel + world - 1) / world;
       s->full_numel_ = s->shard_numel * world;
-      std::vector<torch::Tensor> parts;
-      for (size_t i : s->params)
-        parts.push_back(state->unit.params[i].second.detach());
-      auto flat = flat_of(parts, s->full_numel_).to(torch::kFloat32);
-      s->shard = flat.narrow(0, rank * s->shard_numel, s->shard_numel).clone();
+      const auto& first = state->unit.params[s->params.front()].second;
+      if (options_.skeleton_params) {
+        s->shard = torch::zeros({s->shard_numel}, first.options().dtype(torch::kFloat32));
+      } else {
+        std::vector<torch::Tensor> parts;
+        for (size_t i : s->params)
+          parts.push_back(state->unit.params[i].second.detach());
+        auto flat = flat_of(parts, s->full_numel_).to(torch::kFloat32);
+        s->shard = flat.narrow(0, rank * s->shard_numel, s->shard_numel).clone();
+      }
       const std::string name = state->unit.name + (s == &decay ? ".decay" : ".no_decay");
       (s == &decay ? decay_shards_ : no_decay_shards_).emplace_back(name, s->shard);
       state->segments.push_back(std::move(*s));

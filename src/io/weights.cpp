@@ -315,6 +315,30 @@ void WeightReader::load_into(const std::string& name, torch::Tensor dst) const {
     torch::NoGradGuard no_grad;
     dst.copy_(src);
   }
+  release(name);
+}
+
+void WeightReader::load_run_into(const std::string& name, int64_t offset, torch::Tensor dst) const {
+  const std::string file = file_of(name);
+  int64_t numel = 1;
+  for (int64_t d : shape(name))
+    numel *= d;
+  if (!dst.defined() || dst.dim() != 1 || offset < 0 || offset + dst.numel() > numel) {
+    throw_invalid("a run of elements [" + std::to_string(offset) + ", " +
+                      std::to_string(offset + (dst.defined() ? dst.numel() : 0)) +
+                      ") does not fit tensor " + name + " of " + std::to_string(numel) +
+                      " elements (or its destination is not 1-D)",
+                  file + ": tensor '" + name + "'", "check that config.json matches the weights");
+  }
+  {
+    torch::Tensor src = get(name);
+    torch::NoGradGuard no_grad;
+    dst.copy_(src.reshape({-1}).narrow(0, offset, dst.numel()));
+  }
+  release(name);
+}
+
+void WeightReader::release(const std::string& name) const {
   const size_t s = impl_->shard(name);
   if (impl_->format == kSafetensorsFormat) {
     impl_->st_files[s]->release(name);

@@ -101,20 +101,29 @@ nn::KVCache AquilaForCausalLMImpl::make_cache(int64_t batch, int64_t capacity) c
 
 void AquilaForCausalLMImpl::init_weights(double std, uint64_t seed) {
   torch::NoGradGuard no_grad;
+  auto params = named_parameters();
+  for_each_initial_weight(std, seed, [&](const std::string& name, const torch::Tensor& values) {
+    params[name].copy_(values);
+  });
+}
+
+void AquilaForCausalLMImpl::for_each_initial_weight(
+    double std, uint64_t seed,
+    const std::function<void(const std::string&, const torch::Tensor&)>& sink) const {
+  torch::NoGradGuard no_grad;
   auto gen = at::detail::createCPUGenerator(seed);
   const double residual_std = std / std::sqrt(2.0 * config_.num_hidden_layers);
-  for (auto& item : named_parameters()) {
+  for (const auto& item : named_parameters()) {
     const std::string& name = item.key();
-    torch::Tensor& p = item.value();
+    const torch::Tensor& p = item.value();
     if (p.dim() == 1) {
-      p.fill_(1.0);
+      sink(name, torch::ones(p.sizes(), torch::kFloat32));
       continue;
     }
     const bool residual =
         name.find("o_proj") != std::string::npos || name.find("down_proj") != std::string::npos;
-    // Draw on CPU in fp32 with an explicit generator: identical weights on every device/dtype.
-    auto w = at::normal(0.0, residual ? residual_std : std, p.sizes(), gen);
-    p.copy_(w);
+    // Drawn on CPU in fp32 with an explicit generator: identical weights on every device/dtype.
+    sink(name, at::normal(0.0, residual ? residual_std : std, p.sizes(), gen));
   }
 }
 

@@ -68,8 +68,8 @@ AquilaWeightLayout detect_aquila_layout(const WeightReader& reader) {
       "check that the directory holds a decoder LM checkpoint");
 }
 
-void load_aquila_weights(AquilaForCausalLMImpl& model, const WeightReader& reader) {
-  torch::NoGradGuard no_grad;
+std::vector<AquilaWeightSource> aquila_weight_sources(const AquilaForCausalLMImpl& model,
+                                                      const WeightReader& reader) {
   const AquilaConfig& c = model.config();
   const auto layout = detect_aquila_layout(reader);
 
@@ -91,9 +91,9 @@ void load_aquila_weights(AquilaForCausalLMImpl& model, const WeightReader& reade
     sources[mapped->hf] = Mapped{name, mapped->rotary};
   }
 
+  std::vector<AquilaWeightSource> out;
   std::set<std::string> used;
-  auto params = model.named_parameters();
-  for (auto& item : params) {
+  for (const auto& item : model.named_parameters()) {
     const std::string& name = item.key();
     auto it = sources.find(name);
     if (it == sources.end()) {
@@ -105,19 +105,19 @@ void load_aquila_weights(AquilaForCausalLMImpl& model, const WeightReader& reade
     }
     used.insert(name);
     const Mapped& src = it->second;
-    if (src.rotary == 0) {
-      reader.load_into(src.hf, item.value());
-      continue;
+    const auto stored = reader.shape(src.hf);
+    if (stored != item.value().sizes().vec()) {
+      throw_invalid(
+          "shape mismatch for tensor " + src.hf + ": checkpoint has " + shape_string(stored) +
+              ", model expects " + shape_string(item.value().sizes()),
+          reader.file_of(src.hf) + ": " + src.hf, "check that config.json matches the weights");
     }
-    auto w = reader.get(src.hf);
-    if (w.sizes() != item.value().sizes()) {
-      throw_invalid("shape mismatch: checkpoint has " + shape_string(w.sizes()) +
-                        ", model expects " + shape_string(item.value().sizes()),
-                    reader.file_of(src.hf) + ": " + src.hf,
-                    "check that config.json matches the weights");
-    }
-    const int64_t heads = src.rotary == 1 ? c.num_attention_heads : c.num_key_value_heads;
-    item.value().copy_(interleaved_to_half_rotary(w, heads));
+    AquilaWeightSource source;
+    source.param = name;
+    source.tensor = src.hf;
+    if (src.rotary != 0)
+      source.rotary_heads = src.rotary == 1 ? c.num_attention_heads : c.num_key_value_heads;
+    out.push_back(std::move(source));
   }
   for (const auto& [hf, src] : sources) {
     if (used.count(hf)) continue;
@@ -126,6 +126,24 @@ void load_aquila_weights(AquilaForCausalLMImpl& model, const WeightReader& reade
                   reader.file_of(src.hf),
                   "check num_hidden_layers / architecture in config.json (config says " +
                       std::to_string(c.num_hidden_layers) + " layers)");
+  }
+  return out;
+}
+
+torch::Tensor read_aquila_weight(const WeightReader& reader, const AquilaWeightSource& source) {
+  auto w = reader.get(source.tensor);
+  return source.rotary_heads > 0 ? interleaved_to_half_rotary(w, source.rotary_heads) : w;
+}
+
+void load_aquila_weights(AquilaForCausalLMImpl& model, const WeightReader& reader) {
+  torch::NoGradGuard no_grad;
+  auto params = model.named_parameters();
+  for (const auto& source : aquila_weight_sources(model, reader)) {
+    if (source.rotary_heads == 0) {
+      reader.load_into(source.tensor, params[source.param]);
+    } else {
+      params[source.param].copy_(read_aquila_weight(reader, source));
+    }
   }
 }
 

@@ -6,14 +6,15 @@
 #include <torch/nn/init.h>
 
 #include "aviary/core/error.h"
+#include "aviary/nn/skeleton.h"
 #include "aviary/ops/rms_norm.h"
 
 namespace aviary::nn {
 
 LinearImpl::LinearImpl(int64_t in, int64_t out, bool with_bias, const torch::TensorOptions& options)
     : in_features(in), out_features(out) {
-  weight = register_parameter("weight", torch::empty({out, in}, options));
-  if (with_bias) bias = register_parameter("bias", torch::empty({out}, options));
+  weight = register_parameter("weight", new_parameter_data({out, in}, options));
+  if (with_bias) bias = register_parameter("bias", new_parameter_data({out}, options));
 }
 
 torch::Tensor LinearImpl::forward(const torch::Tensor& x) {
@@ -60,7 +61,7 @@ void LinearImpl::merge_lora() {
 
 EmbeddingImpl::EmbeddingImpl(int64_t num_embeddings, int64_t dim,
                              const torch::TensorOptions& options) {
-  weight = register_parameter("weight", torch::empty({num_embeddings, dim}, options));
+  weight = register_parameter("weight", new_parameter_data({num_embeddings, dim}, options));
 }
 
 torch::Tensor EmbeddingImpl::forward(const torch::Tensor& ids) {
@@ -69,7 +70,11 @@ torch::Tensor EmbeddingImpl::forward(const torch::Tensor& ids) {
 
 RMSNormImpl::RMSNormImpl(int64_t dim, double eps_, const torch::TensorOptions& options)
     : eps(eps_) {
-  weight = register_parameter("weight", torch::ones({dim}, options));
+  weight = register_parameter("weight", new_parameter_data({dim}, options));
+  if (!is_skeleton(weight)) {
+    torch::NoGradGuard no_grad;
+    weight.fill_(1.0);
+  }
 }
 
 torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {

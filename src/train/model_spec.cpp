@@ -1,10 +1,12 @@
 #include "aviary/train/model_spec.h"
 
 #include <filesystem>
+#include <map>
 
 #include "aviary/core/error.h"
 #include "aviary/io/weights.h"
 #include "aviary/models/aquila_weights.h"
+#include "aviary/nn/skeleton.h"
 #include "aviary/train/checkpoint.h"
 
 namespace fs = std::filesystem;
@@ -89,6 +91,52 @@ AquilaForCausalLM build_causal_lm(const CausalLMSpec& spec, const torch::TensorO
     load_aquila_weights(*model, *reader);
   }
   return model;
+}
+
+AquilaForCausalLM build_causal_lm_skeleton(const CausalLMSpec& spec,
+                                           const torch::TensorOptions& options) {
+  nn::SkeletonGuard skeleton;
+  return AquilaForCausalLM(spec.config, options);
+}
+
+void fill_initial_runs(const CausalLMSpec& spec, uint64_t seed,
+                       const std::vector<dist::ParamRun>& runs) {
+  torch::NoGradGuard no_grad;
+  // A skeleton of its own for the names and shapes: the sharded model's parameters are released.
+  auto model = build_causal_lm_skeleton(spec, torch::TensorOptions().dtype(torch::kFloat32));
+  std::map<std::string, const dist::ParamRun*> by_name;
+  for (const auto& run : runs)
+    by_name[run.name] = &run;
+  auto run_of = [&](const std::string& name) -> const dist::ParamRun& {
+    auto it = by_name.find(name);
+    if (it == by_name.end()) {
+      throw Error(ErrorKind::kInternal, "FSDP has no run for parameter '" + name + "'");
+    }
+    return *it->second;
+  };
+  auto destination = [](const dist::ParamRun& run) {
+    return run.owner.narrow(0, run.owner_offset, run.numel);
+  };
+  if (spec.init_from.empty()) {
+    model->for_each_initial_weight(
+        spec.init_std, seed, [&](const std::string& name, const torch::Tensor& values) {
+          const auto& run = run_of(name);
+          if (run.numel == 0) return;
+          destination(run).copy_(values.reshape({-1}).narrow(0, run.offset, run.numel));
+        });
+    return;
+  }
+  auto reader = WeightReader::open(spec.init_from_path);
+  for (const auto& source : aquila_weight_sources(*model, *reader)) {
+    const auto& run = run_of(source.param);
+    if (run.numel == 0) continue;
+    if (source.rotary_heads == 0) {
+      reader->load_run_into(source.tensor, run.offset, destination(run));
+    } else {
+      destination(run).copy_(
+          read_aquila_weight(*reader, source).reshape({-1}).narrow(0, run.offset, run.numel));
+    }
+  }
 }
 
 }  // namespace aviary

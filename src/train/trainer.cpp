@@ -319,8 +319,12 @@ void Trainer::State::open_data() {
 }
 
 void Trainer::State::build_model_and_optimizer() {
-  model = build_causal_lm(model_spec, torch::TensorOptions().dtype(torch::kFloat32).device(device),
-                          train.seed);
+  const auto options = torch::TensorOptions().dtype(torch::kFloat32).device(device);
+  // fsdp never builds the model whole: a skeleton is sharded, then each rank fills its shards
+  // with its part of the initial weights (build_fsdp).
+  const bool sharded = distributed && parallel.strategy == "fsdp";
+  model = sharded ? build_causal_lm_skeleton(model_spec, options)
+                  : build_causal_lm(model_spec, options, train.seed);
   model->set_activation_checkpointing(train.activation_checkpointing);
   model->train();
   if (lora.enabled) {
@@ -332,16 +336,16 @@ void Trainer::State::build_model_and_optimizer() {
     }
   }
   if (distributed) {
-    // Every rank built the same model from the same seed; rank 0's copy is broadcast anyway, so a
-    // rank that somehow differs cannot go unnoticed into training.
-    {
-      torch::NoGradGuard no_grad;
-      for (auto& p : params)
-        comm->broadcast(p.data(), 0);
-    }
-    if (parallel.strategy == "fsdp") {
+    if (sharded) {
       build_fsdp();
     } else {
+      // Every rank built the same model from the same seed; rank 0's copy is broadcast anyway, so
+      // a rank that somehow differs cannot go unnoticed into training.
+      {
+        torch::NoGradGuard no_grad;
+        for (auto& p : params)
+          comm->broadcast(p.data(), 0);
+      }
       ddp = std::make_unique<dist::DataParallel>(*comm, named_params, parallel);
       optimizer = make_adamw(ddp->owned(), optim);
     }
@@ -416,9 +420,13 @@ void Trainer::State::build_fsdp() {
     shard_group = shard_comm.get();
     options.replicas = replica_comm.get();
   }
+  options.skeleton_params = true;
   fsdp = std::make_unique<dist::FullyShardedDataParallel>(
       *shard_group, std::move(units),
       [this](const std::string& name) { return optim.is_no_decay(name); }, options);
+  // Every rank draws (or reads) the same values, so the shards agree without a broadcast. A resume
+  // overwrites them from the checkpoint.
+  fill_initial_runs(model_spec, train.seed, fsdp->param_runs());
   model->set_block_hooks(fsdp.get());
   spdlog::info("{}: fsdp shards over {} rank(s){}, gathers in {}, reduces in {}", source,
                shard_group->world(),

@@ -168,6 +168,21 @@ TEST(WeightReader, LoadIntoShapeMismatch) {
                 "checkpoint has [8, 8], model expects [8, 4]", "config.json"});
 }
 
+TEST(WeightReader, LoadRunIntoReadsOneRunAndRefusesARunOutsideTheTensor) {
+  for (const char* variant : {"io/tiny/sharded_safetensors", "io/tiny/sharded_bin"}) {
+    SCOPED_TRACE(variant);
+    auto r = WeightReader::open(test::fixture(variant));
+    const std::string name = "model.layers.0.self_attn.q_proj.weight";  // [8, 8]
+    auto run = torch::full({21}, -1.0, torch::kBFloat16);
+    r->load_run_into(name, 40, run);
+    auto whole = tiny_value(1, tiny()[1]).reshape({-1});
+    EXPECT_TRUE(torch::equal(run, whole.narrow(0, 40, 21).to(torch::kBFloat16)));
+    auto too_long = torch::empty({30});
+    expect_error([&] { r->load_run_into(name, 40, too_long); }, ErrorKind::kInvalidArgument,
+                 {"[40, 70)", "does not fit tensor " + name, "64 elements", "config.json"});
+  }
+}
+
 TEST(WeightReader, UnknownTensorSuggestsCloseNames) {
   auto r = WeightReader::open(test::fixture("io/tiny/sharded_bin"));
   expect_error(

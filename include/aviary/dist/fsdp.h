@@ -52,6 +52,11 @@ struct FsdpOptions {
   // holding the same shard in the other groups; their gradients are summed over it after the
   // reduce-scatter. nullptr: the shard group is the whole job.
   Comm* replicas = nullptr;
+  // The model was built as a skeleton (nn/skeleton.h) so that no rank holds it whole: the shards
+  // start at zero, on the parameters' device, and the caller fills them through param_runs()
+  // (fill_initial_runs in train/model_spec.h, or a checkpoint load). false: the parameters' current
+  // values (identical on every rank) become the shards.
+  bool skeleton_params = false;
 };
 
 class FullyShardedDataParallel : public nn::BlockHooks {
@@ -67,8 +72,8 @@ class FullyShardedDataParallel : public nn::BlockHooks {
   using Options = FsdpOptions;
 
   // `units` must cover every trainable parameter once; their current values (identical on every
-  // rank) become the shards. `no_decay(name)` puts a parameter in the no-decay segment.
-  // Afterwards every unit is released.
+  // rank) become the shards, unless options.skeleton_params. `no_decay(name)` puts a parameter in
+  // the no-decay segment. Afterwards every unit is released.
   FullyShardedDataParallel(Comm& comm, std::vector<Unit> units,
                            const std::function<bool(const std::string&)>& no_decay,
                            Options options = {});

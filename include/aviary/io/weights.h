@@ -51,6 +51,11 @@ class WeightReader {
   // kInvalidArgument if the shapes differ. Afterwards the source memory is released (safetensors
   // pages advised away; .bin tensor dropped from the shard cache).
   void load_into(const std::string& name, torch::Tensor dst) const;
+  // Copies elements [offset, offset + dst.numel()) of tensor `name`, flattened row-major, into
+  // the 1-D `dst` (any dtype/device), converting the dtype, then releases the source like
+  // load_into. For safetensors only the pages of that run are read. Throws kInvalidArgument if
+  // the run does not lie inside the tensor.
+  void load_run_into(const std::string& name, int64_t offset, torch::Tensor dst) const;
 
   std::string format() const;       // "safetensors" | "torch-bin"
   const std::string& path() const;  // as given to open()
@@ -58,6 +63,7 @@ class WeightReader {
  private:
   struct Impl;
   explicit WeightReader(std::unique_ptr<Impl> impl);
+  void release(const std::string& name) const;  // drop the source memory of a tensor read
   std::unique_ptr<Impl> impl_;
 };
 

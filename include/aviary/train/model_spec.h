@@ -20,6 +20,7 @@
 #include <torch/types.h>
 
 #include "aviary/core/config.h"
+#include "aviary/dist/param_run.h"
 #include "aviary/models/aquila.h"
 
 namespace aviary {
@@ -46,5 +47,18 @@ std::vector<std::string> causal_lm_archs();
 // standard init with `seed`.
 AquilaForCausalLM build_causal_lm(const CausalLMSpec& spec, const torch::TensorOptions& options,
                                   uint64_t seed);
+
+// FSDP's rank-local start, in two halves that never hold the whole model:
+//  - build_causal_lm_skeleton: the model with skeleton parameters (nn/skeleton.h) in `options`,
+//    a few bytes each, for FSDP to shard;
+//  - fill_initial_runs: each run (this rank's part of a parameter inside its shard) filled with
+//    exactly the values build_causal_lm would have given that part: read from init_from (only
+//    the run's bytes, except FlagAI q/k, permuted whole), or drawn by the standard init (every
+//    parameter is drawn in order, one at a time, and the run kept). Peak extra memory: one
+//    parameter.
+AquilaForCausalLM build_causal_lm_skeleton(const CausalLMSpec& spec,
+                                           const torch::TensorOptions& options);
+void fill_initial_runs(const CausalLMSpec& spec, uint64_t seed,
+                       const std::vector<dist::ParamRun>& runs);
 
 }  // namespace aviary
