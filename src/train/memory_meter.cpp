@@ -113,13 +113,18 @@ namespace {
 
 // The trainer's step (train/trainer.cpp) on a model it builds itself, with hooks for the meter.
 class Step {
+  static constexpr uint64_t kSeed = 1234;
+
  public:
   Step(const AquilaConfig& config, const MemoryPlanInputs& in, dist::Comm* comm) : in_(in) {
     CausalLMSpec spec;
     spec.config = config;
-    model_ = build_causal_lm(spec, torch::TensorOptions().dtype(torch::kFloat32), 1234);
     const bool wrapped = comm && comm->world() > 1;
     fsdp_wrapped_ = wrapped && in.strategy == "fsdp";
+    // As the trainer: fsdp shards a skeleton and fills its runs, no rank builds the model whole.
+    const auto tensor_options = torch::TensorOptions().dtype(torch::kFloat32);
+    model_ = fsdp_wrapped_ ? build_causal_lm_skeleton(spec, tensor_options)
+                           : build_causal_lm(spec, tensor_options, kSeed);
     model_->set_activation_checkpointing(in.activation_checkpointing || fsdp_wrapped_);
     model_->train();
     if (in.lora.enabled) {
@@ -132,30 +137,15 @@ class Step {
     for (const auto& item : named_)
       params_.push_back(item.second);
     if (fsdp_wrapped_) {
-      // As Trainer::State::build_fsdp: one unit per block, the rest in the root unit.
-      std::vector<dist::FullyShardedDataParallel::Unit> units;
-      const std::string prefix = "model.layers.";
-      size_t index = 0;
-      for (const auto& layer : *model_->model->layers) {
-        dist::FullyShardedDataParallel::Unit unit;
-        unit.name = prefix + std::to_string(index++);
-        unit.block = layer->as<nn::DecoderBlock>();
-        for (const auto& item : layer->named_parameters())
-          unit.params.emplace_back(unit.name + "." + item.key(), item.value());
-        units.push_back(std::move(unit));
-      }
-      dist::FullyShardedDataParallel::Unit root;
-      root.name = "root";
-      for (const auto& [name, p] : named_) {
-        if (name.rfind(prefix, 0) != 0) root.params.emplace_back(name, p);
-      }
-      units.push_back(std::move(root));
+      auto units = causal_lm_fsdp_units(*model_, named_);
       dist::FsdpOptions options;
       options.param_dtype = in.param_dtype == "bf16" ? torch::kBFloat16 : torch::kFloat32;
       options.reduce_dtype = in.reduce_dtype == "bf16" ? torch::kBFloat16 : torch::kFloat32;
+      options.skeleton_params = true;
       fsdp_ = std::make_unique<dist::FullyShardedDataParallel>(
           *comm, std::move(units),
           [this](const std::string& name) { return optim_.is_no_decay(name); }, options);
+      fill_initial_runs(spec, kSeed, fsdp_->param_runs());
       model_->set_block_hooks(fsdp_.get());
       ParamGroups groups;
       groups.decay = fsdp_->decay_shards();

@@ -139,4 +139,27 @@ void fill_initial_runs(const CausalLMSpec& spec, uint64_t seed,
   }
 }
 
+std::vector<dist::FullyShardedDataParallel::Unit> causal_lm_fsdp_units(
+    AquilaForCausalLMImpl& model,
+    const std::vector<std::pair<std::string, torch::Tensor>>& params) {
+  std::vector<dist::FullyShardedDataParallel::Unit> units;
+  const std::string prefix = "model.layers.";
+  size_t index = 0;
+  for (const auto& layer : *model.model->layers) {
+    dist::FullyShardedDataParallel::Unit unit;
+    unit.name = prefix + std::to_string(index++);
+    unit.block = layer->as<nn::DecoderBlock>();
+    for (const auto& item : layer->named_parameters())
+      unit.params.emplace_back(unit.name + "." + item.key(), item.value());
+    units.push_back(std::move(unit));
+  }
+  dist::FullyShardedDataParallel::Unit root;
+  root.name = "root";
+  for (const auto& [name, p] : params) {
+    if (name.rfind(prefix, 0) != 0) root.params.emplace_back(name, p);
+  }
+  units.push_back(std::move(root));
+  return units;
+}
+
 }  // namespace aviary

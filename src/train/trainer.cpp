@@ -378,27 +378,8 @@ void Trainer::State::write_adapter() const {
                     model_spec.init_from_path);
 }
 
-// FSDP units: one per decoder block, and a root unit with the rest (embeddings, final norm,
-// lm_head), which stays gathered for the whole step.
 void Trainer::State::build_fsdp() {
-  std::vector<dist::FullyShardedDataParallel::Unit> units;
-  const std::string prefix = "model.layers.";
-  size_t index = 0;
-  for (const auto& layer : *model->model->layers) {
-    dist::FullyShardedDataParallel::Unit unit;
-    unit.name = prefix + std::to_string(index++);
-    unit.block = layer->as<nn::DecoderBlock>();
-    for (const auto& item : layer->named_parameters()) {
-      unit.params.emplace_back(unit.name + "." + item.key(), item.value());
-    }
-    units.push_back(std::move(unit));
-  }
-  dist::FullyShardedDataParallel::Unit root;
-  root.name = "root";
-  for (const auto& [name, p] : named_params) {
-    if (name.rfind(prefix, 0) != 0) root.params.emplace_back(name, p);
-  }
-  units.push_back(std::move(root));
+  auto units = causal_lm_fsdp_units(*model, named_params);
   dist::FullyShardedDataParallel::Options options;
   options.param_dtype = parallel.param_dtype == "bf16" ? torch::kBFloat16 : torch::kFloat32;
   options.reduce_dtype = parallel.reduce_dtype == "bf16" ? torch::kBFloat16 : torch::kFloat32;
@@ -424,9 +405,16 @@ void Trainer::State::build_fsdp() {
   fsdp = std::make_unique<dist::FullyShardedDataParallel>(
       *shard_group, std::move(units),
       [this](const std::string& name) { return optim.is_no_decay(name); }, options);
-  // Every rank draws (or reads) the same values, so the shards agree without a broadcast. A resume
-  // overwrites them from the checkpoint.
-  fill_initial_runs(model_spec, train.seed, fsdp->param_runs());
+  // Every rank draws (or reads) the same values, so the shards agree without a broadcast. When a
+  // checkpoint will be resumed, it fills the shards instead: drawing a 33B model's initial values
+  // takes minutes.
+  bool resuming = false;
+  try {
+    resuming = resolve_resume(checkpoint.resume, checkpoint.dir).has_value();
+  } catch (const Error&) {
+    // resume() reports it, after the checks that come first.
+  }
+  if (!resuming) fill_initial_runs(model_spec, train.seed, fsdp->param_runs());
   model->set_block_hooks(fsdp.get());
   spdlog::info("{}: fsdp shards over {} rank(s){}, gathers in {}, reduces in {}", source,
                shard_group->world(),

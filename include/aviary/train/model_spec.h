@@ -15,11 +15,13 @@
 #pragma once
 
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <torch/types.h>
 
 #include "aviary/core/config.h"
+#include "aviary/dist/fsdp.h"
 #include "aviary/dist/param_run.h"
 #include "aviary/models/aquila.h"
 
@@ -60,5 +62,11 @@ AquilaForCausalLM build_causal_lm_skeleton(const CausalLMSpec& spec,
                                            const torch::TensorOptions& options);
 void fill_initial_runs(const CausalLMSpec& spec, uint64_t seed,
                        const std::vector<dist::ParamRun>& runs);
+
+// FSDP's units for a causal LM: one per decoder block ("model.layers.N"), then the root unit
+// ("root") with the rest of `params` (embeddings, final norm, lm_head), which stays gathered for
+// the whole step.
+std::vector<dist::FullyShardedDataParallel::Unit> causal_lm_fsdp_units(
+    AquilaForCausalLMImpl& model, const std::vector<std::pair<std::string, torch::Tensor>>& params);
 
 }  // namespace aviary
