@@ -298,7 +298,7 @@ torch::Tensor WeightReader::get(const std::string& name) const {
   return it->second;
 }
 
-void WeightReader::load_into(const std::string& name, torch::Tensor dst) const {
+void WeightReader::load_into(const std::string& name, const torch::Tensor& dst) const {
   const std::string file = file_of(name);
   if (!dst.defined()) {
     throw_invalid("destination tensor is undefined", file + ": tensor '" + name + "'");
@@ -318,7 +318,8 @@ void WeightReader::load_into(const std::string& name, torch::Tensor dst) const {
   release(name);
 }
 
-void WeightReader::load_run_into(const std::string& name, int64_t offset, torch::Tensor dst) const {
+void WeightReader::load_run_into(const std::string& name, int64_t offset,
+                                 const torch::Tensor& dst) const {
   const std::string file = file_of(name);
   int64_t numel = 1;
   for (int64_t d : shape(name))

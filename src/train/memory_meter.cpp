@@ -242,6 +242,7 @@ MeasuredMemory measure_training_step(const AquilaConfig& config, const MemoryPla
   // The data, allocated before the meter starts: four micro-batches of random tokens.
   auto gen = at::detail::createCPUGenerator(7);
   std::vector<torch::Tensor> batches;
+  batches.reserve(4);
   for (int k = 0; k < 4; ++k) {
     batches.push_back(
         torch::randint(0, config.vocab_size, {in.micro_batch, in.seq_len + 1}, gen, torch::kInt64));

@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 
 #include <torch/types.h>
 
@@ -88,13 +89,17 @@ class Comm {
   // Ends every process of the job with exit code 1 after printing `why`.
   [[noreturn]] virtual void abort(const std::string& why) = 0;
 
-  void all_reduce(torch::Tensor tensor, ReduceOp op) { all_reduce_async(tensor, op)->wait(); }
-  void broadcast(torch::Tensor tensor, int root) { broadcast_async(tensor, root)->wait(); }
+  void all_reduce(torch::Tensor tensor, ReduceOp op) {
+    all_reduce_async(std::move(tensor), op)->wait();
+  }
+  void broadcast(torch::Tensor tensor, int root) {
+    broadcast_async(std::move(tensor), root)->wait();
+  }
   void all_gather(torch::Tensor output, torch::Tensor input) {
-    all_gather_async(output, input)->wait();
+    all_gather_async(std::move(output), std::move(input))->wait();
   }
   void reduce_scatter(torch::Tensor output, torch::Tensor input, ReduceOp op) {
-    reduce_scatter_async(output, input, op)->wait();
+    reduce_scatter_async(std::move(output), std::move(input), op)->wait();
   }
   // Conveniences over the collectives above.
   double all_reduce_scalar(double value, ReduceOp op);

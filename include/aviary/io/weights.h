@@ -50,12 +50,12 @@ class WeightReader {
   // Copies tensor `name` into `dst` (any dtype/device), converting the dtype. Throws
   // kInvalidArgument if the shapes differ. Afterwards the source memory is released (safetensors
   // pages advised away; .bin tensor dropped from the shard cache).
-  void load_into(const std::string& name, torch::Tensor dst) const;
+  void load_into(const std::string& name, const torch::Tensor& dst) const;
   // Copies elements [offset, offset + dst.numel()) of tensor `name`, flattened row-major, into
   // the 1-D `dst` (any dtype/device), converting the dtype, then releases the source like
   // load_into. For safetensors only the pages of that run are read. Throws kInvalidArgument if
   // the run does not lie inside the tensor.
-  void load_run_into(const std::string& name, int64_t offset, torch::Tensor dst) const;
+  void load_run_into(const std::string& name, int64_t offset, const torch::Tensor& dst) const;
 
   std::string format() const;       // "safetensors" | "torch-bin"
   const std::string& path() const;  // as given to open()
