@@ -5,6 +5,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -362,11 +363,12 @@ int launch_direct(const LaunchOptions& o) {
     for (auto& w : workers) {
       if (!w.running) continue;
       int status = 0;
-      const pid_t done = ::waitpid(w.pid, &status, WNOHANG);
+      struct rusage usage = {};
+      const pid_t done = ::wait4(w.pid, &status, WNOHANG, &usage);
       if (done != w.pid) continue;
       w.running = false;
       w.status = status;
-      launch_util::write_status(o.log_dir, w.rank, static_cast<int>(w.pid), host, status);
+      launch_util::write_status(o.log_dir, w.rank, static_cast<int>(w.pid), host, status, usage);
       if (exit_code_of(status) != 0 && !failure && !stopping) {
         failure = Failure{w.rank, o.node_rank, host, describe_status(status), exit_code_of(status)};
         launch_util::report_failure(w.rank, static_cast<int>(w.pid), host, status, w.log_path);
@@ -431,7 +433,13 @@ int launch_direct(const LaunchOptions& o) {
       }
     }
   }
-  if (!failure) return 0;
+  if (!failure) {
+    std::fputs(
+        launch_util::peak_rss_summary(o.log_dir, o.node_rank * o.nproc_per_node, o.nproc_per_node)
+            .c_str(),
+        stderr);
+    return 0;
+  }
   std::fprintf(stderr, "[aviary launch] job failed: rank %d %s first (node %d, %s; log: %s)\n",
                failure->rank, failure->ended.c_str(), failure->node, failure->host.c_str(),
                failure->node == o.node_rank

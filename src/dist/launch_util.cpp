@@ -100,15 +100,46 @@ int set_rank_threads(int ranks, int threads_per_rank) {
 }
 
 void write_status(const std::string& log_dir, int rank, int pid, const std::string& host,
-                  int status) {
+                  int status, const struct rusage& usage) {
   const nlohmann::json record = {{"rank", rank},
                                  {"pid", pid},
                                  {"host", host},
                                  {"ended", describe_status(status)},
                                  {"exit_code", exit_code_of(status)},
-                                 {"time", now_seconds()}};
+                                 {"time", now_seconds()},
+                                 {"peak_rss_mb", static_cast<double>(usage.ru_maxrss) / 1024.0}};
   std::ofstream(fs::path(log_dir) / ("rank-" + std::to_string(rank) + ".status"))
       << record.dump() << "\n";
+}
+
+std::string peak_rss_summary(const std::string& log_dir, int first, int count) {
+  int max_rank = -1, min_rank = -1;
+  double max_mb = 0, min_mb = 0;
+  for (int r = first; r < first + count; ++r) {
+    std::ifstream in(fs::path(log_dir) / ("rank-" + std::to_string(r) + ".status"));
+    nlohmann::json record;
+    try {
+      in >> record;
+    } catch (const std::exception&) {
+      continue;
+    }
+    if (!record.contains("peak_rss_mb")) continue;
+    const double mb = record["peak_rss_mb"].get<double>();
+    if (max_rank < 0 || mb > max_mb) {
+      max_mb = mb;
+      max_rank = r;
+    }
+    if (min_rank < 0 || mb < min_mb) {
+      min_mb = mb;
+      min_rank = r;
+    }
+  }
+  if (max_rank < 0) return "";
+  char line[160];
+  std::snprintf(line, sizeof line,
+                "[aviary launch] peak RSS per rank: max %.0f MB (rank %d), min %.0f MB (rank %d)\n",
+                max_mb, max_rank, min_mb, min_rank);
+  return line;
 }
 
 void report_failure(int rank, int pid, const std::string& host, int status,

@@ -2,6 +2,8 @@
 // (launcher.cpp) and directly, torchrun-style (direct_launcher.cpp).
 #pragma once
 
+#include <sys/resource.h>
+
 #include <string>
 #include <vector>
 
@@ -26,9 +28,13 @@ void prepare_log_dir(const std::string& dir);
 // Returns the thread count.
 int set_rank_threads(int ranks, int threads_per_rank);
 // Records how a rank's command ended in <log_dir>/rank-<rank>.status (one JSON line: rank, pid,
-// host, ended, exit_code, time), the file the launcher reads to name the first failure.
+// host, ended, exit_code, time, peak_rss_mb), the file the launcher reads to name the first
+// failure. `usage` is the rank's from wait4 (ru_maxrss: its peak resident memory).
 void write_status(const std::string& log_dir, int rank, int pid, const std::string& host,
-                  int status);
+                  int status, const struct rusage& usage);
+// "[aviary launch] peak RSS per rank: max M MB (rank R), min m MB (rank r)" over the .status
+// records of ranks [first, first + count) in log_dir; "" when none has one.
+std::string peak_rss_summary(const std::string& log_dir, int first, int count);
 // Prints "rank R (pid P on H) <how it ended>; last lines of LOG:" and the end of its log.
 void report_failure(int rank, int pid, const std::string& host, int status,
                     const std::string& log_path);

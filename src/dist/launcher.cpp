@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -139,12 +140,13 @@ int run_rank_wrapper(const std::string& log_dir, const std::vector<std::string>&
   }
   ::close(pipe_fds[0]);
   int status = 0;
-  while (::waitpid(child, &status, 0) < 0 && errno == EINTR) {
+  struct rusage usage = {};
+  while (::wait4(child, &status, 0, &usage) < 0 && errno == EINTR) {
   }
   ::close(log_fd);
 
   const std::string host = launch_util::host_name();
-  launch_util::write_status(log_dir, rank, static_cast<int>(child), host, status);
+  launch_util::write_status(log_dir, rank, static_cast<int>(child), host, status, usage);
   if (exit_code_of(status) != 0)
     launch_util::report_failure(rank, static_cast<int>(child), host, status, log_path);
   return exit_code_of(status);
@@ -200,7 +202,10 @@ int launch(const LaunchOptions& o) {
   while (::waitpid(child, &status, 0) < 0 && errno == EINTR) {
   }
   const int code = exit_code_of(status);
-  if (code == 0) return 0;
+  if (code == 0) {
+    std::fputs(launch_util::peak_rss_summary(o.log_dir, 0, o.nproc_per_node).c_str(), stderr);
+    return 0;
+  }
 
   // Name the rank that failed first (the others were stopped because of it).
   nlohmann::json first;

@@ -301,6 +301,14 @@ TEST(DistTrain, FsdpGathersAndReducesInBf16ForHalfTheTraffic) {
       << test::read_file(fp32.file("log.txt"));
   ASSERT_EQ(train(2, write_config(bf16, "c.json", b), "fsdp", bf16.file("log.txt")).wait(), 0)
       << test::read_file(bf16.file("log.txt"));
+  // The launcher reports each rank's peak RSS (from wait4): in its status record, and in a line.
+  EXPECT_NE(test::read_file(fp32.file("log.txt")).find("[aviary launch] peak RSS per rank: max "),
+            std::string::npos);
+  for (int rank = 0; rank < 2; ++rank) {
+    const auto record = Json::parse(
+        test::read_file(fp32.file("launch-logs/rank-" + std::to_string(rank) + ".status")));
+    EXPECT_GT(record.value("peak_rss_mb", 0.0), 50.0) << "a LibTorch process uses more";
+  }
   const auto want = losses(fp32.path());
   const auto got = losses(bf16.path());
   ASSERT_EQ(got.size(), want.size());
@@ -586,8 +594,12 @@ TEST(DistLaunch, TorchrunStyleTwoNodesGiveEveryWorkerItsRankAndALog) {
                   .find("\"exit_code\":0"),
               std::string::npos);
   }
-  // Each node's console shows its first worker.
+  // Each node's console shows its first worker, and its ranks' peak RSS.
   EXPECT_NE(test::read_file(dir.file("node-1.txt")).find("rank=2 "), std::string::npos);
+  EXPECT_NE(test::read_file(dir.file("node-1.txt")).find("peak RSS per rank: max "),
+            std::string::npos);
+  EXPECT_NE(test::read_file(dir.file("logs-0") + "/rank-1.status").find("\"peak_rss_mb\":"),
+            std::string::npos);
 }
 
 TEST(DistLaunch, TorchrunStyleAFailedRankStopsEveryNodeAndIsNamedOnEach) {

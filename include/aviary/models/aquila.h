@@ -43,10 +43,10 @@ class AquilaForCausalLMImpl : public torch::nn::Module {
   nn::KVCache make_cache(int64_t batch, int64_t capacity) const;
   // Standard init: normal(0, std) for matrices and embeddings, residual output projections
   // (o_proj, down_proj) scaled by 1/sqrt(2 * layers), norms at 1.
-  // The same values, drawn by this visitor one parameter at a time: `sink(name, values)` gets each
-  // parameter's initial values (fp32, on CPU) in registration order. FSDP's rank-local start keeps
-  // only its shard of each, so the whole model never exists at once.
   void init_weights(double std, uint64_t seed);
+  // The same values, drawn one parameter at a time: `sink(name, values)` gets each parameter's
+  // initial values (fp32, on CPU) in registration order. FSDP's rank-local start keeps only its
+  // shard of each, so the whole model never exists at once.
   void for_each_initial_weight(
       double std, uint64_t seed,
       const std::function<void(const std::string& name, const torch::Tensor& values)>& sink) const;

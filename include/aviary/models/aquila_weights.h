@@ -16,9 +16,6 @@ enum class AquilaWeightLayout { kHF, kFlagAI };
 // Detects the naming scheme of a checkpoint from its tensor names.
 AquilaWeightLayout detect_aquila_layout(const WeightReader& reader);
 
-// Copies every parameter of `model` from `reader` (converting dtype, moving to the model's
-// device). Errors name the checkpoint file and tensor: a missing tensor, a shape that disagrees
-// with config.json, or tensors the model does not have (e.g. more layers than configured).
 // Where each of the model's parameters comes from in `reader`: the tensor's name there and, for
 // a FlagAI-layout q/k weight, the heads whose rotary layout is permuted to HF's on reading.
 // Checks both ways (every parameter has a tensor of its shape; no tensor is left over) with
@@ -33,6 +30,9 @@ std::vector<AquilaWeightSource> aquila_weight_sources(const AquilaForCausalLMImp
 // The parameter's values as the model wants them (stored dtype, on CPU; permuted if rotary).
 torch::Tensor read_aquila_weight(const WeightReader& reader, const AquilaWeightSource& source);
 
+// Copies every parameter of `model` from `reader` (converting dtype, moving to the model's
+// device). Errors name the checkpoint file and tensor: a missing tensor, a shape that disagrees
+// with config.json, or tensors the model does not have (e.g. more layers than configured).
 void load_aquila_weights(AquilaForCausalLMImpl& model, const WeightReader& reader);
 
 // The model's parameters under their HF names, in HF order (lm_head last, omitted when tied).

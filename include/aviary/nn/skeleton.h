@@ -1,5 +1,5 @@
 // Skeleton models: parameters with their real shape, dtype and device but no storage of their
-// own, for FSDP's rank-local start (a 33B model in fp32 is 132 GB; no rank may build it whole).
+// own, for FSDP's rank-local start (a 33B model in fp32 is 134 GB; no rank may build it whole).
 //
 // While a SkeletonGuard lives on this thread, the modules of nn/ create each parameter with all
 // strides 0 over one element of storage. Such a model costs a few bytes per parameter, its
