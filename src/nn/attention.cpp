@@ -1,6 +1,7 @@
 #include "aviary/nn/attention.h"
 
 #include "aviary/ops/attention.h"
+#include "aviary/ops/swiglu.h"
 
 namespace aviary::nn {
 
@@ -33,7 +34,7 @@ SwiGLUImpl::SwiGLUImpl(int64_t hidden, int64_t intermediate, const torch::Tensor
 }
 
 torch::Tensor SwiGLUImpl::forward(const torch::Tensor& x) {
-  return down_proj(torch::silu(gate_proj(x)) * up_proj(x));
+  return down_proj(ops::swiglu(gate_proj(x), up_proj(x)));
 }
 
 DecoderBlockImpl::DecoderBlockImpl(int64_t hidden, int64_t intermediate, int64_t heads,

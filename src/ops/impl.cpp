@@ -264,6 +264,10 @@ KernelChoice kernel_choice(Op op, const torch::Device& device) {
   return choose_kernel(ops_impl(), op, target, ValidationRecord::embedded());
 }
 
+bool use_cpu_loops(const torch::Tensor& t) {
+  return t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && ops_impl() != OpsImpl::kTorch;
+}
+
 bool use_kernel(Op op, const torch::Device& device) {
   return kernel_choice(op, device).use_kernel;
 }

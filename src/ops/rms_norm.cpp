@@ -2,9 +2,13 @@
 
 #include <string>
 
+#include <torch/autograd.h>
+
 #include "aviary/build_info.h"
 #include "aviary/core/error.h"
 #include "aviary/ops/impl.h"
+#include "cpu_loops.h"
+#include "tensor_rows.h"
 
 #if AVIARY_CUDA_BUILT && defined(AVIARY_TORCH_CUDA)
 #include <ATen/cuda/CUDAContext.h>
@@ -18,17 +22,57 @@
 #endif
 
 namespace aviary::ops {
-namespace {
 
-// The ATen reference: HF LlamaRMSNorm exactly (the oracle of the kernel's tests).
+// The ATen reference: HF LlamaRMSNorm exactly (the oracle of the kernels' tests).
 torch::Tensor rms_norm_reference(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
   if (x.scalar_type() == torch::kFloat32 && weight.scalar_type() == torch::kFloat32) {
-    // One fused ATen kernel; identical maths in fp32.
+    // One ATen op (on CPU a composition that keeps the normalised copy); identical maths in fp32.
     return at::rms_norm(x, {x.size(-1)}, weight, eps);
   }
   auto xf = x.to(torch::kFloat32);
   auto rstd = torch::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps);
   return weight * (xf * rstd).to(x.scalar_type());
+}
+
+namespace {
+
+// One pass forward, keeping x and one rstd per row; one pass backward (ATen's composition keeps
+// the normalised copy as well and makes several passes each way).
+class RmsNormCpuFunction : public torch::autograd::Function<RmsNormCpuFunction> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                               const torch::Tensor& weight, double eps) {
+    auto rows = as_rows(x);
+    auto w = weight.contiguous();
+    auto y = torch::empty({rows.size(0), rows.size(1)}, x.options());
+    auto rstd = torch::empty({rows.size(0)}, x.options());
+    cpu::rms_norm_forward(rows.size(0), rows.size(1), rows.data_ptr<float>(), row_stride(rows),
+                          w.data_ptr<float>(), static_cast<float>(eps), y.data_ptr<float>(),
+                          rstd.data_ptr<float>());
+    ctx->save_for_backward({x, w, rstd});
+    return y.view(x.sizes());
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1);
+    auto rows = as_rows(saved[0]);
+    auto g = grads[0].contiguous();
+    torch::Tensor dx, dw;
+    if (need_x) dx = torch::empty({rows.size(0), rows.size(1)}, saved[0].options());
+    if (need_w) dw = torch::empty({rows.size(1)}, saved[1].options());
+    cpu::rms_norm_backward(rows.size(0), rows.size(1), g.data_ptr<float>(), rows.data_ptr<float>(),
+                           row_stride(rows), saved[1].data_ptr<float>(), saved[2].data_ptr<float>(),
+                           need_x ? dx.data_ptr<float>() : nullptr,
+                           need_w ? dw.data_ptr<float>() : nullptr);
+    return {need_x ? dx.view(saved[0].sizes()) : torch::Tensor(), dw, torch::Tensor()};
+  }
+};
+
+bool rms_norm_cpu_applies(const torch::Tensor& x, const torch::Tensor& weight) {
+  return use_cpu_loops(x) && weight.scalar_type() == torch::kFloat32 && weight.device().is_cpu() &&
+         weight.dim() == 1 && x.dim() >= 1 && weight.size(0) == x.size(-1) && x.numel() > 0;
 }
 
 #if AVIARY_RMSNORM_KERNEL
@@ -134,6 +178,7 @@ class RmsNormFunction : public torch::autograd::Function<RmsNormFunction> {
 }  // namespace
 
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  if (rms_norm_cpu_applies(x, weight)) return RmsNormCpuFunction::apply(x, weight, eps);
 #if AVIARY_RMSNORM_KERNEL
   if (x.is_cuda() && kernel_supports(x, weight) && use_kernel(Op::kRmsNorm, x.device())) {
     return RmsNormFunction::apply(x, weight, eps);

@@ -1,6 +1,63 @@
 #include "aviary/ops/rope.h"
 
+#include <torch/autograd.h>
+
+#include "aviary/ops/impl.h"
+#include "cpu_loops.h"
+
 namespace aviary::ops {
+namespace {
+
+cpu::HeadStrides head_strides(const torch::Tensor& t) {
+  return {t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// x [B, H, T, D] with a contiguous last dimension; tables [B or 1, T, D], contiguous rows. The
+// result has x's layout when that is dense (q/k are views of their projection's output), so
+// that no copy is made on the way to attention.
+torch::Tensor rope_cpu(const torch::Tensor& x_in, const torch::Tensor& cos,
+                       const torch::Tensor& sin, bool transpose) {
+  auto x = x_in.stride(3) == 1 ? x_in : x_in.contiguous();
+  auto out = torch::empty_like(x);
+  if (out.stride(3) != 1) out = torch::empty(x.sizes(), x.options());
+  const cpu::TableStrides ts{cos.size(0) == 1 ? 0 : cos.stride(0), cos.stride(1)};
+  cpu::rope(x.size(0), x.size(1), x.size(2), x.size(3), x.data_ptr<float>(), head_strides(x),
+            cos.data_ptr<float>(), sin.data_ptr<float>(), ts, transpose, out.data_ptr<float>(),
+            head_strides(out));
+  return out;
+}
+
+class RopeCpuFunction : public torch::autograd::Function<RopeCpuFunction> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                               const torch::Tensor& cos, const torch::Tensor& sin) {
+    // The tables need no gradient (checked by the caller): keep them without version tracking.
+    ctx->saved_data["cos"] = cos;
+    ctx->saved_data["sin"] = sin;
+    return rope_cpu(x, cos, sin, /*transpose=*/false);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    return {rope_cpu(grads[0], ctx->saved_data["cos"].toTensor(), ctx->saved_data["sin"].toTensor(),
+                     /*transpose=*/true),
+            torch::Tensor(), torch::Tensor()};
+  }
+};
+
+bool rope_cpu_applies(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
+  if (!use_cpu_loops(x) || x.dim() != 4 || x.size(3) % 2 != 0 || x.numel() == 0) return false;
+  for (const auto* t : {&cos, &sin}) {
+    if (t->scalar_type() != torch::kFloat32 || !t->device().is_cpu() || t->requires_grad() ||
+        t->dim() != 3 || t->stride(2) != 1 || t->size(1) != x.size(2) || t->size(2) != x.size(3) ||
+        (t->size(0) != x.size(0) && t->size(0) != 1)) {
+      return false;
+    }
+  }
+  return cos.strides() == sin.strides() && cos.sizes() == sin.sizes();
+}
+
+}  // namespace
 
 torch::Tensor rope_inv_freq(int64_t head_dim, double theta) {
   auto exponent = torch::arange(0, head_dim, 2, torch::kInt64).to(torch::kFloat32) /
@@ -18,6 +75,13 @@ RopeTables rope_tables(const torch::Tensor& positions, const torch::Tensor& inv_
 }
 
 torch::Tensor apply_rope(const torch::Tensor& x, const RopeTables& tables) {
+  if (rope_cpu_applies(x, tables.cos, tables.sin)) {
+    return RopeCpuFunction::apply(x, tables.cos, tables.sin);
+  }
+  return apply_rope_reference(x, tables);
+}
+
+torch::Tensor apply_rope_reference(const torch::Tensor& x, const RopeTables& tables) {
   const int64_t half = x.size(-1) / 2;
   auto x1 = x.narrow(-1, 0, half);
   auto x2 = x.narrow(-1, half, half);

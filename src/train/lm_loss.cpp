@@ -1,9 +1,8 @@
 #include "aviary/train/lm_loss.h"
 
-#include <torch/nn/functional/loss.h>
-
 #include "aviary/nn/document_mask.h"
 #include "aviary/ops/autocast.h"
+#include "aviary/ops/cross_entropy.h"
 
 namespace aviary {
 
@@ -32,23 +31,16 @@ torch::Tensor causal_lm_loss(AquilaForCausalLMImpl& model, const torch::Tensor& 
   }
   const int64_t vocab = logits.size(-1);
   auto flat_logits = logits.reshape({-1, vocab}).to(torch::kFloat32);
-  if (!options.loss_mask.defined() && options.normalizer <= 0) {
-    return torch::nn::functional::cross_entropy(flat_logits, targets.reshape({-1}));
-  }
+  logits = torch::Tensor();  // under bf16 the fp32 copy replaces it; only the loss keeps either
   constexpr int64_t kIgnore = -100;
   if (options.loss_mask.defined()) {
     auto keep = options.loss_mask.to(device).narrow(1, 1, len).to(torch::kBool);
     targets = targets.masked_fill(keep.logical_not(), kIgnore);
   }
-  namespace F = torch::nn::functional;
-  if (options.normalizer <= 0) {
-    return F::cross_entropy(flat_logits, targets.reshape({-1}),
-                            F::CrossEntropyFuncOptions().ignore_index(kIgnore));
-  }
-  auto sum =
-      F::cross_entropy(flat_logits, targets.reshape({-1}),
-                       F::CrossEntropyFuncOptions().ignore_index(kIgnore).reduction(torch::kSum));
-  return sum / options.normalizer;
+  auto flat_targets = targets.reshape({-1});
+  if (options.normalizer <= 0) return ops::cross_entropy(flat_logits, flat_targets, kIgnore);
+  return ops::cross_entropy(flat_logits, flat_targets, kIgnore, ops::LossReduction::kSum) /
+         options.normalizer;
 }
 
 int64_t count_loss_targets(const torch::Tensor& loss_mask) {

@@ -7,6 +7,8 @@
 #include <algorithm>
 #include <atomic>
 #include <memory>
+#include <mutex>
+#include <unordered_map>
 
 #include "aviary/core/error.h"
 #include "aviary/dist/comm.h"
@@ -34,17 +36,33 @@ void raise_peak(int64_t live) {
   }
 }
 
-// Each allocation's context owns the wrapped allocator's DataPtr, so freeing runs the original
-// deleter after the count is taken down.
+// The wrapped allocator's DataPtr of each live allocation, by data pointer, so that freeing runs
+// the original deleter after the count is taken down. Keyed by the data pointer (the DataPtr's
+// context is the data itself) because raw allocations require that: oneDNN's bf16 matmul takes
+// its scratch through Allocator::raw_allocate, which checks get() == get_context().
 struct Counted {
   c10::DataPtr original;
   int64_t bytes;
 };
 
-void release_counted(void* context) {
-  auto* counted = static_cast<Counted*>(context);
-  g_live.fetch_sub(counted->bytes, std::memory_order_relaxed);
-  delete counted;
+std::mutex g_counted_mutex;
+
+std::unordered_map<void*, Counted>& counted_allocations() {
+  static auto* map = new std::unordered_map<void*, Counted>();  // outlives every storage
+  return *map;
+}
+
+void release_counted(void* data) {
+  c10::DataPtr original;  // freed outside the lock
+  {
+    std::lock_guard<std::mutex> lock(g_counted_mutex);
+    auto& map = counted_allocations();
+    auto it = map.find(data);
+    if (it == map.end()) return;
+    g_live.fetch_sub(it->second.bytes, std::memory_order_relaxed);
+    original = std::move(it->second.original);
+    map.erase(it);
+  }
 }
 
 struct CountingAllocator final : c10::Allocator {
@@ -53,11 +71,17 @@ struct CountingAllocator final : c10::Allocator {
   c10::DataPtr allocate(size_t n) override {
     auto original = inner->allocate(n);
     void* data = original.get();
+    if (data == nullptr) return original;  // zero bytes: nothing to count
     const auto device = original.device();
-    auto* counted = new Counted{std::move(original), static_cast<int64_t>(n)};
-    raise_peak(g_live.fetch_add(counted->bytes, std::memory_order_relaxed) + counted->bytes);
-    return {data, counted, &release_counted, device};
+    const auto bytes = static_cast<int64_t>(n);
+    {
+      std::lock_guard<std::mutex> lock(g_counted_mutex);
+      counted_allocations().emplace(data, Counted{std::move(original), bytes});
+    }
+    raise_peak(g_live.fetch_add(bytes, std::memory_order_relaxed) + bytes);
+    return {data, data, &release_counted, device};
   }
+  c10::DeleterFnPtr raw_deleter() const override { return &release_counted; }
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     inner->copy_data(dest, src, count);
   }

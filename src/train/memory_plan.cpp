@@ -199,9 +199,20 @@ FsdpSizes fsdp_sizes(const Shapes& s, int64_t world) {
   return f;
 }
 
+// Which ops take Aviary's fused CPU loops (ops/impl.h): RMSNorm (the residual stream is fp32)
+// and the cross-entropy (its logits are fp32) in both precisions, SwiGLU on fp32 activations.
+bool fused_cpu_ops(const MemoryPlanInputs& in) {
+  return in.device == "cpu" && in.cpu_loops;
+}
+
+bool fused_swiglu(const MemoryPlanInputs& in) {
+  return fused_cpu_ops(in) && in.precision == "fp32";
+}
+
 // Peak bytes of forward + backward beyond parameters, gradients and optimizer state.
 //
-// Saved tensors of one block (per token, read off autograd for our ops on the CPU path):
+// Saved tensors of one block (per token, read off autograd for ATen's ops on the CPU path, which
+// ops.impl torch runs):
 //   input_layernorm   its input x, the normalised x (before the weight), rstd (1 float)
 //   q/k/v_proj        their input (the norm's output; one tensor for the three)
 //   rope              nothing: cos / sin need no gradient, so x * cos keeps only cos
@@ -223,6 +234,9 @@ FsdpSizes fsdp_sizes(const Shapes& s, int64_t world) {
 // two normalised copies (4 bytes x hidden each) are not kept; flash / memory-efficient SDPA keep
 // what the CPU flash kernel keeps. The CUDA figures follow from the CPU ones by that difference;
 // only the CPU path is measured here.
+// Aviary's fused CPU loops (the default on CPU) keep less: RMSNorm keeps x and rstd (as CUDA),
+// SwiGLU gate and up (no silu(gate)), the cross-entropy the logits and one float per row instead
+// of the log-probabilities, and its backward writes one [N, vocab] gradient instead of two.
 struct ActivationTerms {
   int64_t layer = 0;                   // one block's saved tensors, its input included
   int64_t layer_input = 0;             // the block input alone (what a checkpoint keeps)
@@ -263,10 +277,12 @@ void lora_activation_terms(const Shapes& s, const MemoryPlanInputs& in, Activati
   const int64_t n = in.micro_batch * in.seq_len;
   const int64_t h = s.hidden, i = s.inter, v = s.vocab;
   const int64_t e = bf16 ? kBF16 : kF32;  // the matmuls' dtype: SDPA and SwiGLU tensors
-  // Per token: the norms' inputs and rstd, SDPA, SwiGLU's gate output, silu(gate) and up.
+  // Per token: the norms' inputs and rstd, SDPA, SwiGLU's gate output, silu(gate) and up (the
+  // fused CPU SwiGLU keeps no silu(gate)).
   const int64_t sdpa =
       bf16 ? 4 * s.q + 4 * s.kv + 4 * s.heads : kF32 * (2 * s.q + 2 * s.kv + s.heads);
-  int64_t per_token = 2 * (kF32 * h + kF32) + sdpa + 3 * e * i;
+  const int64_t swiglu_saved = fused_swiglu(in) ? 2 : 3;
+  int64_t per_token = 2 * (kF32 * h + kF32) + sdpa + swiglu_saved * e * i;
   // A group of adapters on one shared fp32 norm output (q/k/v, or gate/up) of width h.
   const int64_t norm_noise = cuda ? 1 : kF32;
   auto norm_group = [&](int adapted) -> int64_t {
@@ -289,11 +305,14 @@ void lora_activation_terms(const Shapes& s, const MemoryPlanInputs& in, Activati
   // Head: the final norm's input and rstd, the log-probabilities, the targets; lm_head keeps the
   // bf16 cast of an fp32 weight (tied, or an fp32 base) for its input's gradient.
   const bool lm_head_fp32 = s.tied || fp32_base;
-  t.head = kF32 * n * (h + 1 + v) + kI64 * n + (bf16 && lm_head_fp32 ? kBF16 * v * h : 0);
+  t.head = kF32 * n * (h + 1 + v) + kI64 * n + (bf16 && lm_head_fp32 ? kBF16 * v * h : 0) +
+           (fused_cpu_ops(in) ? kF32 * n : 0);
   t.head_backward = bf16 ? kBF16 * n * h + kF32 * n * h : kF32 * n * h;
+  // SwiGLU's backward holds the product's gradient and two more [N, inter] gradients on top of
+  // what the block keeps; with an adapter on down_proj, the product it kept is released by then.
   t.layer_backward = bf16
                          ? kF32 * n * h + std::max(2 * kBF16 * n * i, kBF16 * n * h + kBF16 * n * i)
-                         : kF32 * n * h + 2 * kF32 * n * i;
+                         : kF32 * n * h + (lora.down ? 2 : 3) * kF32 * n * i;
   t.layer_backward_fresh = t.layer_backward;
 }
 
@@ -301,8 +320,8 @@ ActivationTerms activation_terms(const Shapes& s, const MemoryPlanInputs& in) {
   const bool bf16 = in.precision == "bf16";
   const int64_t n = in.micro_batch * in.seq_len;  // tokens per micro-batch
   const int64_t h = s.hidden, i = s.inter, v = s.vocab;
-  // The normalised copy an unfused rms_norm keeps (CPU), per norm.
-  const int64_t normalised = in.device == "cuda" ? 0 : kF32 * n * h;
+  // The normalised copy an unfused rms_norm keeps (ATen on CPU), per norm.
+  const int64_t normalised = in.device == "cuda" || fused_cpu_ops(in) ? 0 : kF32 * n * h;
   ActivationTerms t;
   t.layer_input = kF32 * n * h;  // the residual stream is fp32 in both precisions
   if (bf16) {
@@ -310,7 +329,10 @@ ActivationTerms activation_terms(const Shapes& s, const MemoryPlanInputs& in) {
     t.layer = n * (18 * h + 4 * s.q + 4 * s.kv + 4 * s.heads + 8 + 8 * i) + 2 * normalised +
               t.layer_weight_casts;
   } else {
-    t.layer = kF32 * n * (4 * h + 2 * s.q + 2 * s.kv + s.heads + 2 + 4 * i) + 2 * normalised;
+    // SwiGLU: gate's and up's outputs and the product down_proj keeps, and ATen's silu(gate).
+    const int64_t swiglu_saved = fused_swiglu(in) ? 3 : 4;
+    t.layer =
+        kF32 * n * (4 * h + 2 * s.q + 2 * s.kv + s.heads + 2 + swiglu_saved * i) + 2 * normalised;
   }
   if (in.document_mask) {
     // SDPA turns the bool mask into an additive one in the query's dtype, per call, and keeps it.
@@ -324,11 +346,14 @@ ActivationTerms activation_terms(const Shapes& s, const MemoryPlanInputs& in) {
   // (fp32, or its bf16 cast), the log-probabilities [N, vocab] fp32 (log_softmax keeps its
   // result; nll_loss keeps the targets, an int64 copy of the shifted ids), and under autocast the
   // bf16 copy of lm_head's weight.
+  // The fused CPU cross-entropy keeps the fp32 logits instead (the same size) and a log-sum-exp
+  // per row.
   t.head = kF32 * n * (h + 1 + v) + normalised + (bf16 ? kBF16 : kF32) * n * h + kI64 * n;
   if (bf16) t.head += kBF16 * v * h;
+  if (fused_cpu_ops(in)) t.head += kF32 * n;
   // Cross-entropy backward: nll_loss's gradient and log_softmax's both [N, vocab] fp32, next to
-  // the saved log-probabilities.
-  t.ce_backward = 2 * kF32 * n * v;
+  // the saved log-probabilities; the fused one writes the logits' gradient alone.
+  t.ce_backward = (fused_cpu_ops(in) ? 1 : 2) * kF32 * n * v;
   // lm_head backward, after the log-probabilities are gone. fp32: the logits' gradient (their
   // size), the input's gradient and the weight's gradient in transit to AccumulateGrad. bf16: the
   // matmul's bf16 gradients next to the logits' bf16 gradient and the saved bf16 weight, then
@@ -357,8 +382,9 @@ ActivationTerms activation_terms(const Shapes& s, const MemoryPlanInputs& in) {
   // down(silu(gate(m)) * up(m)) live until the expression ends, so gate's and up's outputs,
   // silu's, the product and down's output (in the matmul dtype) sit next to the fp32 residual h
   // and the norm's output m.
+  // The fused CPU SwiGLU makes no silu(gate).
   const int64_t e = bf16 ? kBF16 : kF32;
-  t.block_forward = 4 * e * n * i + e * n * h + 2 * kF32 * n * h;
+  t.block_forward = (fused_swiglu(in) ? 3 : 4) * e * n * i + e * n * h + 2 * kF32 * n * h;
   if (in.lora.enabled) lora_activation_terms(s, in, t);
   return t;
 }
@@ -618,6 +644,7 @@ PlanConfig read_plan_config(const Json& config, const std::string& source, int64
   in.activation_checkpointing = train.get_bool("activation_checkpointing", false);
   // cuda, cuda:N: CUDA; anything else is the trainer's CPU.
   in.device = train.get_string("device", std::string("cpu")).rfind("cuda", 0) == 0 ? "cuda" : "cpu";
+  in.cpu_loops = root.child("ops").get_string("impl", std::string("auto")) != "torch";
   const int64_t micro = train.get_int("micro_batch", 0, 0);
   const int64_t global = train.has("global_batch") ? train.get_int("global_batch", 1, 1) : 0;
   in.micro_batch = micro > 0 ? micro : std::max<int64_t>(1, global / world);

@@ -49,26 +49,40 @@ TEST(TrainParity, TwentyStepsMatchEagerPyTorch) {
     EXPECT_LT(rel, 1e-4) << "step " << i << ": aviary " << losses[i] << " torch " << want;
     const double want_norm = expected["grad_norms"][i].get<double>();
     worst_norm = std::max(worst_norm, std::abs(norms[i] - want_norm) / want_norm);
-    EXPECT_LT(std::abs(norms[i] - want_norm) / want_norm, 1e-4) << "grad norm, step " << i;
+    // Gradient norms follow the weights (below): 9e-5 between PyTorch on two CPUs, 1.8e-4 here.
+    EXPECT_LT(std::abs(norms[i] - want_norm) / want_norm, 1e-3) << "grad norm, step " << i;
     // The schedule is the same closed form in both: exact to double rounding.
     EXPECT_NEAR(lrs[i], expected["lrs"][i].get<double>(), 1e-15) << "lr, step " << i;
   }
 
-  // Final weights: 20 AdamW steps amplify last-bit differences of the reductions only slightly;
-  // 1e-5 absolute (weights are O(0.1-1)) is two orders above what we measure.
+  // Final weights. The fixture is PyTorch's on one machine; PyTorch itself on a machine with
+  // another instruction set (AVX-512 against the fixture's AVX2) differs from it by up to 1e-3
+  // in a handful of elements and 5e-7 on average, because AdamW moves every element by about lr
+  // (1e-2 here) whatever its gradient's size, so an element whose gradient is near zero follows
+  // its last bits. The bound: the mean absolute difference within 1e-5, the largest within half
+  // a learning rate, and at most 0.1% of the elements beyond 1e-4.
   auto want = SafetensorsFile::open(fixture("train-parity/final.safetensors"));
   auto got = SafetensorsFile::open(dir.file("checkpoints/step-000020/model.safetensors"));
-  double worst_weight = 0;
+  double worst_weight = 0, total_diff = 0;
+  int64_t elements = 0, beyond = 0;
   for (const auto& name : want->names()) {
     auto a = want->tensor(name), b = got->tensor(name);
     ASSERT_EQ(a.sizes(), b.sizes()) << name;
-    const double diff = (a - b).abs().max().item<double>();
-    worst_weight = std::max(worst_weight, diff);
-    EXPECT_LT(diff, 1e-5) << name;
+    auto diff = (a - b).abs().to(torch::kFloat64);
+    worst_weight = std::max(worst_weight, diff.max().item<double>());
+    total_diff += diff.sum().item<double>();
+    beyond += diff.gt(1e-4).sum().item<int64_t>();
+    elements += diff.numel();
+    EXPECT_LT(diff.max().item<double>(), 5e-3) << name;
   }
+  const double mean_weight = total_diff / static_cast<double>(elements);
+  EXPECT_LT(mean_weight, 1e-5);
+  EXPECT_LE(beyond, elements / 1000) << "elements beyond 1e-4";
   std::printf(
-      "[parity] max relative loss error %.3g, grad-norm error %.3g, weight abs error %.3g\n",
-      worst_loss, worst_norm, worst_weight);
+      "[parity] max relative loss error %.3g, grad-norm error %.3g, weight abs error max %.3g "
+      "mean %.3g (%lld of %lld beyond 1e-4)\n",
+      worst_loss, worst_norm, worst_weight, mean_weight, static_cast<long long>(beyond),
+      static_cast<long long>(elements));
 }
 
 }  // namespace

@@ -122,14 +122,18 @@ def main():
         names = {"float32": "fp32", "bfloat16": "bf16"}
         with open(args.aviary_json) as f:
             ours = {(r["case"], names.get(r["dtype"], r["dtype"])): r for r in json.load(f)}
+    # The GEMM ceiling (aviary's JSON): tokens/s of the step's GEMMs alone on this machine.
     print("| case | dtype | params | threads | seq x batch | optimizer | torch tok/s | torch step s |"
-          " torch peak MB | aviary tok/s | x torch | aviary peak MB | x torch |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          " torch peak MB | aviary tok/s | x torch | aviary peak MB | x torch |"
+          " GEMM ceiling tok/s | ceiling x torch |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         o = ours.get((r["case"], r["dtype"]))
+        ceiling = o.get("gemm_ceiling_tokens_per_s") if o else None
         extra = (f"{o['tokens_per_s']:.1f} | {o['tokens_per_s'] / r['tokens_per_s']:.2f} | "
                  f"{o['peak_rss_mb']:.0f} | {o['peak_rss_mb'] / r['peak_rss_mb']:.2f}"
                  if o else "- | - | - | -")
+        extra += (f" | {ceiling:.1f} | {ceiling / r['tokens_per_s']:.2f}" if ceiling else " | - | -")
         print(f"| {r['case']} | {r['dtype']} | {r['params'] / 1e6:.2f}M | {r['threads']} | "
               f"{r['seq_len']} x {r['micro_batch']} | {r['optimizer']} | {r['tokens_per_s']:.1f} | "
               f"{r['step_time_s']:.3f} | {r['peak_rss_mb']:.0f} | {extra} |")

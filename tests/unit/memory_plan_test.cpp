@@ -15,6 +15,7 @@
 #include "aviary/dist/data_parallel.h"
 #include "aviary/dist/fsdp.h"
 #include "aviary/models/aquila.h"
+#include "aviary/ops/impl.h"
 #include "aviary/train/optimizer.h"
 #include "expect_error.h"
 #include "test_util.h"
@@ -67,32 +68,50 @@ double relative_error(int64_t planned, int64_t measured) {
          static_cast<double>(measured);
 }
 
-// The claim: the plan agrees with what is measured within 10%, row by row.
+// ops.impl for the measurement, with the plan told the same; the process's setting is restored.
+class ImplForPlan {
+ public:
+  explicit ImplForPlan(bool cpu_loops) : saved_(ops::ops_impl()) {
+    ops::set_ops_impl(cpu_loops ? ops::OpsImpl::kAuto : ops::OpsImpl::kTorch);
+  }
+  ~ImplForPlan() { ops::set_ops_impl(saved_); }
+
+ private:
+  ops::OpsImpl saved_;
+};
+
+// The claim: the plan agrees with what is measured within 10%, row by row, with Aviary's
+// fused CPU ops (the default) and with ATen's (ops.impl torch), which keep more.
 TEST(MemoryPlan, AgreesWithMeasuredStepWithin10Percent) {
   OneThread one_thread;
   for (const auto& c : tiny_cases()) {
     for (bool checkpointing : {false, true}) {
-      MemoryPlanInputs in;
-      in.micro_batch = c.micro_batch;
-      in.seq_len = c.seq_len;
-      in.activation_checkpointing = checkpointing;
-      in.precision = c.precision;
-      in.accumulation = 2;  // what the measurement runs
-      const auto plan = plan_memory(c.config, in);
-      const auto got = measure_training_step(c.config, in);
-      const int64_t planned_act =
-          checkpointing ? plan.activations_checkpointed : *plan.activations_full;
-      SCOPED_TRACE(std::string(c.name) + (checkpointing ? " ckpt on" : " ckpt off") + ": planned " +
-                   plan.to_json().dump() + " measured " + got.to_json().dump());
-      // Parameters, gradients and AdamW's moments are exact up to a few small tensors (rope's
-      // inv_freq, AdamW's step scalars).
-      EXPECT_LT(relative_error(plan.weights, got.weights), 0.01);
-      EXPECT_LT(relative_error(plan.gradients, got.gradients), 0.01);
-      EXPECT_LT(relative_error(plan.optimizer, got.optimizer), 0.01);
-      // The bound: 10%.
-      EXPECT_LT(relative_error(planned_act, got.activations), 0.10);
-      // At one process the total is the sum of the rows: the step's peak with accumulation.
-      EXPECT_LT(relative_error(plan.total, got.total), 0.10);
+      for (bool cpu_loops : {true, false}) {
+        ImplForPlan impl(cpu_loops);
+        MemoryPlanInputs in;
+        in.cpu_loops = cpu_loops;
+        in.micro_batch = c.micro_batch;
+        in.seq_len = c.seq_len;
+        in.activation_checkpointing = checkpointing;
+        in.precision = c.precision;
+        in.accumulation = 2;  // what the measurement runs
+        const auto plan = plan_memory(c.config, in);
+        const auto got = measure_training_step(c.config, in);
+        const int64_t planned_act =
+            checkpointing ? plan.activations_checkpointed : *plan.activations_full;
+        SCOPED_TRACE(std::string(c.name) + (checkpointing ? " ckpt on" : " ckpt off") +
+                     (cpu_loops ? " fused" : " aten") + ": planned " + plan.to_json().dump() +
+                     " measured " + got.to_json().dump());
+        // Parameters, gradients and AdamW's moments are exact up to a few small tensors (rope's
+        // inv_freq, AdamW's step scalars).
+        EXPECT_LT(relative_error(plan.weights, got.weights), 0.01);
+        EXPECT_LT(relative_error(plan.gradients, got.gradients), 0.01);
+        EXPECT_LT(relative_error(plan.optimizer, got.optimizer), 0.01);
+        // The bound: 10%.
+        EXPECT_LT(relative_error(planned_act, got.activations), 0.10);
+        // At one process the total is the sum of the rows: the step's peak with accumulation.
+        EXPECT_LT(relative_error(plan.total, got.total), 0.10);
+      }
     }
   }
 }
@@ -132,25 +151,30 @@ TEST(MemoryPlan, LoraAgreesWithMeasuredStepWithin10Percent) {
        lora_config({"q_proj", "v_proj"}, 0.0, "fp32")}};
   for (const auto& c : cases) {
     for (bool checkpointing : {false, true}) {
-      MemoryPlanInputs in;
-      in.micro_batch = c.micro_batch;
-      in.seq_len = c.seq_len;
-      in.activation_checkpointing = checkpointing;
-      in.precision = c.precision;
-      in.accumulation = 2;
-      in.lora = c.lora;
-      const auto plan = plan_memory(c.config, in);
-      const auto got = measure_training_step(c.config, in);
-      const int64_t planned_act =
-          checkpointing ? plan.activations_checkpointed : *plan.activations_full;
-      SCOPED_TRACE(std::string(c.name) + (checkpointing ? " ckpt on" : " ckpt off") + ": planned " +
-                   plan.to_json().dump() + " measured " + got.to_json().dump());
-      EXPECT_LT(plan.trainable, c.config.num_parameters() / 4);
-      EXPECT_LT(relative_error(plan.weights, got.weights), 0.01);
-      EXPECT_LT(relative_error(plan.gradients, got.gradients), 0.01);
-      EXPECT_LT(relative_error(plan.optimizer, got.optimizer), 0.01);
-      EXPECT_LT(relative_error(planned_act, got.activations), 0.10);
-      EXPECT_LT(relative_error(plan.total, got.total), 0.10);
+      for (bool cpu_loops : {true, false}) {
+        ImplForPlan impl(cpu_loops);
+        MemoryPlanInputs in;
+        in.cpu_loops = cpu_loops;
+        in.micro_batch = c.micro_batch;
+        in.seq_len = c.seq_len;
+        in.activation_checkpointing = checkpointing;
+        in.precision = c.precision;
+        in.accumulation = 2;
+        in.lora = c.lora;
+        const auto plan = plan_memory(c.config, in);
+        const auto got = measure_training_step(c.config, in);
+        const int64_t planned_act =
+            checkpointing ? plan.activations_checkpointed : *plan.activations_full;
+        SCOPED_TRACE(std::string(c.name) + (checkpointing ? " ckpt on" : " ckpt off") +
+                     (cpu_loops ? " fused" : " aten") + ": planned " + plan.to_json().dump() +
+                     " measured " + got.to_json().dump());
+        EXPECT_LT(plan.trainable, c.config.num_parameters() / 4);
+        EXPECT_LT(relative_error(plan.weights, got.weights), 0.01);
+        EXPECT_LT(relative_error(plan.gradients, got.gradients), 0.01);
+        EXPECT_LT(relative_error(plan.optimizer, got.optimizer), 0.01);
+        EXPECT_LT(relative_error(planned_act, got.activations), 0.10);
+        EXPECT_LT(relative_error(plan.total, got.total), 0.10);
+      }
     }
   }
 }

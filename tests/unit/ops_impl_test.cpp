@@ -1,6 +1,6 @@
 // ops.impl (auto | aviary | torch): the config key, the validation record (kernels/validated.json)
 // and the decision it drives, `aviary bench kernels`, and that on CPU every setting trains
-// identically. The *Cuda* tests run the ops on a GPU and skip without one (tools/gpu_check.sh
+// alike. The *Cuda* tests run the ops on a GPU and skip without one (tools/gpu_check.sh
 // runs them on the device machine).
 #include <cmath>
 #include <filesystem>
@@ -325,7 +325,7 @@ std::vector<double> losses(const std::string& metrics) {
   return out;
 }
 
-TEST(OpsImplTraining, CpuTrainsIdenticallyWithEverySetting) {
+TEST(OpsImplTraining, CpuTrainsAlikeWithEverySetting) {
   ImplGuard guard;
   std::vector<std::vector<double>> runs;
   for (const std::string impl : {"torch", "aviary", "auto"}) {
@@ -340,8 +340,11 @@ TEST(OpsImplTraining, CpuTrainsIdenticallyWithEverySetting) {
     runs.push_back(losses(dir.file("metrics.jsonl")));
   }
   ASSERT_EQ(runs[0].size(), 3u);
-  EXPECT_EQ(runs[0], runs[1]);  // bit for bit: the CPU path is the same ATen reference
-  EXPECT_EQ(runs[0], runs[2]);
+  // aviary and auto run the same fused CPU loops, bit for bit; torch runs the ATen reference,
+  // whose rounding differs (another exp, another summation order) by far less than 1e-5.
+  EXPECT_EQ(runs[1], runs[2]);
+  for (size_t i = 0; i < runs[0].size(); ++i)
+    EXPECT_NEAR(runs[1][i], runs[0][i], 1e-5 * std::abs(runs[0][i])) << "step " << i;
 }
 
 TEST(OpsImplTraining, BadValueIsRefusedBeforeTraining) {

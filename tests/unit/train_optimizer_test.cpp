@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 
 #include <torch/torch.h>
@@ -95,12 +96,20 @@ TEST(MakeAdamW, TwoGroupsWithTheirWeightDecay) {
 }
 
 // Three AdamW steps on w [2, 2] (decay 0.1) and b [3] (no decay) with fixed gradients, lr 0.05,
-// betas (0.9, 0.95), eps 1e-8; the final w, b and w's moments are compared bit for bit with the
-// values Python printed with float.hex():
+// betas (0.9, 0.95), eps 1e-8; the final w, b and w's moments are compared (to 2 ulp, see
+// expect_bits) with the values Python printed with float.hex():
 //   w = torch.tensor([[0.5, -1.0], [2.0, 0.25]]); b = torch.tensor([0.1, -0.3, 0.7])
 //   opt = torch.optim.AdamW([{"params": [w], "weight_decay": 0.1},
 //                            {"params": [b], "weight_decay": 0.0}],
 //                           lr=0.05, betas=(0.9, 0.95), eps=1e-8, <foreach=False | fused=True>)
+// Representable floats between a and b (same sign assumed; the values here are not near 0).
+int64_t ulp_distance(float a, float b) {
+  int32_t ia, ib;
+  std::memcpy(&ia, &a, sizeof(ia));
+  std::memcpy(&ib, &b, sizeof(ib));
+  return std::abs(static_cast<int64_t>(ia) - static_cast<int64_t>(ib));
+}
+
 struct AdamWBits {
   std::vector<float> w, b, exp_avg, exp_avg_sq;
 };
@@ -125,11 +134,15 @@ void expect_three_steps_bit_exact(bool fused, const AdamWBits& expected) {
     b.mutable_grad() = gb[i].clone();
     opt->step();
   }
+  // Bit for bit on the machine the values were printed on (AVX2). ATen's vectorised kernels
+  // round differently on other instruction sets (AVX-512 contracts more multiply-adds): Python's
+  // own results on an AVX-512 machine differ from these by up to 2 ulp, so 2 ulp is the bound.
   auto expect_bits = [](const torch::Tensor& actual, const std::vector<float>& want) {
     auto a = actual.detach().flatten().contiguous();
     ASSERT_EQ(a.numel(), static_cast<int64_t>(want.size()));
     for (size_t i = 0; i < want.size(); ++i)
-      EXPECT_EQ(a[i].item<float>(), want[i]) << "element " << i;
+      EXPECT_LE(ulp_distance(a[i].item<float>(), want[i]), 2)
+          << "element " << i << ": " << a[i].item<float>() << " vs " << want[i];
   };
   expect_bits(w, expected.w);
   expect_bits(b, expected.b);
@@ -139,8 +152,8 @@ void expect_three_steps_bit_exact(bool fused, const AdamWBits& expected) {
   expect_bits(st.exp_avg_sq(), expected.exp_avg_sq);
 }
 
-// foreach=False. Expected: bit-exact equality (same ops in the same order).
-TEST(AdamW, SingleTensorMatchesPythonTorchOptimAdamWBitForBit) {
+// foreach=False. Expected: the same ops in the same order (bit for bit on the same CPU).
+TEST(AdamW, SingleTensorMatchesPythonTorchOptimAdamWToTwoUlp) {
   expect_three_steps_bit_exact(
       /*fused=*/false, {{0x1.f7f7bp-2f, -0x1.e1debp-1f, 0x1.e21934p+0f, 0x1.788a0ap-3f},
                         {-0x1.04cbe4p-5f, -0x1.a81408p-3f, 0x1.4ac7e4p-1f},
@@ -148,8 +161,8 @@ TEST(AdamW, SingleTensorMatchesPythonTorchOptimAdamWBitForBit) {
                         {0x1.07d336p-7f, 0x1.9d8a34p-3f, 0x1.f313bep-6f, 0x1.31374cp-3f}});
 }
 
-// fused=True. Expected: bit-exact equality (the same ATen kernel).
-TEST(AdamW, FusedMatchesPythonTorchOptimAdamWFusedBitForBit) {
+// fused=True. Expected: the same ATen kernel (bit for bit on the same CPU).
+TEST(AdamW, FusedMatchesPythonTorchOptimAdamWFusedToTwoUlp) {
   expect_three_steps_bit_exact(
       /*fused=*/true, {{0x1.f7f7b2p-2f, -0x1.e1debp-1f, 0x1.e21934p+0f, 0x1.788a0ap-3f},
                        {-0x1.04cbecp-5f, -0x1.a81404p-3f, 0x1.4ac7e4p-1f},

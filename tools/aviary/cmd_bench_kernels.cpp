@@ -4,7 +4,8 @@
 //
 //   CUDA    Aviary's op with ops.impl aviary (its kernel where one exists) vs PyTorch's own op
 //           (at::rms_norm, SDPA, ...). Timed with device synchronisation around batches of calls.
-//   --cpu   the ATen reference of each op (what ops/ runs on CPU) vs the unfused ATen sequence.
+//   --cpu   each op as ops/ runs it on CPU (fp32: Aviary's fused loop where the op has one; else
+//           the ATen reference) vs the unfused ATen sequence.
 //
 // Adding an op: a case builder below (inputs, the two callables, bytes and FLOPs) and one line in
 // op_benches().
@@ -316,8 +317,13 @@ torch::ScalarType bench_dtype(const std::string& name) {
   throw_invalid("'" + name + "' is not one of: fp32, bf16, fp16", "--dtypes");
 }
 
-std::string describe_path(const BenchCase& b, const torch::Device& device) {
-  if (!device.is_cuda()) return "ATen reference";
+std::string describe_path(const BenchCase& b, const torch::Device& device,
+                          torch::ScalarType dtype) {
+  if (!device.is_cuda()) {
+    // ops/impl.h: fp32 CPU tensors take Aviary's fused loops where an op has one.
+    const bool fused = dtype == torch::kFloat32 && (b.op == "rms_norm" || b.op == "rope");
+    return fused ? "aviary: fused CPU loop" : "ATen reference";
+  }
   if (!b.op_id) return "ATen (no Aviary kernel for " + b.op + " yet)";
   try {
     return ops::kernel_choice(*b.op_id, device).reason;
@@ -329,13 +335,13 @@ std::string describe_path(const BenchCase& b, const torch::Device& device) {
 nlohmann::json run_case(BenchCase& b, const Context& c, const Ceilings& ceilings, double seconds) {
   std::optional<torch::NoGradGuard> no_grad;
   if (b.pass == "fwd") no_grad.emplace();
-  // Ours under ops.impl aviary (its kernel wherever one runs here); if the kernel cannot run on
-  // this device, under torch, and the path says why.
-  ops::OpsImpl impl = c.cuda() ? ops::OpsImpl::kAviary : ops::OpsImpl::kTorch;
+  // Ours under ops.impl aviary (its kernel wherever one runs here, its fused loop on CPU); if the
+  // kernel cannot run on this device, under torch, and the path says why.
+  ops::OpsImpl impl = ops::OpsImpl::kAviary;
   std::string path;
   {
     ImplScope scope(impl);
-    path = describe_path(b, c.device);
+    path = describe_path(b, c.device, c.dtype);
   }
   if (path.rfind("torch: ", 0) == 0) impl = ops::OpsImpl::kTorch;
   ImplScope scope(impl);
@@ -417,7 +423,7 @@ void run_kernels(const KernelBenchArgs& a) {
   if (a.threads > 0) torch::set_num_threads(a.threads);
   if (!a.cpu && !torch::cuda::is_available()) {
     throw_unsupported("no CUDA device is visible to LibTorch", "bench kernels",
-                      "use --cpu to compare the CPU references with the unfused ATen sequences");
+                      "use --cpu to compare the CPU ops with the unfused ATen sequences");
   }
   const torch::Device device = a.cpu ? torch::Device(torch::kCPU) : torch::Device(torch::kCUDA, 0);
   std::vector<std::string> dtype_names = a.dtypes;
@@ -465,7 +471,7 @@ void run_kernels(const KernelBenchArgs& a) {
                            {"gpu", ops::device_name(device)},
                            {"sm", ops::device_sm(device)},
                            {"threads", torch::get_num_threads()},
-                           {"ops_impl_ours", a.cpu ? "cpu reference" : "aviary"},
+                           {"ops_impl_ours", "aviary"},
                            {"ceilings",
                             {{"gemm_tflops", gemm},
                              {"gemm_n", ceilings.gemm_n},
@@ -510,8 +516,9 @@ void run_kernels(const KernelBenchArgs& a) {
       "\nspeed-up = the comparison's time / Aviary's (> 1: Aviary is faster). GB/s counts each "
       "input read once and each output written once; attention FLOPs count the causal half "
       "(backward = 2.5x forward).%s\n",
-      a.cpu ? " --cpu: Aviary's path is the ATen reference ops/ runs on CPU; the comparison is "
-              "the same maths as separate ATen ops."
+      a.cpu ? " --cpu: Aviary's path is what ops/ runs on CPU (fp32 RMSNorm and RoPE: the fused "
+              "loops of src/ops/cpu_loops.h; otherwise the ATen reference); the comparison is the "
+              "same maths as separate ATen ops."
             : "");
 }
 
@@ -524,7 +531,7 @@ void register_bench_kernels(CLI::App* bench) {
       "Each op of ops/ vs PyTorch's equivalent (CUDA) or the unfused ATen sequence (--cpu), "
       "beside the GEMM and copy ceilings measured in the same run");
   cmd->add_flag("--cpu", args->cpu,
-                "CPU: the ATen references of ops/ vs the unfused ATen sequences");
+                "CPU: the ops as ops/ runs them there vs the unfused ATen sequences");
   cmd->add_flag("--json", args->json, "print JSON instead of a markdown table");
   cmd->add_flag("--list", args->list,
                 "list the kernel families, whether this build has them and whether ops.impl uses "

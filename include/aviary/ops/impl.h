@@ -11,8 +11,10 @@
 //           records it as having passed tools/gpu_check.sh on this GPU's architecture;
 //           PyTorch's op otherwise.
 //
-// CPU tensors always take the ATen reference, whatever the setting: it is the same maths the
-// kernels are tested against (docs/kernels.md).
+// On CPU, fp32 tensors take Aviary's fused CPU loops (SwiGLU, rotary embedding, cross-entropy:
+// one pass where ATen's composition makes several) unless the setting is torch; other dtypes take
+// the ATen reference, which is also the oracle both the loops and the CUDA kernels are tested
+// against (docs/kernels.md).
 //
 // The setting is process-wide (set_ops_impl): the trainer applies the config's `ops` section, and
 // the CLI's --ops-impl flag does the same for generate, chat, eval and bench.
@@ -107,6 +109,10 @@ struct KernelTarget {
 // kUnsupported for `aviary` when the op has a kernel family that cannot run on the target.
 KernelChoice choose_kernel(OpsImpl impl, Op op, const KernelTarget& target,
                            const ValidationRecord& record);
+
+// True when `t` is an fp32 CPU tensor and ops.impl is not torch: the op runs Aviary's fused CPU
+// loop (src/ops/cpu_loops.h) rather than its ATen reference.
+bool use_cpu_loops(const torch::Tensor& t);
 
 // The process's decision for `op` on `device` (CPU: never a kernel).
 KernelChoice kernel_choice(Op op, const torch::Device& device);

@@ -18,7 +18,11 @@ struct RopeTables {
 RopeTables rope_tables(const torch::Tensor& positions, const torch::Tensor& inv_freq,
                        torch::ScalarType dtype);
 
-// x: [B, H, T, D]; returns x * cos + rotate_half(x) * sin.
+// x: [B, H, T, D]; returns x * cos + rotate_half(x) * sin. fp32 CPU tensors take one fused pass
+// each way (src/ops/cpu_loops.h) and keep only the tables for backward; others the reference.
 torch::Tensor apply_rope(const torch::Tensor& x, const RopeTables& tables);
+
+// The ATen reference (the oracle of the fused loop's tests).
+torch::Tensor apply_rope_reference(const torch::Tensor& x, const RopeTables& tables);
 
 }  // namespace aviary::ops

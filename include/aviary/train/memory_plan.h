@@ -57,6 +57,8 @@ struct MemoryPlanInputs {
   std::string precision = "fp32";         // fp32 | bf16 (autocast; parameters stay fp32)
   std::string device = "cpu";             // cpu | cuda (train.device): autograd keeps less on
                                           // CUDA, whose rms_norm is one fused op
+  bool cpu_loops = true;                  // cpu: Aviary's fused CPU ops (ops.impl auto or
+                                          // aviary), which keep less than ATen's (torch)
   bool activation_checkpointing = false;  // fsdp at world > 1 turns it on, as the trainer does
   bool document_mask = false;             // data.document_mask: a [B, 1, L, L] mask per layer
   double bucket_mb = 25;                  // parallel.bucket_mb

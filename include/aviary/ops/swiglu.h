@@ -1,0 +1,16 @@
+// SwiGLU's gating product, silu(gate) * up (LLaMA's MLP between gate/up_proj and down_proj). On
+// fp32 CPU tensors it is one fused pass each way (src/ops/cpu_loops.h) that keeps only gate and
+// up for backward; otherwise the ATen reference, torch::silu(gate) * up.
+#pragma once
+
+#include <torch/types.h>
+
+namespace aviary::ops {
+
+// gate and up: the same shape, any dtype and device.
+torch::Tensor swiglu(const torch::Tensor& gate, const torch::Tensor& up);
+
+// The ATen reference (the oracle of the fused loop's tests).
+torch::Tensor swiglu_reference(const torch::Tensor& gate, const torch::Tensor& up);
+
+}  // namespace aviary::ops

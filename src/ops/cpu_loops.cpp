@@ -1,0 +1,333 @@
+#include "cpu_loops.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+// One clone per instruction set, chosen by the loader (ifunc): AVX-512, AVX2 + FMA, baseline.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define AVIARY_CPU_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define AVIARY_CPU_CLONES
+#endif
+
+namespace aviary::ops::cpu {
+namespace {
+
+// Independent accumulators per row reduction: wide enough for a 16-float vector register, and a
+// fixed summation order whatever the instruction set.
+constexpr int kLanes = 16;
+
+// Rows per parallel chunk such that a chunk has about this many elements.
+constexpr int64_t kChunkElements = 16384;
+
+int64_t grain_for(int64_t row_elements) {
+  return std::max<int64_t>(1, kChunkElements / std::max<int64_t>(1, row_elements));
+}
+
+// Cephes expf: n = round(x / ln2), r = x - n ln2 (in two parts), exp(r) by a degree-7
+// polynomial, times 2^n built in the exponent bits. Branch-free so that loops vectorise.
+inline __attribute__((always_inline)) float exp_poly(float x) {
+  constexpr float kLow = -87.33654f, kHigh = 88.37626f;
+  const float xc = x < kLow ? kLow : (x > kHigh ? kHigh : x);
+  // Round to nearest by the 1.5 * 2^23 trick (no call to rintf, which blocks vectorisation).
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  // The clamp keeps n in [-126, 127], where 2^n is a normal float built in its exponent bits.
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < kLow ? 0.0f : y * scale;
+}
+
+AVIARY_CPU_CLONES float row_dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  float acc[kLanes] = {};
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes) {
+    for (int l = 0; l < kLanes; ++l)
+      acc[l] += a[c + l] * b[c + l];
+  }
+  for (; c < n; ++c)
+    acc[0] += a[c] * b[c];
+  for (int width = kLanes / 2; width >= 1; width /= 2) {
+    for (int l = 0; l < width; ++l)
+      acc[l] += acc[l + width];
+  }
+  return acc[0];
+}
+
+AVIARY_CPU_CLONES void rms_norm_forward_rows(int64_t r0, int64_t r1, int64_t cols, const float* x,
+                                             int64_t x_stride, const float* weight, float eps,
+                                             float* y, float* rstd) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* __restrict xr = x + r * x_stride;
+    float* __restrict yr = y + r * cols;
+    const float inv = 1.0f / std::sqrt(row_dot(xr, xr, cols) / static_cast<float>(cols) + eps);
+    rstd[r] = inv;
+    for (int64_t c = 0; c < cols; ++c)
+      yr[c] = weight[c] * (xr[c] * inv);
+  }
+}
+
+// dx = rstd * (g w - xhat * mean(g w xhat)), xhat = x * rstd.
+AVIARY_CPU_CLONES void rms_norm_dx_rows(int64_t r0, int64_t r1, int64_t cols, const float* grad,
+                                        const float* x, int64_t x_stride, const float* weight,
+                                        const float* rstd, float* dx) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* __restrict g = grad + r * cols;
+    const float* __restrict xr = x + r * x_stride;
+    float* __restrict d = dx + r * cols;
+    const float inv = rstd[r];
+    float acc[kLanes] = {};
+    int64_t c = 0;
+    for (; c + kLanes <= cols; c += kLanes) {
+      for (int l = 0; l < kLanes; ++l)
+        acc[l] += g[c + l] * weight[c + l] * xr[c + l];
+    }
+    for (; c < cols; ++c)
+      acc[0] += g[c] * weight[c] * xr[c];
+    for (int width = kLanes / 2; width >= 1; width /= 2) {
+      for (int l = 0; l < width; ++l)
+        acc[l] += acc[l + width];
+    }
+    const float k = acc[0] * inv * inv / static_cast<float>(cols);
+    for (c = 0; c < cols; ++c)
+      d[c] = inv * (g[c] * weight[c] - xr[c] * k);
+  }
+}
+
+// partial[c] = sum over rows [r0, r1) of grad[r, c] * x[r, c] * rstd[r].
+AVIARY_CPU_CLONES void rms_norm_dw_block(int64_t r0, int64_t r1, int64_t cols, const float* grad,
+                                         const float* x, int64_t x_stride, const float* rstd,
+                                         float* __restrict partial) {
+  for (int64_t c = 0; c < cols; ++c)
+    partial[c] = 0.0f;
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* __restrict g = grad + r * cols;
+    const float* __restrict xr = x + r * x_stride;
+    const float inv = rstd[r];
+    for (int64_t c = 0; c < cols; ++c)
+      partial[c] += g[c] * (xr[c] * inv);
+  }
+}
+
+AVIARY_CPU_CLONES void swiglu_forward_rows(int64_t r0, int64_t r1, int64_t cols, const float* gate,
+                                           int64_t gate_stride, const float* up, int64_t up_stride,
+                                           float* out) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* __restrict g = gate + r * gate_stride;
+    const float* __restrict u = up + r * up_stride;
+    float* __restrict o = out + r * cols;
+    for (int64_t c = 0; c < cols; ++c)
+      o[c] = g[c] * u[c] / (1.0f + exp_poly(-g[c]));
+  }
+}
+
+AVIARY_CPU_CLONES void swiglu_backward_rows(int64_t r0, int64_t r1, int64_t cols, const float* grad,
+                                            int64_t grad_stride, const float* gate,
+                                            int64_t gate_stride, const float* up, int64_t up_stride,
+                                            float* dgate, float* dup) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* __restrict d = grad + r * grad_stride;
+    const float* __restrict g = gate + r * gate_stride;
+    const float* __restrict u = up + r * up_stride;
+    float* __restrict dg = dgate + r * cols;
+    float* __restrict du = dup + r * cols;
+    for (int64_t c = 0; c < cols; ++c) {
+      const float s = 1.0f / (1.0f + exp_poly(-g[c]));
+      dg[c] = d[c] * u[c] * (s * (1.0f + g[c] * (1.0f - s)));
+      du[c] = d[c] * (g[c] * s);
+    }
+  }
+}
+
+AVIARY_CPU_CLONES void rope_rows(int64_t i0, int64_t i1, int64_t heads, int64_t tokens, int64_t dim,
+                                 const float* x, HeadStrides xs, const float* cos, const float* sin,
+                                 TableStrides ts, bool transpose, float* out, HeadStrides os) {
+  const int64_t half = dim / 2;
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t b = i / tokens, t = i % tokens;
+    const float* __restrict c = cos + b * ts.b + t * ts.t;
+    const float* __restrict s = sin + b * ts.b + t * ts.t;
+    for (int64_t h = 0; h < heads; ++h) {
+      const float* __restrict xp = x + b * xs.b + h * xs.h + t * xs.t;
+      float* __restrict op = out + b * os.b + h * os.h + t * os.t;
+      if (!transpose) {
+        for (int64_t j = 0; j < half; ++j) {
+          const float x0 = xp[j], x1 = xp[j + half];
+          op[j] = x0 * c[j] - x1 * s[j];
+          op[j + half] = x1 * c[j + half] + x0 * s[j + half];
+        }
+      } else {
+        for (int64_t j = 0; j < half; ++j) {
+          const float x0 = xp[j], x1 = xp[j + half];
+          op[j] = x0 * c[j] + x1 * s[j + half];
+          op[j + half] = x1 * c[j + half] - x0 * s[j];
+        }
+      }
+    }
+  }
+}
+
+AVIARY_CPU_CLONES float row_max(const float* __restrict x, int64_t n) {
+  float acc[kLanes];
+  for (float& a : acc)
+    a = -std::numeric_limits<float>::infinity();
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes) {
+    for (int l = 0; l < kLanes; ++l)
+      acc[l] = x[c + l] > acc[l] ? x[c + l] : acc[l];
+  }
+  for (; c < n; ++c)
+    acc[0] = x[c] > acc[0] ? x[c] : acc[0];
+  float m = acc[0];
+  for (int l = 1; l < kLanes; ++l)
+    m = acc[l] > m ? acc[l] : m;
+  return m;
+}
+
+AVIARY_CPU_CLONES float row_sum_exp(const float* __restrict x, int64_t n, float shift) {
+  float acc[kLanes] = {};
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes) {
+    for (int l = 0; l < kLanes; ++l)
+      acc[l] += exp_poly(x[c + l] - shift);
+  }
+  for (; c < n; ++c)
+    acc[0] += exp_poly(x[c] - shift);
+  // Pairwise, so that the result does not depend on which lane held the large terms.
+  for (int width = kLanes / 2; width >= 1; width /= 2) {
+    for (int l = 0; l < width; ++l)
+      acc[l] += acc[l + width];
+  }
+  return acc[0];
+}
+
+AVIARY_CPU_CLONES void softmax_grad_row(const float* __restrict x, int64_t n, float lse,
+                                        float scale, float* __restrict g) {
+  for (int64_t c = 0; c < n; ++c)
+    g[c] = scale * exp_poly(x[c] - lse);
+}
+
+}  // namespace
+
+float exp_approx(float x) {
+  return exp_poly(x);
+}
+
+void rms_norm_forward(int64_t rows, int64_t cols, const float* x, int64_t x_stride,
+                      const float* weight, float eps, float* y, float* rstd) {
+  at::parallel_for(0, rows, grain_for(cols), [&](int64_t r0, int64_t r1) {
+    rms_norm_forward_rows(r0, r1, cols, x, x_stride, weight, eps, y, rstd);
+  });
+}
+
+void rms_norm_backward(int64_t rows, int64_t cols, const float* grad, const float* x,
+                       int64_t x_stride, const float* weight, const float* rstd, float* dx,
+                       float* dweight) {
+  if (dx != nullptr) {
+    at::parallel_for(0, rows, grain_for(cols), [&](int64_t r0, int64_t r1) {
+      rms_norm_dx_rows(r0, r1, cols, grad, x, x_stride, weight, rstd, dx);
+    });
+  }
+  if (dweight == nullptr) return;
+  // Fixed blocks of rows (not the threads' chunks), summed in block order afterwards.
+  constexpr int64_t kBlockRows = 64;
+  const int64_t blocks = (rows + kBlockRows - 1) / kBlockRows;
+  std::vector<float> partial(static_cast<size_t>(std::max<int64_t>(1, blocks) * cols), 0.0f);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      rms_norm_dw_block(b * kBlockRows, std::min(rows, (b + 1) * kBlockRows), cols, grad, x,
+                        x_stride, rstd, partial.data() + b * cols);
+    }
+  });
+  for (int64_t c = 0; c < cols; ++c)
+    dweight[c] = 0.0f;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const float* p = partial.data() + b * cols;
+    for (int64_t c = 0; c < cols; ++c)
+      dweight[c] += p[c];
+  }
+}
+
+void swiglu_forward(int64_t rows, int64_t cols, const float* gate, int64_t gate_stride,
+                    const float* up, int64_t up_stride, float* out) {
+  at::parallel_for(0, rows, grain_for(cols), [&](int64_t r0, int64_t r1) {
+    swiglu_forward_rows(r0, r1, cols, gate, gate_stride, up, up_stride, out);
+  });
+}
+
+void swiglu_backward(int64_t rows, int64_t cols, const float* grad, int64_t grad_stride,
+                     const float* gate, int64_t gate_stride, const float* up, int64_t up_stride,
+                     float* dgate, float* dup) {
+  at::parallel_for(0, rows, grain_for(cols), [&](int64_t r0, int64_t r1) {
+    swiglu_backward_rows(r0, r1, cols, grad, grad_stride, gate, gate_stride, up, up_stride, dgate,
+                         dup);
+  });
+}
+
+void rope(int64_t batch, int64_t heads, int64_t tokens, int64_t dim, const float* x, HeadStrides xs,
+          const float* cos, const float* sin, TableStrides ts, bool transpose, float* out,
+          HeadStrides os) {
+  at::parallel_for(0, batch * tokens, grain_for(heads * dim), [&](int64_t i0, int64_t i1) {
+    rope_rows(i0, i1, heads, tokens, dim, x, xs, cos, sin, ts, transpose, out, os);
+  });
+}
+
+int64_t cross_entropy_forward(int64_t rows, int64_t vocab, const float* logits, int64_t stride,
+                              const int64_t* targets, int64_t ignore_index, float* loss,
+                              float* lse) {
+  at::parallel_for(0, rows, grain_for(vocab), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* x = logits + r * stride;
+      const float m = row_max(x, vocab);
+      // An all -inf row: lse = -inf, as torch's logsumexp.
+      const bool all_neg_inf = std::isinf(m) && m < 0;
+      const float sum = row_sum_exp(x, vocab, all_neg_inf ? 0.0f : m);
+      lse[r] = all_neg_inf ? m : m + std::log(sum);
+      const int64_t t = targets[r];
+      if (t == ignore_index) {
+        loss[r] = 0.0f;
+      } else if (t < 0 || t >= vocab) {
+        loss[r] = std::numeric_limits<float>::quiet_NaN();
+      } else {
+        loss[r] = lse[r] - x[t];
+      }
+    }
+  });
+  for (int64_t r = 0; r < rows; ++r) {
+    if (targets[r] != ignore_index && (targets[r] < 0 || targets[r] >= vocab)) return r;
+  }
+  return -1;
+}
+
+void cross_entropy_backward(int64_t rows, int64_t vocab, const float* logits, int64_t stride,
+                            const int64_t* targets, int64_t ignore_index, const float* lse,
+                            float scale, float* grad, int64_t grad_stride) {
+  at::parallel_for(0, rows, grain_for(vocab), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float* g = grad + r * grad_stride;
+      const int64_t t = targets[r];
+      if (t == ignore_index || t < 0 || t >= vocab) {
+        std::fill(g, g + vocab, 0.0f);
+        continue;
+      }
+      softmax_grad_row(logits + r * stride, vocab, lse[r], scale, g);
+      g[t] -= scale;
+    }
+  });
+}
+
+}  // namespace aviary::ops::cpu

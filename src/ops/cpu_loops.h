@@ -1,0 +1,71 @@
+// Aviary's fused CPU loops: one pass over memory where the ATen composition of the same op makes
+// several and keeps intermediates alive for backward (RMSNorm, SwiGLU, rotary embedding,
+// cross-entropy).
+// fp32 only: the ops in src/ops/ call these for fp32 CPU tensors unless ops.impl is torch, and
+// fall back to their ATen reference otherwise (which stays the oracle of tests/unit/ops_cpu_test).
+//
+// Every loop is split over rows with at::parallel_for, and each row's arithmetic is sequential in
+// a fixed order, so results do not depend on the number of threads. The hot loops are compiled
+// for AVX-512, AVX2+FMA and baseline x86-64 and picked at load time (GCC target_clones), so one
+// binary is fast on any x86-64 machine.
+#pragma once
+
+#include <cstdint>
+
+namespace aviary::ops::cpu {
+
+// exp(x) in fp32 with a Cephes-style polynomial (about 2 ulp), vectorisable: 0 below -87.3,
+// +inf-free (clamped at 88.38), NaN in, NaN out. Exposed for its accuracy test.
+float exp_approx(float x);
+
+// RMSNorm, HF LLaMA's in fp32: rstd[r] = 1 / sqrt(mean(x[r]^2) + eps), y[r] = w * (x[r] * rstd[r]).
+// x has a row stride; y is contiguous [rows, cols].
+void rms_norm_forward(int64_t rows, int64_t cols, const float* x, int64_t x_stride,
+                      const float* weight, float eps, float* y, float* rstd);
+
+// Its gradients given grad [rows, cols] (contiguous): dx (contiguous; skipped when null) and
+// dweight (skipped when null), the latter summed over rows in fixed blocks so that the result does
+// not depend on the thread count.
+void rms_norm_backward(int64_t rows, int64_t cols, const float* grad, const float* x,
+                       int64_t x_stride, const float* weight, const float* rstd, float* dx,
+                       float* dweight);
+
+// out[r, c] = silu(gate[r, c]) * up[r, c]; out is contiguous [rows, cols].
+void swiglu_forward(int64_t rows, int64_t cols, const float* gate, int64_t gate_stride,
+                    const float* up, int64_t up_stride, float* out);
+
+// The gradients of swiglu_forward given grad [rows, cols]; dgate and dup are contiguous.
+void swiglu_backward(int64_t rows, int64_t cols, const float* grad, int64_t grad_stride,
+                     const float* gate, int64_t gate_stride, const float* up, int64_t up_stride,
+                     float* dgate, float* dup);
+
+// Element strides of a [B, H, T, D] tensor whose last dimension is contiguous.
+struct HeadStrides {
+  int64_t b = 0, h = 0, t = 0;
+};
+
+// Element strides of a [B, T, D] rotary table (b = 0 broadcasts one table over the batch).
+struct TableStrides {
+  int64_t b = 0, t = 0;
+};
+
+// Rotate-half rotary embedding, out = x * cos + rotate_half(x) * sin, for x [B, H, T, D]. With
+// `transpose` it applies the transposed rotation instead: the gradient of that map. out must not
+// overlap x.
+void rope(int64_t batch, int64_t heads, int64_t tokens, int64_t dim, const float* x, HeadStrides xs,
+          const float* cos, const float* sin, TableStrides ts, bool transpose, float* out,
+          HeadStrides os);
+
+// Per row r of logits [rows, vocab]: lse[r] = logsumexp(logits[r]) and loss[r] = lse[r] -
+// logits[r, target[r]] (0 where target[r] == ignore_index). Returns the first row whose target is
+// neither ignore_index nor in [0, vocab), or -1 when all are valid.
+int64_t cross_entropy_forward(int64_t rows, int64_t vocab, const float* logits, int64_t stride,
+                              const int64_t* targets, int64_t ignore_index, float* loss,
+                              float* lse);
+
+// grad[r, c] = scale * (exp(logits[r, c] - lse[r]) - [c == target[r]]), and 0 for ignored rows.
+void cross_entropy_backward(int64_t rows, int64_t vocab, const float* logits, int64_t stride,
+                            const int64_t* targets, int64_t ignore_index, const float* lse,
+                            float scale, float* grad, int64_t grad_stride);
+
+}  // namespace aviary::ops::cpu

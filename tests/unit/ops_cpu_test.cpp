@@ -1,0 +1,229 @@
+// Aviary's fused CPU loops (src/ops/cpu_loops.h) against their ATen references: values and
+// gradients of RMSNorm, SwiGLU, the rotary embedding and cross-entropy over awkward shapes and
+// layouts, the approximate exp, independence from the thread count, and ops.impl torch keeping the
+// reference.
+#include <cmath>
+#include <limits>
+#include <string>
+
+#include <ATen/Parallel.h>
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include "aviary/core/error.h"
+#include "aviary/ops/cross_entropy.h"
+#include "aviary/ops/impl.h"
+#include "aviary/ops/rms_norm.h"
+#include "aviary/ops/rope.h"
+#include "aviary/ops/swiglu.h"
+#include "ops/cpu_loops.h"
+
+namespace aviary {
+namespace {
+
+class ImplGuard {
+ public:
+  explicit ImplGuard(ops::OpsImpl impl) : saved_(ops::ops_impl()) { ops::set_ops_impl(impl); }
+  ~ImplGuard() { ops::set_ops_impl(saved_); }
+
+ private:
+  ops::OpsImpl saved_;
+};
+
+class ThreadsGuard {
+ public:
+  explicit ThreadsGuard(int threads) : saved_(at::get_num_threads()) {
+    at::set_num_threads(threads);
+  }
+  ~ThreadsGuard() { at::set_num_threads(saved_); }
+
+ private:
+  int saved_;
+};
+
+// max |a - b| relative to max |b|: elementwise relative errors blow up where a difference of
+// products cancels, so the scale is the tensor's.
+double max_rel(const torch::Tensor& a, const torch::Tensor& b) {
+  auto ad = a.to(torch::kFloat64), bd = b.to(torch::kFloat64);
+  return ((ad - bd).abs().max() / bd.abs().max().clamp_min(1e-30)).item<double>();
+}
+
+// Whether t was made by the autograd node `name` (custom functions' names are qualified).
+bool made_by(const torch::Tensor& t, const std::string& name) {
+  return t.grad_fn() && t.grad_fn()->name().find(name) != std::string::npos;
+}
+
+TEST(CpuExp, WithinThreeUlpOverTheWholeRangeAndExactAtTheEdges) {
+  double worst = 0.0;
+  for (double x = -87.0; x <= 88.0; x += 0.001) {
+    const float xf = static_cast<float>(x);
+    const double exact = std::exp(static_cast<double>(xf));
+    const double got = ops::cpu::exp_approx(xf);
+    worst = std::max(worst, std::abs(got - exact) / exact);
+  }
+  EXPECT_LT(worst, 3 * 1.2e-7) << "worst relative error " << worst;
+  EXPECT_EQ(ops::cpu::exp_approx(0.0f), 1.0f);
+  EXPECT_EQ(ops::cpu::exp_approx(-100.0f), 0.0f);
+  EXPECT_EQ(ops::cpu::exp_approx(-std::numeric_limits<float>::infinity()), 0.0f);
+  EXPECT_TRUE(std::isfinite(ops::cpu::exp_approx(1000.0f)));
+  EXPECT_TRUE(std::isnan(ops::cpu::exp_approx(std::nanf(""))));
+}
+
+TEST(CpuSwiGlu, ValuesAndGradientsMatchTheReferenceOnStridedInputs) {
+  torch::manual_seed(1);
+  // gate and up as column slices of one wider matrix (rows with a stride), 3-D, odd widths.
+  for (int64_t cols : {1, 15, 37, 260}) {
+    auto wide = (torch::randn({2, 5, 2 * cols + 3}) * 4).requires_grad_(true);
+    auto gate = wide.narrow(-1, 0, cols);
+    auto up = wide.narrow(-1, cols + 3, cols);
+    auto grad = torch::randn({2, 5, cols});
+    auto out = ops::swiglu(gate, up);
+    EXPECT_TRUE(made_by(out, "SwiGluCpuFunction")) << "the fused loop was not taken";
+    auto dwide = torch::autograd::grad({out}, {wide}, {grad})[0];
+    auto ref = ops::swiglu_reference(gate, up);
+    auto dref = torch::autograd::grad({ref}, {wide}, {grad})[0];
+    EXPECT_LT(max_rel(out, ref), 1e-5) << "cols " << cols;
+    EXPECT_LT(max_rel(dwide, dref), 1e-5) << "cols " << cols;
+  }
+}
+
+TEST(CpuRmsNorm, ValuesAndGradientsMatchTheReference) {
+  torch::manual_seed(5);
+  // (One column is degenerate: x * rstd is +-1 up to eps, its gradient pure cancellation.)
+  for (int64_t cols : {2, 33, 96}) {
+    // 3-D input with a row stride (a slice of wider rows), more rows than one weight block.
+    auto wide = (torch::randn({3, 70, cols + 5}) * 3).requires_grad_(true);
+    auto x = wide.narrow(-1, 2, cols);
+    auto weight = torch::randn({cols}).requires_grad_(true);
+    auto grad = torch::randn({3, 70, cols});
+    auto y = ops::rms_norm(x, weight, 1e-5);
+    EXPECT_TRUE(made_by(y, "RmsNormCpuFunction"));
+    auto got = torch::autograd::grad({y}, {wide, weight}, {grad});
+    auto ref = ops::rms_norm_reference(x, weight, 1e-5);
+    auto want = torch::autograd::grad({ref}, {wide, weight}, {grad});
+    EXPECT_LT(max_rel(y, ref), 1e-6) << "cols " << cols;
+    EXPECT_LT(max_rel(got[0], want[0]), 1e-5) << "cols " << cols;
+    EXPECT_LT(max_rel(got[1], want[1]), 1e-5) << "cols " << cols;
+  }
+  // A frozen weight: only the input's gradient.
+  auto x = torch::randn({4, 8}).requires_grad_(true);
+  auto y = ops::rms_norm(x, torch::ones({8}), 1e-6);
+  EXPECT_EQ(torch::autograd::grad({y.sum()}, {x})[0].sizes(), x.sizes());
+}
+
+TEST(CpuSwiGlu, ExtremeGatesStayFinite) {
+  auto gate = torch::tensor({-1e4f, -100.0f, -88.5f, 0.0f, 88.5f, 1e4f}).requires_grad_(true);
+  auto up = torch::ones({6}).requires_grad_(true);
+  auto out = ops::swiglu(gate, up);
+  auto ref = ops::swiglu_reference(gate.detach(), up.detach());
+  EXPECT_TRUE(torch::allclose(out.detach(), ref, 1e-6, 1e-6)) << out << ref;
+  out.sum().backward();
+  EXPECT_TRUE(torch::isfinite(gate.grad()).all().item<bool>()) << gate.grad();
+}
+
+// q as the model makes it: a [B, T, H, D] projection output viewed as [B, H, T, D].
+TEST(CpuRope, ValuesAndGradientsMatchTheReferenceForEveryLayout) {
+  torch::manual_seed(2);
+  const int64_t b = 2, t = 7, h = 3, d = 10;
+  auto inv_freq = ops::rope_inv_freq(d, 10000.0);
+  for (bool broadcast_table : {false, true}) {
+    auto positions = torch::arange(t, torch::kInt64).add(5).unsqueeze(0);
+    if (!broadcast_table) positions = positions.expand({b, t}).contiguous();
+    auto tables = ops::rope_tables(positions, inv_freq, torch::kFloat32);
+    for (bool projection_layout : {true, false}) {
+      auto leaf = projection_layout ? torch::randn({b, t, h * d}) : torch::randn({b, h, t, d});
+      leaf.requires_grad_(true);
+      auto x = projection_layout ? leaf.view({b, t, h, d}).transpose(1, 2) : leaf;
+      auto grad = torch::randn({b, h, t, d});
+      auto out = ops::apply_rope(x, tables);
+      EXPECT_TRUE(made_by(out, "RopeCpuFunction"));
+      auto dx = torch::autograd::grad({out}, {leaf}, {grad})[0];
+      auto ref = ops::apply_rope_reference(x, tables);
+      auto dref = torch::autograd::grad({ref}, {leaf}, {grad})[0];
+      EXPECT_LT(max_rel(out, ref), 1e-6);
+      EXPECT_LT(max_rel(dx, dref), 1e-6);
+      if (projection_layout) {
+        EXPECT_EQ(out.strides(), x.strides()) << "a copy was made";
+      }
+    }
+  }
+}
+
+TEST(CpuCrossEntropy, LossAndGradientsMatchTheReferenceWithIgnoredRows) {
+  torch::manual_seed(3);
+  for (int64_t vocab : {1, 17, 1000}) {
+    auto logits = (torch::randn({9, vocab}) * 6).requires_grad_(true);
+    auto targets = torch::randint(0, vocab, {9}, torch::kInt64);
+    targets[2] = -100;
+    targets[7] = -100;
+    for (auto reduction : {ops::LossReduction::kMean, ops::LossReduction::kSum}) {
+      auto loss = ops::cross_entropy(logits, targets, -100, reduction);
+      EXPECT_TRUE(made_by(loss, "CrossEntropyCpuFunction"));
+      auto g = torch::autograd::grad({loss * 3.0}, {logits})[0];
+      auto ref = ops::cross_entropy_reference(logits, targets, -100, reduction);
+      auto gref = torch::autograd::grad({ref * 3.0}, {logits})[0];
+      EXPECT_LT(max_rel(loss, ref), 1e-6) << "vocab " << vocab;
+      // Both sides round x - lse (|lse| ~ 20 here) before the exp: a few 1e-6 relative.
+      EXPECT_LT(max_rel(g, gref), 1e-5) << "vocab " << vocab;
+      EXPECT_TRUE(g[2].eq(0).all().item<bool>()) << "an ignored row got a gradient";
+    }
+  }
+}
+
+TEST(CpuCrossEntropy, LargeAndInfiniteLogitsAreStable) {
+  auto logits = torch::tensor({{1e4f, 0.0f, -1e4f}, {5.0f, -INFINITY, 3.0f}});
+  auto targets = torch::tensor({0, 2}, torch::kInt64);
+  auto loss = ops::cross_entropy(logits, targets);
+  auto ref = ops::cross_entropy_reference(logits, targets);
+  EXPECT_NEAR(loss.item<double>(), ref.item<double>(), 1e-6);
+}
+
+TEST(CpuCrossEntropy, ATargetOutsideTheVocabularyNamesItsRow) {
+  auto logits = torch::randn({4, 10});
+  auto targets = torch::tensor({1, 2, 10, 3}, torch::kInt64);
+  try {
+    ops::cross_entropy(logits, targets);
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::kInvalidArgument);
+    const std::string what = e.what();
+    EXPECT_NE(what.find("target 10 of row 2"), std::string::npos) << what;
+    EXPECT_NE(what.find("[0, 10)"), std::string::npos) << what;
+  }
+}
+
+TEST(CpuLoops, ResultsDoNotDependOnTheThreadCount) {
+  torch::manual_seed(4);
+  auto logits = torch::randn({64, 3001}).requires_grad_(true);
+  auto targets = torch::randint(0, 3001, {64}, torch::kInt64);
+  auto gate = torch::randn({300, 515}).requires_grad_(true), up = torch::randn({300, 515});
+  auto weight = torch::randn({515}).requires_grad_(true);
+  auto run = [&](int threads) {
+    ThreadsGuard guard(threads);
+    auto loss = ops::cross_entropy(logits, targets);
+    auto dl = torch::autograd::grad({loss}, {logits})[0];
+    auto out = ops::swiglu(gate, up);
+    auto dg = torch::autograd::grad({out.sum()}, {gate})[0];
+    auto y = ops::rms_norm(gate, weight, 1e-5);
+    auto dw = torch::autograd::grad({y.sum()}, {weight})[0];
+    return std::vector<torch::Tensor>{loss, dl, out, dg, y, dw};
+  };
+  auto one = run(1), two = run(2);
+  for (size_t i = 0; i < one.size(); ++i)
+    EXPECT_TRUE(torch::equal(one[i], two[i])) << "output " << i;
+}
+
+TEST(CpuLoops, OpsImplTorchAndOtherDtypesKeepTheReference) {
+  auto logits = torch::randn({3, 5}).requires_grad_(true);
+  auto targets = torch::tensor({0, 1, 2}, torch::kInt64);
+  {
+    ImplGuard torch_impl(ops::OpsImpl::kTorch);
+    EXPECT_TRUE(made_by(ops::cross_entropy(logits, targets), "NllLossBackward0"));
+    EXPECT_TRUE(made_by(ops::swiglu(logits, logits), "MulBackward0"));
+  }
+  auto half = logits.detach().to(torch::kFloat64).requires_grad_(true);
+  EXPECT_TRUE(made_by(ops::swiglu(half, half), "MulBackward0"));
+}
+
+}  // namespace
+}  // namespace aviary
