@@ -149,7 +149,8 @@ struct Trainer::State {
   double flops_per_token = 0;
 
   TrainerState state;
-  int64_t bad_steps = 0;  // consecutive non-finite steps
+  int64_t bad_steps = 0;                   // consecutive non-finite steps
+  std::optional<std::string> resume_path;  // the checkpoint to resume (locate_resume)
   std::string resumed_from;
 
   std::string where(const std::string& key) const { return source + ": " + key; }
@@ -167,6 +168,9 @@ struct Trainer::State {
   }
   void add_lora_to_frozen_base();
   void write_adapter() const;
+  // Checks that the checkpoint and log directories are writable and finds the checkpoint to
+  // resume, before the model is built (fsdp skips drawing initial weights when there is one).
+  void locate_resume();
   void resume();
 
   // normalizer: see LmLossOptions (0 = the batch mean).
@@ -408,13 +412,7 @@ void Trainer::State::build_fsdp() {
   // Every rank draws (or reads) the same values, so the shards agree without a broadcast. When a
   // checkpoint will be resumed, it fills the shards instead: drawing a 33B model's initial values
   // takes minutes.
-  bool resuming = false;
-  try {
-    resuming = resolve_resume(checkpoint.resume, checkpoint.dir).has_value();
-  } catch (const Error&) {
-    // resume() reports it, after the checks that come first.
-  }
-  if (!resuming) fill_initial_runs(model_spec, train.seed, fsdp->param_runs());
+  if (!resume_path) fill_initial_runs(model_spec, train.seed, fsdp->param_runs());
   model->set_block_hooks(fsdp.get());
   spdlog::info("{}: fsdp shards over {} rank(s){}, gathers in {}, reduces in {}", source,
                shard_group->world(),
@@ -426,10 +424,14 @@ void Trainer::State::build_fsdp() {
   optimizer = make_adamw(groups, optim);
 }
 
-void Trainer::State::resume() {
+void Trainer::State::locate_resume() {
   check_writable(checkpoint.dir);
   check_writable(log.dir);
-  auto path = resolve_resume(checkpoint.resume, checkpoint.dir);
+  resume_path = resolve_resume(checkpoint.resume, checkpoint.dir);
+}
+
+void Trainer::State::resume() {
+  const auto& path = resume_path;
   if (!path) return;
   LoadedCheckpoint loaded;
   if (fsdp) {
@@ -466,6 +468,7 @@ Trainer::Trainer(const Json& config, const std::string& source, const std::strin
                  s_->comm->backend(), "global batch split across ranks");
   }
   s_->open_data();
+  s_->locate_resume();
   s_->build_model_and_optimizer();
   s_->resume();
 

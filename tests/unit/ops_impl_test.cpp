@@ -268,6 +268,28 @@ TEST(BenchKernels, CpuJsonHasFiguresThatAgree) {
   }
 }
 
+// bench train: each case's figures, with the GEMM-only anchor above the whole step's speed (the
+// step runs those GEMMs and more) and absent for LoRA (its step has no weight-gradient GEMMs).
+TEST(BenchTrain, JsonRowsCarryAGemmCeilingAboveTheStep) {
+  auto r = test::run_cli(
+      "--log-level warn bench train --json --threads 1 --steps 2 --warmup 1 --cases tiny:fp32 "
+      "tiny:fp32:lora --tiny-model " +
+      test::fixture("tiny-llama"));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  auto rows = Json::parse(r.output.substr(r.output.find('[')));
+  ASSERT_EQ(rows.size(), 2u) << rows.dump(1);
+  const auto& full = rows[0];
+  EXPECT_EQ(full["case"], "tiny");
+  EXPECT_EQ(full["seq_len"], 128);
+  EXPECT_EQ(full["micro_batch"], 8);
+  EXPECT_NEAR(full["tokens_per_s"].get<double>() * full["step_time_s"].get<double>(), 128.0 * 8,
+              1e-6);
+  EXPECT_GT(full["peak_rss_mb"].get<double>(), 0.0);
+  EXPECT_GT(full["gemm_ceiling_tokens_per_s"].get<double>(), full["tokens_per_s"].get<double>());
+  EXPECT_EQ(rows[1]["case"], "tiny+lora");
+  EXPECT_TRUE(rows[1]["gemm_ceiling_tokens_per_s"].is_null());
+}
+
 TEST(BenchKernels, UnknownOpNamesTheFlag) {
   auto r = test::run_cli("bench kernels --cpu --ops rmsnorm");
   EXPECT_NE(r.exit_code, 0);

@@ -207,9 +207,9 @@ struct TrainBenchArgs {
 
 // The anchor of a training step on this machine: its projection and lm_head GEMMs alone (each
 // matrix's forward, input-gradient and weight-gradient product: 6 x tokens x matrix parameters
-// FLOPs, attention's excluded) through the same BLAS, threads and dtype, on tensors allocated
-// once. tokens / this time is a ceiling no implementation of the step on this BLAS passes: the
-// norms, attention, the loss and AdamW only add to it. The fastest of `repeats` runs.
+// FLOPs, attention's excluded) through the same BLAS, threads and dtype, on operands and outputs
+// allocated once. tokens / this time is a ceiling no implementation of the step on this BLAS
+// passes: the norms, attention, the loss and AdamW only add to it. The fastest of `repeats` runs.
 double gemm_only_step_seconds(const AquilaConfig& c, int64_t tokens, torch::ScalarType dtype,
                               int repeats) {
   const int64_t h = c.hidden_size, q = c.num_attention_heads * c.head_dim(),
@@ -218,23 +218,27 @@ double gemm_only_step_seconds(const AquilaConfig& c, int64_t tokens, torch::Scal
   const std::vector<std::pair<int64_t, int64_t>> block = {{h, q}, {h, kv}, {h, kv}, {q, h},
                                                           {h, i}, {h, i},  {i, h}};
   const auto options = torch::TensorOptions().dtype(dtype);
-  std::map<int64_t, torch::Tensor> activations, gradients;
-  std::map<std::pair<int64_t, int64_t>, torch::Tensor> weights;
+  // Per distinct (in, out): the input, the output's gradient, the weight, and the three products'
+  // outputs, all allocated once so that only the GEMMs are timed.
+  struct Operands {
+    torch::Tensor x, g, w, y, dx, dw;
+  };
+  std::map<std::pair<int64_t, int64_t>, Operands> operands;
   auto shape = [&](int64_t in, int64_t out) {
-    if (!activations.count(in)) activations[in] = torch::randn({tokens, in}, options);
-    if (!gradients.count(out)) gradients[out] = torch::randn({tokens, out}, options);
-    if (!weights.count({in, out})) weights[{in, out}] = torch::randn({in, out}, options) * 0.02;
+    if (operands.count({in, out})) return;
+    operands[{in, out}] = {
+        torch::randn({tokens, in}, options),     torch::randn({tokens, out}, options),
+        torch::randn({in, out}, options) * 0.02, torch::empty({tokens, out}, options),
+        torch::empty({tokens, in}, options),     torch::empty({in, out}, options)};
   };
   for (const auto& [in, out] : block)
     shape(in, out);
   shape(h, c.vocab_size);
   auto matmuls = [&](int64_t in, int64_t out) {
-    const auto& x = activations[in];
-    const auto& g = gradients[out];
-    const auto& w = weights[{in, out}];
-    torch::mm(x, w);      // forward
-    torch::mm(g, w.t());  // input gradient
-    torch::mm(x.t(), g);  // weight gradient
+    auto& o = operands[{in, out}];
+    torch::mm_out(o.y, o.x, o.w);       // forward
+    torch::mm_out(o.dx, o.g, o.w.t());  // input gradient
+    torch::mm_out(o.dw, o.x.t(), o.g);  // weight gradient
   };
   double best = 0;
   for (int r = 0; r <= repeats; ++r) {  // run 0 warms up
@@ -332,6 +336,7 @@ nlohmann::json run_train_case(const TrainBenchArgs& a, const std::string& spec) 
   int64_t n_params = 0;
   for (const auto& p : params)
     n_params += p.numel();
+  const double peak_rss_mb = peak_rss_bytes() / 1048576.0;  // the step's, before the anchor's
   const int64_t tokens = micro_batch * seq_len;
   nlohmann::json ceiling = nullptr;  // LoRA's step has no weight-gradient GEMMs: no anchor
   if (!lora) {
@@ -347,7 +352,7 @@ nlohmann::json run_train_case(const TrainBenchArgs& a, const std::string& spec) 
           {"micro_batch", micro_batch},
           {"tokens_per_s", static_cast<double>(micro_batch * seq_len) / step_time},
           {"step_time_s", step_time},
-          {"peak_rss_mb", peak_rss_bytes() / 1048576.0},
+          {"peak_rss_mb", peak_rss_mb},
           {"gemm_ceiling_tokens_per_s", ceiling},
           {"optimizer", "aviary AdamW"}};
 }

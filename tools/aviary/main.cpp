@@ -1,8 +1,10 @@
 // aviary: train, fine-tune and run Aquila / LLaMA models. See `aviary --help`.
+#include <malloc.h>
 #include <unistd.h>
 
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <exception>
 
 #include <c10/util/Exception.h>
@@ -28,10 +30,30 @@ void ensure_omp_wait_policy(char** argv) {
   // exec failed (no /proc?): carry on with libgomp's default.
 }
 
+// glibc's malloc gives every allocation above a threshold its own mmap, and hands the top of the
+// heap back to the kernel once 128 KB of it is free; with its default dynamic threshold, a training
+// step's activations (freed in backward, allocated again in the next forward) keep coming back as
+// fresh pages the kernel must fault in and zero. Keeping up to 256 MB of free heap and serving
+// allocations up to 32 MB from the heap removes most of that (measured on a 2-core Xeon: tiny
+// model +22% tokens/s, 100M model +5%, peak RSS within 1%); larger tensors (a 100M model's
+// logits) still come from mmap, so the peak does not grow by their reuse. A GLIBC_TUNABLES or
+// MALLOC_*_ setting from the user wins.
+void tune_malloc_for_training() {
+  const char* tunables = std::getenv("GLIBC_TUNABLES");
+  if ((tunables != nullptr && std::strstr(tunables, "glibc.malloc.") != nullptr) ||
+      std::getenv("MALLOC_TRIM_THRESHOLD_") != nullptr ||
+      std::getenv("MALLOC_MMAP_THRESHOLD_") != nullptr) {
+    return;
+  }
+  mallopt(M_MMAP_THRESHOLD, 32 << 20);
+  mallopt(M_TRIM_THRESHOLD, 256 << 20);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   ensure_omp_wait_policy(argv);
+  tune_malloc_for_training();
   CLI::App app{"Aviary " AVIARY_VERSION
                ": train, fine-tune and run Aquila / LLaMA models.\n"
                "Run `aviary <command> --help` for the options of a command."};
