@@ -221,6 +221,12 @@ AVIARY_CPU_CLONES void softmax_grad_row(const float* __restrict x, int64_t n, fl
     g[c] = scale * exp_poly(x[c] - lse);
 }
 
+AVIARY_CPU_CLONES void softmax_grad_row_inplace(float* __restrict x, int64_t n, float lse,
+                                                float scale) {
+  for (int64_t c = 0; c < n; ++c)
+    x[c] = scale * exp_poly(x[c] - lse);
+}
+
 }  // namespace
 
 float exp_approx(float x) {
@@ -311,6 +317,23 @@ int64_t cross_entropy_forward(int64_t rows, int64_t vocab, const float* logits, 
     if (targets[r] != ignore_index && (targets[r] < 0 || targets[r] >= vocab)) return r;
   }
   return -1;
+}
+
+void cross_entropy_backward_inplace(int64_t rows, int64_t vocab, float* logits, int64_t stride,
+                                    const int64_t* targets, int64_t ignore_index, const float* lse,
+                                    float scale) {
+  at::parallel_for(0, rows, grain_for(vocab), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float* g = logits + r * stride;
+      const int64_t t = targets[r];
+      if (t == ignore_index || t < 0 || t >= vocab) {
+        std::fill(g, g + vocab, 0.0f);
+        continue;
+      }
+      softmax_grad_row_inplace(g, vocab, lse[r], scale);
+      g[t] -= scale;
+    }
+  });
 }
 
 void cross_entropy_backward(int64_t rows, int64_t vocab, const float* logits, int64_t stride,

@@ -63,6 +63,12 @@ int64_t cross_entropy_forward(int64_t rows, int64_t vocab, const float* logits, 
                               const int64_t* targets, int64_t ignore_index, float* loss,
                               float* lse);
 
+// In place: logits[r, c] = scale * (exp(logits[r, c] - lse[r]) - [c == target[r]]), and 0 for
+// ignored rows (the fused lm_head + cross-entropy turns each chunk of logits into its gradient).
+void cross_entropy_backward_inplace(int64_t rows, int64_t vocab, float* logits, int64_t stride,
+                                    const int64_t* targets, int64_t ignore_index, const float* lse,
+                                    float scale);
+
 // grad[r, c] = scale * (exp(logits[r, c] - lse[r]) - [c == target[r]]), and 0 for ignored rows.
 void cross_entropy_backward(int64_t rows, int64_t vocab, const float* logits, int64_t stride,
                             const int64_t* targets, int64_t ignore_index, const float* lse,

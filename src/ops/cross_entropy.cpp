@@ -3,7 +3,9 @@
 #include <torch/autograd.h>
 #include <torch/nn/functional/loss.h>
 
+#include <algorithm>
 #include <limits>
+#include <utility>
 
 #include "aviary/core/error.h"
 #include "aviary/ops/impl.h"
@@ -11,6 +13,37 @@
 
 namespace aviary::ops {
 namespace {
+
+// The first row whose target is neither ignore_index nor in [0, vocab), or -1.
+int64_t first_bad_target(const int64_t* targets, int64_t rows, int64_t vocab,
+                         int64_t ignore_index) {
+  for (int64_t r = 0; r < rows; ++r) {
+    if (targets[r] != ignore_index && (targets[r] < 0 || targets[r] >= vocab)) return r;
+  }
+  return -1;
+}
+
+[[noreturn]] void throw_bad_target(int64_t target, int64_t row, int64_t vocab) {
+  throw_invalid("target " + std::to_string(target) + " of row " + std::to_string(row) +
+                    " is outside the vocabulary [0, " + std::to_string(vocab) + ")",
+                "cross_entropy",
+                "the data was tokenized with a larger vocabulary than the model's: check the "
+                "tokenizer and model.vocab_size");
+}
+
+// The loss value and the factor that turns per-row gradients into the reduction's.
+std::pair<double, double> reduce_rows(const float* loss, const int64_t* targets, int64_t rows,
+                                      int64_t ignore_index, LossReduction reduction) {
+  int64_t counted = 0;
+  double total = 0.0;  // in double, in row order: the same whatever the thread count
+  for (int64_t r = 0; r < rows; ++r) {
+    counted += targets[r] != ignore_index ? 1 : 0;
+    total += loss[r];
+  }
+  if (reduction == LossReduction::kSum) return {total, 1.0};
+  if (counted == 0) return {std::numeric_limits<double>::quiet_NaN(), 0.0};
+  return {total / static_cast<double>(counted), 1.0 / static_cast<double>(counted)};
+}
 
 class CrossEntropyCpuFunction : public torch::autograd::Function<CrossEntropyCpuFunction> {
  public:
@@ -29,28 +62,9 @@ class CrossEntropyCpuFunction : public torch::autograd::Function<CrossEntropyCpu
     const int64_t bad =
         cpu::cross_entropy_forward(rows, vocab, x.data_ptr<float>(), stride, tp, ignore_index,
                                    loss.data_ptr<float>(), lse.data_ptr<float>());
-    if (bad >= 0) {
-      throw_invalid("target " + std::to_string(tp[bad]) + " of row " + std::to_string(bad) +
-                        " is outside the vocabulary [0, " + std::to_string(vocab) + ")",
-                    "cross_entropy",
-                    "the data was tokenized with a larger vocabulary than the model's: check "
-                    "the tokenizer and model.vocab_size");
-    }
-    int64_t counted = 0;
-    for (int64_t r = 0; r < rows; ++r)
-      counted += tp[r] != ignore_index ? 1 : 0;
-    // Summed in double, in row order: the same result whatever the thread count.
-    double total = 0.0;
-    const float* lp = loss.data_ptr<float>();
-    for (int64_t r = 0; r < rows; ++r)
-      total += lp[r];
-    double value = total;
-    double scale = 1.0;
-    if (reduction == LossReduction::kMean) {
-      value = counted > 0 ? total / static_cast<double>(counted)
-                          : std::numeric_limits<double>::quiet_NaN();
-      scale = counted > 0 ? 1.0 / static_cast<double>(counted) : 0.0;
-    }
+    if (bad >= 0) throw_bad_target(tp[bad], bad, vocab);
+    const auto [value, scale] =
+        reduce_rows(loss.data_ptr<float>(), tp, rows, ignore_index, reduction);
     ctx->save_for_backward({x, t, lse});
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->saved_data["scale"] = scale;
@@ -73,6 +87,83 @@ class CrossEntropyCpuFunction : public torch::autograd::Function<CrossEntropyCpu
   }
 };
 
+class LinearCrossEntropyCpuFunction
+    : public torch::autograd::Function<LinearCrossEntropyCpuFunction> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& hidden,
+                               const torch::Tensor& weight, const torch::Tensor& targets,
+                               int64_t ignore_index, LossReduction reduction) {
+    const int64_t rows = hidden.size(0), width = hidden.size(1), vocab = weight.size(0);
+    auto h = hidden.contiguous();
+    auto w = weight.contiguous();
+    auto t = targets.to(torch::kInt64).contiguous();
+    const int64_t* tp = t.data_ptr<int64_t>();
+    if (const int64_t bad = first_bad_target(tp, rows, vocab, ignore_index); bad >= 0) {
+      throw_bad_target(tp[bad], bad, vocab);
+    }
+    // Gradient mode is off inside forward; the inputs still say whether they need one.
+    const bool need_hidden = hidden.requires_grad(), need_weight = weight.requires_grad();
+    const auto options = hidden.options();
+    auto loss = torch::empty({rows}, options);
+    auto lse = torch::empty({rows}, options);
+    torch::Tensor dhidden = need_hidden ? torch::empty({rows, width}, options) : torch::Tensor();
+    torch::Tensor dweight = need_weight ? torch::empty({vocab, width}, options) : torch::Tensor();
+    const int64_t chunk = linear_cross_entropy_chunk_rows(rows, vocab);
+    auto buffer = torch::empty({chunk, vocab}, options);
+    for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
+      const int64_t n = std::min(chunk, rows - r0);
+      auto hc = h.narrow(0, r0, n);
+      auto logits = buffer.narrow(0, 0, n);
+      torch::mm_out(logits, hc, w.t());
+      float* lp = logits.data_ptr<float>();
+      cpu::cross_entropy_forward(n, vocab, lp, vocab, tp + r0, ignore_index,
+                                 loss.data_ptr<float>() + r0, lse.data_ptr<float>() + r0);
+      if (!need_hidden && !need_weight) continue;
+      // The unscaled gradient of each row's loss (backward applies the reduction and grad_out).
+      cpu::cross_entropy_backward_inplace(n, vocab, lp, vocab, tp + r0, ignore_index,
+                                          lse.data_ptr<float>() + r0, 1.0f);
+      if (need_hidden) {
+        auto rows_out = dhidden.narrow(0, r0, n);
+        torch::mm_out(rows_out, logits, w);
+      }
+      if (need_weight) {
+        if (r0 == 0) {
+          torch::mm_out(dweight, logits.t(), hc);
+        } else {
+          dweight.addmm_(logits.t(), hc);
+        }
+      }
+    }
+    const auto [value, scale] =
+        reduce_rows(loss.data_ptr<float>(), tp, rows, ignore_index, reduction);
+    ctx->saved_data["dhidden"] = dhidden;
+    ctx->saved_data["dweight"] = dweight;
+    ctx->saved_data["scale"] = scale;
+    return torch::full({}, value, options);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    if (!ctx->saved_data.count("dhidden")) {
+      throw Error(ErrorKind::kInternal,
+                  "the fused lm_head + cross-entropy was differentiated twice",
+                  "ops::linear_cross_entropy",
+                  "its gradients are handed over once; set ops.impl: torch to keep the graph");
+    }
+    // Taken out of the context, so that AccumulateGrad can adopt them instead of copying.
+    auto dhidden = ctx->saved_data["dhidden"].toTensor();
+    auto dweight = ctx->saved_data["dweight"].toTensor();
+    ctx->saved_data.erase("dhidden");
+    ctx->saved_data.erase("dweight");
+    const double scale =
+        ctx->saved_data["scale"].toDouble() * grads[0].to(torch::kFloat64).item<double>();
+    for (auto* g : {&dhidden, &dweight}) {
+      if (g->defined() && scale != 1.0) g->mul_(scale);
+    }
+    return {dhidden, dweight, torch::Tensor(), torch::Tensor(), torch::Tensor()};
+  }
+};
+
 }  // namespace
 
 torch::Tensor cross_entropy_reference(const torch::Tensor& logits, const torch::Tensor& targets,
@@ -81,6 +172,25 @@ torch::Tensor cross_entropy_reference(const torch::Tensor& logits, const torch::
   auto options = F::CrossEntropyFuncOptions().ignore_index(ignore_index);
   if (reduction == LossReduction::kSum) options.reduction(torch::kSum);
   return F::cross_entropy(logits, targets, options);
+}
+
+int64_t linear_cross_entropy_chunk_rows(int64_t rows, int64_t vocab) {
+  constexpr int64_t kChunkFloats = int64_t{7} << 20;
+  return std::clamp<int64_t>(kChunkFloats / std::max<int64_t>(1, vocab), 1,
+                             std::max<int64_t>(1, rows));
+}
+
+torch::Tensor linear_cross_entropy(const torch::Tensor& hidden, const torch::Tensor& weight,
+                                   const torch::Tensor& targets, int64_t ignore_index,
+                                   LossReduction reduction) {
+  if (use_cpu_loops(hidden) && weight.scalar_type() == torch::kFloat32 &&
+      weight.device().is_cpu() && hidden.dim() == 2 && weight.dim() == 2 &&
+      weight.size(1) == hidden.size(1) && weight.size(0) > 0 && targets.dim() == 1 &&
+      targets.size(0) == hidden.size(0) && targets.device().is_cpu() &&
+      !c10::isFloatingType(targets.scalar_type())) {
+    return LinearCrossEntropyCpuFunction::apply(hidden, weight, targets, ignore_index, reduction);
+  }
+  return cross_entropy(torch::matmul(hidden, weight.t()), targets, ignore_index, reduction);
 }
 
 torch::Tensor cross_entropy(const torch::Tensor& logits, const torch::Tensor& targets,

@@ -3,6 +3,7 @@
 #include "aviary/nn/document_mask.h"
 #include "aviary/ops/autocast.h"
 #include "aviary/ops/cross_entropy.h"
+#include "aviary/ops/impl.h"
 
 namespace aviary {
 
@@ -24,23 +25,39 @@ torch::Tensor causal_lm_loss(AquilaForCausalLMImpl& model, const torch::Tensor& 
                     .unsqueeze(0)
                     .expand({rows, len});
   }
-  torch::Tensor logits;
-  {
-    ops::AutocastGuard autocast(device.type(), options.bf16);
-    logits = model.forward(inputs, positions, mask, nullptr);
-  }
-  const int64_t vocab = logits.size(-1);
-  auto flat_logits = logits.reshape({-1, vocab}).to(torch::kFloat32);
-  logits = torch::Tensor();  // under bf16 the fp32 copy replaces it; only the loss keeps either
   constexpr int64_t kIgnore = -100;
   if (options.loss_mask.defined()) {
     auto keep = options.loss_mask.to(device).narrow(1, 1, len).to(torch::kBool);
     targets = targets.masked_fill(keep.logical_not(), kIgnore);
   }
   auto flat_targets = targets.reshape({-1});
-  if (options.normalizer <= 0) return ops::cross_entropy(flat_logits, flat_targets, kIgnore);
-  return ops::cross_entropy(flat_logits, flat_targets, kIgnore, ops::LossReduction::kSum) /
-         options.normalizer;
+  const auto reduction =
+      options.normalizer > 0 ? ops::LossReduction::kSum : ops::LossReduction::kMean;
+  auto normalized = [&](const torch::Tensor& loss) {
+    return options.normalizer > 0 ? loss / options.normalizer : loss;
+  };
+  torch::Tensor hidden;
+  {
+    ops::AutocastGuard autocast(device.type(), options.bf16);
+    hidden = model.hidden_states(inputs, positions, mask, nullptr);
+  }
+  const auto& head = *model.lm_head;
+  const int64_t width = hidden.size(-1);
+  if (!options.bf16 && !head.has_lora() && ops::use_cpu_loops(hidden)) {
+    // lm_head and the loss in one op that never holds the [tokens, vocab] logits.
+    return normalized(ops::linear_cross_entropy(hidden.reshape({-1, width}), head.weight,
+                                                flat_targets, kIgnore, reduction));
+  }
+  torch::Tensor logits;
+  {
+    ops::AutocastGuard autocast(device.type(), options.bf16);
+    logits = model.lm_head(hidden);
+  }
+  hidden = torch::Tensor();
+  const int64_t vocab = logits.size(-1);
+  auto flat_logits = logits.reshape({-1, vocab}).to(torch::kFloat32);
+  logits = torch::Tensor();  // under bf16 the fp32 copy replaces it; only the loss keeps either
+  return normalized(ops::cross_entropy(flat_logits, flat_targets, kIgnore, reduction));
 }
 
 int64_t count_loss_targets(const torch::Tensor& loss_mask) {

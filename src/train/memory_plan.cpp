@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "aviary/core/error.h"
+#include "aviary/ops/cross_entropy.h"
 #include "aviary/train/model_spec.h"
 
 namespace aviary {
@@ -209,6 +210,16 @@ bool fused_swiglu(const MemoryPlanInputs& in) {
   return fused_cpu_ops(in) && in.precision == "fp32";
 }
 
+// lm_head and the loss as one op (ops::linear_cross_entropy; fp32 without autocast): no
+// [N, vocab] tensor is kept, only a chunk of logits while the forward runs.
+bool fused_loss_head(const MemoryPlanInputs& in) {
+  return fused_cpu_ops(in) && in.precision == "fp32";
+}
+
+int64_t loss_head_chunk_bytes(const MemoryPlanInputs& in, int64_t vocab) {
+  return kF32 * ops::linear_cross_entropy_chunk_rows(in.micro_batch * in.seq_len, vocab) * vocab;
+}
+
 // Peak bytes of forward + backward beyond parameters, gradients and optimizer state.
 //
 // Saved tensors of one block (per token, read off autograd for ATen's ops on the CPU path, which
@@ -236,7 +247,9 @@ bool fused_swiglu(const MemoryPlanInputs& in) {
 // only the CPU path is measured here.
 // Aviary's fused CPU loops (the default on CPU) keep less: RMSNorm keeps x and rstd (as CUDA),
 // SwiGLU gate and up (no silu(gate)), the cross-entropy the logits and one float per row instead
-// of the log-probabilities, and its backward writes one [N, vocab] gradient instead of two.
+// of the log-probabilities, and its backward writes one [N, vocab] gradient instead of two. In
+// fp32, lm_head and the loss are one op that keeps no [N, vocab] tensor at all: the gradients of
+// lm_head's input and weight are made in the forward, a chunk of logits at a time.
 struct ActivationTerms {
   int64_t layer = 0;                   // one block's saved tensors, its input included
   int64_t layer_input = 0;             // the block input alone (what a checkpoint keeps)
@@ -308,6 +321,12 @@ void lora_activation_terms(const Shapes& s, const MemoryPlanInputs& in, Activati
   t.head = kF32 * n * (h + 1 + v) + kI64 * n + (bf16 && lm_head_fp32 ? kBF16 * v * h : 0) +
            (fused_cpu_ops(in) ? kF32 * n : 0);
   t.head_backward = bf16 ? kBF16 * n * h + kF32 * n * h : kF32 * n * h;
+  if (fused_loss_head(in)) {
+    // The fused loss head keeps only its input's gradient (lm_head is frozen), and one chunk of
+    // logits while it runs.
+    t.head = kF32 * n * (h + 1) + kF32 * n * h;
+    t.ce_backward = loss_head_chunk_bytes(in, v);
+  }
   // SwiGLU's backward holds the product's gradient and two more [N, inter] gradients on top of
   // what the block keeps; with an adapter on down_proj, the product it kept is released by then.
   t.layer_backward = bf16
@@ -361,6 +380,14 @@ ActivationTerms activation_terms(const Shapes& s, const MemoryPlanInputs& in) {
   t.head_backward = bf16 ? std::max(-kBF16 * n * v + kBF16 * n * h + kBF16 * v * h,
                                     -kF32 * n * v + kBF16 * n * h + kF32 * v * h)
                          : kF32 * n * h + kF32 * v * h;
+  if (fused_loss_head(in)) {
+    // lm_head and the loss as one op: the final norm's input and rstd, and the gradients of
+    // lm_head's input and weight, made in the forward; a chunk of logits while it runs (counted
+    // in place of the cross-entropy backward); the final norm's input gradient in backward.
+    t.head = kF32 * n * (h + 1) + kF32 * n * h + kF32 * v * h;
+    t.ce_backward = loss_head_chunk_bytes(in, v);
+    t.head_backward = kF32 * n * h;
+  }
   // A block's backward peaks in its SwiGLU, next to the incoming fp32 gradient of the block's
   // output: either at down_proj's backward (its input gradient [N, inter] and its weight gradient
   // [hidden, inter] in transit; bf16: that one's fp32 cast, after the bf16 weight copy is

@@ -192,6 +192,55 @@ TEST(CpuCrossEntropy, ATargetOutsideTheVocabularyNamesItsRow) {
   }
 }
 
+// lm_head + loss in one op: against matmul + the reference, over one chunk of logits and over
+// several (a vocabulary of 300k makes chunks of 6 rows), with ignored rows, both reductions, a
+// frozen weight and no gradients at all.
+TEST(CpuLinearCrossEntropy, LossAndGradientsMatchMatmulThenTheReference) {
+  torch::manual_seed(6);
+  for (int64_t vocab : {50, 300001}) {
+    const int64_t rows = 9, width = 8;
+    auto hidden = torch::randn({rows, width}).requires_grad_(true);
+    auto weight = (torch::randn({vocab, width}) * 0.5).requires_grad_(true);
+    auto targets = torch::randint(0, vocab, {rows}, torch::kInt64);
+    targets[4] = -100;
+    for (auto reduction : {ops::LossReduction::kMean, ops::LossReduction::kSum}) {
+      auto loss = ops::linear_cross_entropy(hidden, weight, targets, -100, reduction);
+      EXPECT_TRUE(made_by(loss, "LinearCrossEntropyCpuFunction"));
+      auto got = torch::autograd::grad({loss * 2.0}, {hidden, weight});
+      auto ref =
+          ops::cross_entropy_reference(torch::matmul(hidden, weight.t()), targets, -100, reduction);
+      auto want = torch::autograd::grad({ref * 2.0}, {hidden, weight});
+      EXPECT_LT(max_rel(loss, ref), 1e-6) << "vocab " << vocab;
+      EXPECT_LT(max_rel(got[0], want[0]), 1e-5) << "vocab " << vocab;
+      EXPECT_LT(max_rel(got[1], want[1]), 1e-5) << "vocab " << vocab;
+    }
+  }
+  auto hidden = torch::randn({5, 4}).requires_grad_(true);
+  auto frozen = torch::randn({7, 4});
+  auto targets = torch::tensor({0, 6, 3, 2, 1}, torch::kInt64);
+  auto loss = ops::linear_cross_entropy(hidden, frozen, targets);
+  auto dh = torch::autograd::grad({loss}, {hidden})[0];
+  auto ref = ops::cross_entropy_reference(torch::matmul(hidden, frozen.t()), targets);
+  EXPECT_LT(max_rel(dh, torch::autograd::grad({ref}, {hidden})[0]), 1e-5);
+  torch::NoGradGuard no_grad;
+  EXPECT_NEAR(ops::linear_cross_entropy(hidden, frozen, targets).item<double>(), ref.item<double>(),
+              1e-6);
+}
+
+TEST(CpuLinearCrossEntropy, BadTargetsAndASecondBackwardAreRefused) {
+  auto hidden = torch::randn({3, 4}).requires_grad_(true);
+  auto weight = torch::randn({6, 4}).requires_grad_(true);
+  try {
+    ops::linear_cross_entropy(hidden, weight, torch::tensor({1, 6, 2}, torch::kInt64));
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("target 6 of row 1"), std::string::npos) << e.what();
+  }
+  auto loss = ops::linear_cross_entropy(hidden, weight, torch::tensor({1, 5, 2}, torch::kInt64));
+  loss.backward({}, /*retain_graph=*/true);
+  EXPECT_THROW(loss.backward(), Error);
+}
+
 TEST(CpuLoops, ResultsDoNotDependOnTheThreadCount) {
   torch::manual_seed(4);
   auto logits = torch::randn({64, 3001}).requires_grad_(true);

@@ -20,6 +20,22 @@ torch::Tensor cross_entropy(const torch::Tensor& logits, const torch::Tensor& ta
                             int64_t ignore_index = -100,
                             LossReduction reduction = LossReduction::kMean);
 
+// cross_entropy(hidden @ weight^T, targets): the loss head of a language model (lm_head, then
+// the loss) without its [rows, vocab] logits. hidden: [rows, width]; weight: [vocab, width]. On
+// fp32 CPU tensors the logits are made a chunk of rows at a time (about 28 MB) and turned into
+// their gradient at once, so the forward leaves only the gradients of hidden and weight (the
+// latter only when weight requires one) for backward to scale; otherwise (and under
+// ops.impl torch) it is the reference, matmul then cross_entropy.
+torch::Tensor linear_cross_entropy(const torch::Tensor& hidden, const torch::Tensor& weight,
+                                   const torch::Tensor& targets, int64_t ignore_index = -100,
+                                   LossReduction reduction = LossReduction::kMean);
+
+// Rows of logits per chunk of the fused linear_cross_entropy (for the memory plan): about 28 MB
+// of them, below the 32 MB above which the aviary binary's malloc maps fresh pages
+// (tools/aviary/main.cpp), so one step's buffer is reused by the next instead of being faulted
+// in again, and still some 200 rows at a time for the GEMMs of a 32k vocabulary.
+int64_t linear_cross_entropy_chunk_rows(int64_t rows, int64_t vocab);
+
 // The ATen reference (the oracle of the fused loop's tests).
 torch::Tensor cross_entropy_reference(const torch::Tensor& logits, const torch::Tensor& targets,
                                       int64_t ignore_index = -100,
