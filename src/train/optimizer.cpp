@@ -212,8 +212,11 @@ double clip_grad_norm(const std::vector<torch::Tensor>& params, double max_norm)
   const double total_norm = total.item<double>();
   if (max_norm > 0 && std::isfinite(total_norm)) {
     auto clip_coef = torch::clamp(max_norm / (total + 1e-6), std::nullopt, 1.0);
-    for (auto& g : grads)
-      g.mul_(clip_coef);
+    // Python multiplies by the coefficient even when it is 1; skipping that pass changes no bit.
+    if (clip_coef.item<float>() != 1.0f) {
+      for (auto& g : grads)
+        g.mul_(clip_coef);
+    }
   }
   return total_norm;
 }

@@ -613,7 +613,7 @@ void Trainer::State::log_samples(const data::Batch& batch) const {
   const std::string& file = test_sample_log;
   std::FILE* f = std::fopen(file.c_str(), "a");
   if (f == nullptr) return;
-  std::fprintf(f, "%lld", static_cast<long long>(state.step + 1));
+  std::fprintf(f, "%lld", static_cast<long long>(state.step) + 1);
   for (int64_t i : batch.indices)
     std::fprintf(f, " %lld", static_cast<long long>(i));
   std::fprintf(f, "\n");

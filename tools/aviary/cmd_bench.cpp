@@ -369,7 +369,7 @@ void run_train_distributed(const TrainBenchArgs& a) {
   if (!mkdtemp(tmpl)) throw_io("cannot create a temp dir", "/tmp");
   const fs::path dir = tmpl;
   const int64_t steps = a.steps > 0 ? a.steps : 12;
-  const int64_t global_batch = 8 * a.nproc;
+  const int64_t global_batch = int64_t{8} * a.nproc;
   nlohmann::json model_section = {{"arch", "aquila"},
                                   {"init_from", fs::absolute(a.tiny_model).string()}};
   ConfigReader model_reader(model_section, "model", "bench");
