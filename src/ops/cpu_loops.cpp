@@ -52,6 +52,16 @@ inline __attribute__((always_inline)) float exp_poly(float x) {
   return x < kLow ? 0.0f : y * scale;
 }
 
+// The lanes summed pairwise, so that the result does not depend on which lane held the large
+// terms.
+inline __attribute__((always_inline)) float sum_lanes(float (&acc)[kLanes]) {
+  for (int width = kLanes / 2; width >= 1; width /= 2) {
+    for (int l = 0; l < width; ++l)
+      acc[l] += acc[l + width];
+  }
+  return acc[0];
+}
+
 AVIARY_CPU_CLONES float row_dot(const float* __restrict a, const float* __restrict b, int64_t n) {
   float acc[kLanes] = {};
   int64_t c = 0;
@@ -61,11 +71,7 @@ AVIARY_CPU_CLONES float row_dot(const float* __restrict a, const float* __restri
   }
   for (; c < n; ++c)
     acc[0] += a[c] * b[c];
-  for (int width = kLanes / 2; width >= 1; width /= 2) {
-    for (int l = 0; l < width; ++l)
-      acc[l] += acc[l + width];
-  }
-  return acc[0];
+  return sum_lanes(acc);
 }
 
 AVIARY_CPU_CLONES void rms_norm_forward_rows(int64_t r0, int64_t r1, int64_t cols, const float* x,
@@ -98,11 +104,7 @@ AVIARY_CPU_CLONES void rms_norm_dx_rows(int64_t r0, int64_t r1, int64_t cols, co
     }
     for (; c < cols; ++c)
       acc[0] += g[c] * weight[c] * xr[c];
-    for (int width = kLanes / 2; width >= 1; width /= 2) {
-      for (int l = 0; l < width; ++l)
-        acc[l] += acc[l + width];
-    }
-    const float k = acc[0] * inv * inv / static_cast<float>(cols);
+    const float k = sum_lanes(acc) * inv * inv / static_cast<float>(cols);
     for (c = 0; c < cols; ++c)
       d[c] = inv * (g[c] * weight[c] - xr[c] * k);
   }
@@ -207,12 +209,7 @@ AVIARY_CPU_CLONES float row_sum_exp(const float* __restrict x, int64_t n, float 
   }
   for (; c < n; ++c)
     acc[0] += exp_poly(x[c] - shift);
-  // Pairwise, so that the result does not depend on which lane held the large terms.
-  for (int width = kLanes / 2; width >= 1; width /= 2) {
-    for (int l = 0; l < width; ++l)
-      acc[l] += acc[l + width];
-  }
-  return acc[0];
+  return sum_lanes(acc);
 }
 
 AVIARY_CPU_CLONES void softmax_grad_row(const float* __restrict x, int64_t n, float lse,
@@ -292,9 +289,8 @@ void rope(int64_t batch, int64_t heads, int64_t tokens, int64_t dim, const float
   });
 }
 
-int64_t cross_entropy_forward(int64_t rows, int64_t vocab, const float* logits, int64_t stride,
-                              const int64_t* targets, int64_t ignore_index, float* loss,
-                              float* lse) {
+void cross_entropy_forward(int64_t rows, int64_t vocab, const float* logits, int64_t stride,
+                           const int64_t* targets, int64_t ignore_index, float* loss, float* lse) {
   at::parallel_for(0, rows, grain_for(vocab), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const float* x = logits + r * stride;
@@ -313,32 +309,15 @@ int64_t cross_entropy_forward(int64_t rows, int64_t vocab, const float* logits, 
       }
     }
   });
-  for (int64_t r = 0; r < rows; ++r) {
-    if (targets[r] != ignore_index && (targets[r] < 0 || targets[r] >= vocab)) return r;
-  }
-  return -1;
 }
 
-void cross_entropy_backward_inplace(int64_t rows, int64_t vocab, float* logits, int64_t stride,
-                                    const int64_t* targets, int64_t ignore_index, const float* lse,
-                                    float scale) {
-  at::parallel_for(0, rows, grain_for(vocab), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      float* g = logits + r * stride;
-      const int64_t t = targets[r];
-      if (t == ignore_index || t < 0 || t >= vocab) {
-        std::fill(g, g + vocab, 0.0f);
-        continue;
-      }
-      softmax_grad_row_inplace(g, vocab, lse[r], scale);
-      g[t] -= scale;
-    }
-  });
-}
+namespace {
 
-void cross_entropy_backward(int64_t rows, int64_t vocab, const float* logits, int64_t stride,
-                            const int64_t* targets, int64_t ignore_index, const float* lse,
-                            float scale, float* grad, int64_t grad_stride) {
+// grad[r] = scale * (softmax(row r) - one_hot(target[r])), 0 for ignored rows; softmax_row(r, g)
+// writes scale * softmax of row r into g.
+template <class SoftmaxRow>
+void gradient_rows(int64_t rows, int64_t vocab, const int64_t* targets, int64_t ignore_index,
+                   float scale, float* grad, int64_t grad_stride, const SoftmaxRow& softmax_row) {
   at::parallel_for(0, rows, grain_for(vocab), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       float* g = grad + r * grad_stride;
@@ -347,10 +326,27 @@ void cross_entropy_backward(int64_t rows, int64_t vocab, const float* logits, in
         std::fill(g, g + vocab, 0.0f);
         continue;
       }
-      softmax_grad_row(logits + r * stride, vocab, lse[r], scale, g);
+      softmax_row(r, g);
       g[t] -= scale;
     }
   });
+}
+
+}  // namespace
+
+void cross_entropy_backward_inplace(int64_t rows, int64_t vocab, float* logits, int64_t stride,
+                                    const int64_t* targets, int64_t ignore_index, const float* lse,
+                                    float scale) {
+  gradient_rows(rows, vocab, targets, ignore_index, scale, logits, stride,
+                [&](int64_t r, float* g) { softmax_grad_row_inplace(g, vocab, lse[r], scale); });
+}
+
+void cross_entropy_backward(int64_t rows, int64_t vocab, const float* logits, int64_t stride,
+                            const int64_t* targets, int64_t ignore_index, const float* lse,
+                            float scale, float* grad, int64_t grad_stride) {
+  gradient_rows(
+      rows, vocab, targets, ignore_index, scale, grad, grad_stride,
+      [&](int64_t r, float* g) { softmax_grad_row(logits + r * stride, vocab, lse[r], scale, g); });
 }
 
 }  // namespace aviary::ops::cpu

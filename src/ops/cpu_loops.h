@@ -57,11 +57,10 @@ void rope(int64_t batch, int64_t heads, int64_t tokens, int64_t dim, const float
           HeadStrides os);
 
 // Per row r of logits [rows, vocab]: lse[r] = logsumexp(logits[r]) and loss[r] = lse[r] -
-// logits[r, target[r]] (0 where target[r] == ignore_index). Returns the first row whose target is
-// neither ignore_index nor in [0, vocab), or -1 when all are valid.
-int64_t cross_entropy_forward(int64_t rows, int64_t vocab, const float* logits, int64_t stride,
-                              const int64_t* targets, int64_t ignore_index, float* loss,
-                              float* lse);
+// logits[r, target[r]] (0 where target[r] == ignore_index). Targets must be ignore_index or in
+// [0, vocab): the ops check them first (NaN otherwise).
+void cross_entropy_forward(int64_t rows, int64_t vocab, const float* logits, int64_t stride,
+                           const int64_t* targets, int64_t ignore_index, float* loss, float* lse);
 
 // In place: logits[r, c] = scale * (exp(logits[r, c] - lse[r]) - [c == target[r]]), and 0 for
 // ignored rows (the fused lm_head + cross-entropy turns each chunk of logits into its gradient).

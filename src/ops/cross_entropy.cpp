@@ -59,10 +59,11 @@ class CrossEntropyCpuFunction : public torch::autograd::Function<CrossEntropyCpu
     auto lse = torch::empty({rows}, logits.options());
     const int64_t stride = rows > 1 ? x.stride(0) : vocab;
     const int64_t* tp = t.data_ptr<int64_t>();
-    const int64_t bad =
-        cpu::cross_entropy_forward(rows, vocab, x.data_ptr<float>(), stride, tp, ignore_index,
-                                   loss.data_ptr<float>(), lse.data_ptr<float>());
-    if (bad >= 0) throw_bad_target(tp[bad], bad, vocab);
+    if (const int64_t bad = first_bad_target(tp, rows, vocab, ignore_index); bad >= 0) {
+      throw_bad_target(tp[bad], bad, vocab);
+    }
+    cpu::cross_entropy_forward(rows, vocab, x.data_ptr<float>(), stride, tp, ignore_index,
+                               loss.data_ptr<float>(), lse.data_ptr<float>());
     const auto [value, scale] =
         reduce_rows(loss.data_ptr<float>(), tp, rows, ignore_index, reduction);
     ctx->save_for_backward({x, t, lse});

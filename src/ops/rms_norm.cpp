@@ -115,7 +115,7 @@ torch::Tensor rms_norm_kernel_forward(const torch::Tensor& x, const torch::Tenso
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t cols = x.size(-1);
   // A view when the leading dimensions collapse into one row stride; a copy otherwise.
-  auto x2 = x.stride(-1) == 1 ? x.reshape({-1, cols}) : x.contiguous().view({-1, cols});
+  auto x2 = as_rows(x);
   auto w = weight.contiguous();
   auto y = torch::empty({x2.size(0), cols}, x.options());
   kernels::RmsNormForwardParams p;
@@ -125,7 +125,7 @@ torch::Tensor rms_norm_kernel_forward(const torch::Tensor& x, const torch::Tenso
   p.y = y.data_ptr();
   p.rows = x2.size(0);
   p.cols = cols;
-  p.x_row_stride = p.rows > 1 ? x2.stride(0) : cols;
+  p.x_row_stride = row_stride(x2);
   p.y_row_stride = cols;
   p.eps = static_cast<float>(eps);
   const cudaError_t err =

@@ -18,8 +18,8 @@ cpu::HeadStrides head_strides(const torch::Tensor& t) {
 torch::Tensor rope_cpu(const torch::Tensor& x_in, const torch::Tensor& cos,
                        const torch::Tensor& sin, bool transpose) {
   auto x = x_in.stride(3) == 1 ? x_in : x_in.contiguous();
+  // x's strides where x is dense (so D stays unit-stride), contiguous otherwise.
   auto out = torch::empty_like(x);
-  if (out.stride(3) != 1) out = torch::empty(x.sizes(), x.options());
   const cpu::TableStrides ts{cos.size(0) == 1 ? 0 : cos.stride(0), cos.stride(1)};
   cpu::rope(x.size(0), x.size(1), x.size(2), x.size(3), x.data_ptr<float>(), head_strides(x),
             cos.data_ptr<float>(), sin.data_ptr<float>(), ts, transpose, out.data_ptr<float>(),

@@ -201,18 +201,15 @@ FsdpSizes fsdp_sizes(const Shapes& s, int64_t world) {
 }
 
 // Which ops take Aviary's fused CPU loops (ops/impl.h): RMSNorm (the residual stream is fp32)
-// and the cross-entropy (its logits are fp32) in both precisions, SwiGLU on fp32 activations.
+// and the cross-entropy (its logits are fp32) in both precisions.
 bool fused_cpu_ops(const MemoryPlanInputs& in) {
   return in.device == "cpu" && in.cpu_loops;
 }
 
-bool fused_swiglu(const MemoryPlanInputs& in) {
-  return fused_cpu_ops(in) && in.precision == "fp32";
-}
-
-// lm_head and the loss as one op (ops::linear_cross_entropy; fp32 without autocast): no
-// [N, vocab] tensor is kept, only a chunk of logits while the forward runs.
-bool fused_loss_head(const MemoryPlanInputs& in) {
+// Without autocast, also SwiGLU and the loss head: lm_head and the loss as one op
+// (ops::linear_cross_entropy) that keeps no [N, vocab] tensor, only a chunk of logits while the
+// forward runs.
+bool fused_fp32_ops(const MemoryPlanInputs& in) {
   return fused_cpu_ops(in) && in.precision == "fp32";
 }
 
@@ -294,7 +291,7 @@ void lora_activation_terms(const Shapes& s, const MemoryPlanInputs& in, Activati
   // fused CPU SwiGLU keeps no silu(gate)).
   const int64_t sdpa =
       bf16 ? 4 * s.q + 4 * s.kv + 4 * s.heads : kF32 * (2 * s.q + 2 * s.kv + s.heads);
-  const int64_t swiglu_saved = fused_swiglu(in) ? 2 : 3;
+  const int64_t swiglu_saved = fused_fp32_ops(in) ? 2 : 3;
   int64_t per_token = 2 * (kF32 * h + kF32) + sdpa + swiglu_saved * e * i;
   // A group of adapters on one shared fp32 norm output (q/k/v, or gate/up) of width h.
   const int64_t norm_noise = cuda ? 1 : kF32;
@@ -321,7 +318,7 @@ void lora_activation_terms(const Shapes& s, const MemoryPlanInputs& in, Activati
   t.head = kF32 * n * (h + 1 + v) + kI64 * n + (bf16 && lm_head_fp32 ? kBF16 * v * h : 0) +
            (fused_cpu_ops(in) ? kF32 * n : 0);
   t.head_backward = bf16 ? kBF16 * n * h + kF32 * n * h : kF32 * n * h;
-  if (fused_loss_head(in)) {
+  if (fused_fp32_ops(in)) {
     // The fused loss head keeps only its input's gradient (lm_head is frozen), and one chunk of
     // logits while it runs.
     t.head = kF32 * n * (h + 1) + kF32 * n * h;
@@ -349,7 +346,7 @@ ActivationTerms activation_terms(const Shapes& s, const MemoryPlanInputs& in) {
               t.layer_weight_casts;
   } else {
     // SwiGLU: gate's and up's outputs and the product down_proj keeps, and ATen's silu(gate).
-    const int64_t swiglu_saved = fused_swiglu(in) ? 3 : 4;
+    const int64_t swiglu_saved = fused_fp32_ops(in) ? 3 : 4;
     t.layer =
         kF32 * n * (4 * h + 2 * s.q + 2 * s.kv + s.heads + 2 + swiglu_saved * i) + 2 * normalised;
   }
@@ -380,7 +377,7 @@ ActivationTerms activation_terms(const Shapes& s, const MemoryPlanInputs& in) {
   t.head_backward = bf16 ? std::max(-kBF16 * n * v + kBF16 * n * h + kBF16 * v * h,
                                     -kF32 * n * v + kBF16 * n * h + kF32 * v * h)
                          : kF32 * n * h + kF32 * v * h;
-  if (fused_loss_head(in)) {
+  if (fused_fp32_ops(in)) {
     // lm_head and the loss as one op: the final norm's input and rstd, and the gradients of
     // lm_head's input and weight, made in the forward; a chunk of logits while it runs (counted
     // in place of the cross-entropy backward); the final norm's input gradient in backward.
@@ -411,7 +408,7 @@ ActivationTerms activation_terms(const Shapes& s, const MemoryPlanInputs& in) {
   // and the norm's output m.
   // The fused CPU SwiGLU makes no silu(gate).
   const int64_t e = bf16 ? kBF16 : kF32;
-  t.block_forward = (fused_swiglu(in) ? 3 : 4) * e * n * i + e * n * h + 2 * kF32 * n * h;
+  t.block_forward = (fused_fp32_ops(in) ? 3 : 4) * e * n * i + e * n * h + 2 * kF32 * n * h;
   if (in.lora.enabled) lora_activation_terms(s, in, t);
   return t;
 }

@@ -80,6 +80,32 @@ class ImplForPlan {
   ops::OpsImpl saved_;
 };
 
+// Plans and measures one step (accumulation 2, what the measurement runs) with the given
+// implementation and checks the plan row by row; returns the plan.
+MemoryPlan expect_plan_matches_measurement(const std::string& name, const AquilaConfig& config,
+                                           MemoryPlanInputs in, bool cpu_loops) {
+  ImplForPlan impl(cpu_loops);
+  in.cpu_loops = cpu_loops;
+  in.accumulation = 2;
+  const auto plan = plan_memory(config, in);
+  const auto got = measure_training_step(config, in);
+  const int64_t planned_act =
+      in.activation_checkpointing ? plan.activations_checkpointed : *plan.activations_full;
+  SCOPED_TRACE(name + (in.activation_checkpointing ? " ckpt on" : " ckpt off") +
+               (cpu_loops ? " fused" : " aten") + ": planned " + plan.to_json().dump() +
+               " measured " + got.to_json().dump());
+  // Parameters, gradients and AdamW's moments are exact up to a few small tensors (rope's
+  // inv_freq, AdamW's step scalars).
+  EXPECT_LT(relative_error(plan.weights, got.weights), 0.01);
+  EXPECT_LT(relative_error(plan.gradients, got.gradients), 0.01);
+  EXPECT_LT(relative_error(plan.optimizer, got.optimizer), 0.01);
+  // The bound: 10%.
+  EXPECT_LT(relative_error(planned_act, got.activations), 0.10);
+  // At one process the total is the sum of the rows: the step's peak with accumulation.
+  EXPECT_LT(relative_error(plan.total, got.total), 0.10);
+  return plan;
+}
+
 // The claim: the plan agrees with what is measured within 10%, row by row, with Aviary's
 // fused CPU ops (the default) and with ATen's (ops.impl torch), which keep more.
 TEST(MemoryPlan, AgreesWithMeasuredStepWithin10Percent) {
@@ -87,30 +113,12 @@ TEST(MemoryPlan, AgreesWithMeasuredStepWithin10Percent) {
   for (const auto& c : tiny_cases()) {
     for (bool checkpointing : {false, true}) {
       for (bool cpu_loops : {true, false}) {
-        ImplForPlan impl(cpu_loops);
         MemoryPlanInputs in;
-        in.cpu_loops = cpu_loops;
         in.micro_batch = c.micro_batch;
         in.seq_len = c.seq_len;
         in.activation_checkpointing = checkpointing;
         in.precision = c.precision;
-        in.accumulation = 2;  // what the measurement runs
-        const auto plan = plan_memory(c.config, in);
-        const auto got = measure_training_step(c.config, in);
-        const int64_t planned_act =
-            checkpointing ? plan.activations_checkpointed : *plan.activations_full;
-        SCOPED_TRACE(std::string(c.name) + (checkpointing ? " ckpt on" : " ckpt off") +
-                     (cpu_loops ? " fused" : " aten") + ": planned " + plan.to_json().dump() +
-                     " measured " + got.to_json().dump());
-        // Parameters, gradients and AdamW's moments are exact up to a few small tensors (rope's
-        // inv_freq, AdamW's step scalars).
-        EXPECT_LT(relative_error(plan.weights, got.weights), 0.01);
-        EXPECT_LT(relative_error(plan.gradients, got.gradients), 0.01);
-        EXPECT_LT(relative_error(plan.optimizer, got.optimizer), 0.01);
-        // The bound: 10%.
-        EXPECT_LT(relative_error(planned_act, got.activations), 0.10);
-        // At one process the total is the sum of the rows: the step's peak with accumulation.
-        EXPECT_LT(relative_error(plan.total, got.total), 0.10);
+        expect_plan_matches_measurement(c.name, c.config, in, cpu_loops);
       }
     }
   }
@@ -152,28 +160,14 @@ TEST(MemoryPlan, LoraAgreesWithMeasuredStepWithin10Percent) {
   for (const auto& c : cases) {
     for (bool checkpointing : {false, true}) {
       for (bool cpu_loops : {true, false}) {
-        ImplForPlan impl(cpu_loops);
         MemoryPlanInputs in;
-        in.cpu_loops = cpu_loops;
         in.micro_batch = c.micro_batch;
         in.seq_len = c.seq_len;
         in.activation_checkpointing = checkpointing;
         in.precision = c.precision;
-        in.accumulation = 2;
         in.lora = c.lora;
-        const auto plan = plan_memory(c.config, in);
-        const auto got = measure_training_step(c.config, in);
-        const int64_t planned_act =
-            checkpointing ? plan.activations_checkpointed : *plan.activations_full;
-        SCOPED_TRACE(std::string(c.name) + (checkpointing ? " ckpt on" : " ckpt off") +
-                     (cpu_loops ? " fused" : " aten") + ": planned " + plan.to_json().dump() +
-                     " measured " + got.to_json().dump());
+        const auto plan = expect_plan_matches_measurement(c.name, c.config, in, cpu_loops);
         EXPECT_LT(plan.trainable, c.config.num_parameters() / 4);
-        EXPECT_LT(relative_error(plan.weights, got.weights), 0.01);
-        EXPECT_LT(relative_error(plan.gradients, got.gradients), 0.01);
-        EXPECT_LT(relative_error(plan.optimizer, got.optimizer), 0.01);
-        EXPECT_LT(relative_error(planned_act, got.activations), 0.10);
-        EXPECT_LT(relative_error(plan.total, got.total), 0.10);
       }
     }
   }
