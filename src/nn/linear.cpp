@@ -7,6 +7,7 @@
 
 #include "aviary/core/error.h"
 #include "aviary/nn/skeleton.h"
+#include "aviary/ops/embedding.h"
 #include "aviary/ops/rms_norm.h"
 
 namespace aviary::nn {
@@ -65,7 +66,7 @@ EmbeddingImpl::EmbeddingImpl(int64_t num_embeddings, int64_t dim,
 }
 
 torch::Tensor EmbeddingImpl::forward(const torch::Tensor& ids) {
-  return torch::embedding(weight, ids);
+  return ops::embedding(weight, ids);
 }
 
 RMSNormImpl::RMSNormImpl(int64_t dim, double eps_, const torch::TensorOptions& options)

@@ -155,6 +155,19 @@ AVIARY_CPU_CLONES void swiglu_backward_rows(int64_t r0, int64_t r1, int64_t cols
   }
 }
 
+// Columns [c0, c1) of dweight += grad rows, token by token.
+AVIARY_CPU_CLONES void embedding_backward_columns(int64_t c0, int64_t c1, int64_t rows,
+                                                  const int64_t* ids, const float* grad,
+                                                  int64_t grad_stride, int64_t cols,
+                                                  float* dweight) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* __restrict g = grad + r * grad_stride;
+    float* __restrict d = dweight + ids[r] * cols;
+    for (int64_t c = c0; c < c1; ++c)
+      d[c] += g[c];
+  }
+}
+
 AVIARY_CPU_CLONES void rope_rows(int64_t i0, int64_t i1, int64_t heads, int64_t tokens, int64_t dim,
                                  const float* x, HeadStrides xs, const float* cos, const float* sin,
                                  TableStrides ts, bool transpose, float* out, HeadStrides os) {
@@ -269,6 +282,22 @@ void swiglu_forward(int64_t rows, int64_t cols, const float* gate, int64_t gate_
                     const float* up, int64_t up_stride, float* out) {
   at::parallel_for(0, rows, grain_for(cols), [&](int64_t r0, int64_t r1) {
     swiglu_forward_rows(r0, r1, cols, gate, gate_stride, up, up_stride, out);
+  });
+}
+
+void embedding_backward(int64_t rows, int64_t cols, const int64_t* ids, const float* grad,
+                        int64_t grad_stride, int64_t vocab, float* dweight) {
+  // Zeroed by the threads that then fill it, so its pages are touched where they are used.
+  at::parallel_for(0, vocab, grain_for(cols), [&](int64_t v0, int64_t v1) {
+    std::memset(dweight + v0 * cols, 0, static_cast<size_t>((v1 - v0) * cols) * sizeof(float));
+  });
+  // Split over columns, not tokens: two tokens with the same id never race, and each element sums
+  // its tokens in order.
+  constexpr int64_t kColumnBlock = 64;
+  const int64_t blocks = (cols + kColumnBlock - 1) / kColumnBlock;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    embedding_backward_columns(b0 * kColumnBlock, std::min(cols, b1 * kColumnBlock), rows, ids,
+                               grad, grad_stride, cols, dweight);
   });
 }
 

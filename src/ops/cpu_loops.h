@@ -39,6 +39,12 @@ void swiglu_backward(int64_t rows, int64_t cols, const float* grad, int64_t grad
                      const float* gate, int64_t gate_stride, const float* up, int64_t up_stride,
                      float* dgate, float* dup);
 
+// The embedding table's gradient: dweight [vocab, cols] (contiguous) is zeroed, then row ids[r]
+// gets grad[r] added, token by token in order (so repeated ids sum in a fixed order whatever the
+// thread count). ids must be in [0, vocab): the forward's lookup checked them.
+void embedding_backward(int64_t rows, int64_t cols, const int64_t* ids, const float* grad,
+                        int64_t grad_stride, int64_t vocab, float* dweight);
+
 // Element strides of a [B, H, T, D] tensor whose last dimension is contiguous.
 struct HeadStrides {
   int64_t b = 0, h = 0, t = 0;

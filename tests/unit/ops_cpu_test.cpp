@@ -1,7 +1,7 @@
 // Aviary's fused CPU loops (src/ops/cpu_loops.h) against their ATen references: values and
-// gradients of RMSNorm, SwiGLU, the rotary embedding and cross-entropy over awkward shapes and
-// layouts, the approximate exp, independence from the thread count, and ops.impl torch keeping the
-// reference.
+// gradients of RMSNorm, SwiGLU, the rotary embedding, cross-entropy and the embedding lookup over
+// awkward shapes and layouts, the approximate exp, independence from the thread count, and ops.impl
+// torch keeping the reference.
 #include <cmath>
 #include <limits>
 #include <string>
@@ -12,6 +12,7 @@
 
 #include "aviary/core/error.h"
 #include "aviary/ops/cross_entropy.h"
+#include "aviary/ops/embedding.h"
 #include "aviary/ops/impl.h"
 #include "aviary/ops/rms_norm.h"
 #include "aviary/ops/rope.h"
@@ -241,12 +242,34 @@ TEST(CpuLinearCrossEntropy, BadTargetsAndASecondBackwardAreRefused) {
   EXPECT_THROW(loss.backward(), Error);
 }
 
+TEST(CpuEmbedding, LookupAndGradientMatchTheReferenceWithRepeatedIds) {
+  torch::manual_seed(5);
+  // 70 columns: one full 64-column block and a ragged one; ids repeat and skip rows.
+  auto weight = torch::randn({37, 70}).requires_grad_(true);
+  auto ids = torch::randint(0, 12, {3, 41}, torch::kInt64);
+  ids[1][5] = 36;  // the last row
+  auto grad = torch::randn({3, 41, 70}).transpose(0, 1).contiguous().transpose(0, 1);  // strided
+  auto out = ops::embedding(weight, ids);
+  ASSERT_TRUE(made_by(out, "EmbeddingCpuFunction"));
+  auto ref = ops::embedding_reference(weight, ids);
+  EXPECT_TRUE(torch::equal(out, ref));
+  auto dw = torch::autograd::grad({out}, {weight}, {grad})[0];
+  auto dw_ref = torch::autograd::grad({ref}, {weight}, {grad})[0];
+  EXPECT_LT(max_rel(dw, dw_ref), 1e-6);
+  EXPECT_TRUE(dw.narrow(0, 12, 24).eq(0).all().item<bool>());  // rows no token used
+  // An id outside the table is refused by the lookup, before any backward.
+  EXPECT_ANY_THROW(ops::embedding(weight, torch::tensor({0, 37}, torch::kInt64)));
+  EXPECT_ANY_THROW(ops::embedding(weight, torch::tensor({-1}, torch::kInt64)));
+}
+
 TEST(CpuLoops, ResultsDoNotDependOnTheThreadCount) {
   torch::manual_seed(4);
   auto logits = torch::randn({64, 3001}).requires_grad_(true);
   auto targets = torch::randint(0, 3001, {64}, torch::kInt64);
   auto gate = torch::randn({300, 515}).requires_grad_(true), up = torch::randn({300, 515});
   auto weight = torch::randn({515}).requires_grad_(true);
+  auto ids = torch::randint(0, 300, {700}, torch::kInt64);  // embedding rows of gate
+  auto rows_grad = torch::randn({700, 515});
   auto run = [&](int threads) {
     ThreadsGuard guard(threads);
     auto loss = ops::cross_entropy(logits, targets);
@@ -255,7 +278,8 @@ TEST(CpuLoops, ResultsDoNotDependOnTheThreadCount) {
     auto dg = torch::autograd::grad({out.sum()}, {gate})[0];
     auto y = ops::rms_norm(gate, weight, 1e-5);
     auto dw = torch::autograd::grad({y.sum()}, {weight})[0];
-    return std::vector<torch::Tensor>{loss, dl, out, dg, y, dw};
+    auto de = torch::autograd::grad({ops::embedding(gate, ids)}, {gate}, {rows_grad})[0];
+    return std::vector<torch::Tensor>{loss, dl, out, dg, y, dw, de};
   };
   auto one = run(1), two = run(2);
   for (size_t i = 0; i < one.size(); ++i)
@@ -269,6 +293,7 @@ TEST(CpuLoops, OpsImplTorchAndOtherDtypesKeepTheReference) {
     ImplGuard torch_impl(ops::OpsImpl::kTorch);
     EXPECT_TRUE(made_by(ops::cross_entropy(logits, targets), "NllLossBackward0"));
     EXPECT_TRUE(made_by(ops::swiglu(logits, logits), "MulBackward0"));
+    EXPECT_TRUE(made_by(ops::embedding(logits, targets), "EmbeddingBackward0"));
   }
   auto half = logits.detach().to(torch::kFloat64).requires_grad_(true);
   EXPECT_TRUE(made_by(ops::swiglu(half, half), "MulBackward0"));

@@ -7,6 +7,7 @@
 
 #include <stdlib.h>
 
+#include <array>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -317,16 +318,31 @@ nlohmann::json run_train_case(const TrainBenchArgs& a, const std::string& spec) 
   }
   LmLossOptions loss_options;
   loss_options.bf16 = precision == "bf16";
+  // Seconds per phase over the timed steps: where a step's time goes, next to the ceiling.
+  // loss.item() after the forward adds no wait: CPU ops run synchronously.
+  std::array<double, 4> phase_s{};
+  bool timing = false;
   auto step = [&](const torch::Tensor& batch) {
+    auto t0 = std::chrono::steady_clock::now();
+    auto lap = [&](size_t phase) {
+      const auto now = std::chrono::steady_clock::now();
+      if (timing) phase_s[phase] += std::chrono::duration<double>(now - t0).count();
+      t0 = now;
+    };
     auto loss = causal_lm_loss(*model, batch, loss_options);
+    lap(0);
     loss.backward();
+    lap(1);
     clip_grad_norm(params, optim.grad_clip);
+    lap(2);
     optimizer->step();
     optimizer->zero_grad(/*set_to_none=*/true);
+    lap(3);
     return loss.item<double>();
   };
   for (int64_t i = 0; i < a.warmup; ++i)
     step(batches[static_cast<size_t>(i)]);
+  timing = true;
   const auto start = std::chrono::steady_clock::now();
   for (int64_t i = a.warmup; i < a.warmup + steps; ++i)
     step(batches[static_cast<size_t>(i)]);
@@ -354,6 +370,11 @@ nlohmann::json run_train_case(const TrainBenchArgs& a, const std::string& spec) 
           {"step_time_s", step_time},
           {"peak_rss_mb", peak_rss_mb},
           {"gemm_ceiling_tokens_per_s", ceiling},
+          {"phase_s",
+           {{"forward", phase_s[0] / static_cast<double>(steps)},
+            {"backward", phase_s[1] / static_cast<double>(steps)},
+            {"clip", phase_s[2] / static_cast<double>(steps)},
+            {"optimizer", phase_s[3] / static_cast<double>(steps)}}},
           {"optimizer", "aviary AdamW"}};
 }
 
