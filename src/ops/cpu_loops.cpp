@@ -62,6 +62,31 @@ inline __attribute__((always_inline)) float sum_lanes(float (&acc)[kLanes]) {
   return acc[0];
 }
 
+// Elements as the loops see them: fp32 as is, bf16 (raw uint16_t bits) widened to fp32 on load and
+// rounded to nearest even on store, exactly as c10::BFloat16 converts (NaN stays NaN). Written
+// with integer ops and selects so that the loops still vectorise.
+inline __attribute__((always_inline)) float load(const float* p, int64_t i) {
+  return p[i];
+}
+
+inline __attribute__((always_inline)) float load(const uint16_t* p, int64_t i) {
+  const uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+inline __attribute__((always_inline)) void store(float* p, int64_t i, float v) {
+  p[i] = v;
+}
+
+inline __attribute__((always_inline)) void store(uint16_t* p, int64_t i, float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  p[i] = static_cast<uint16_t>(v != v ? 0x7fc0u : rounded);
+}
+
 AVIARY_CPU_CLONES float row_dot(const float* __restrict a, const float* __restrict b, int64_t n) {
   float acc[kLanes] = {};
   int64_t c = 0;
@@ -125,15 +150,50 @@ AVIARY_CPU_CLONES void rms_norm_dw_block(int64_t r0, int64_t r1, int64_t cols, c
   }
 }
 
+template <typename T>
+inline __attribute__((always_inline)) void swiglu_forward_body(int64_t r0, int64_t r1, int64_t cols,
+                                                               const T* gate, int64_t gate_stride,
+                                                               const T* up, int64_t up_stride,
+                                                               T* out) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* __restrict g = gate + r * gate_stride;
+    const T* __restrict u = up + r * up_stride;
+    T* __restrict o = out + r * cols;
+    for (int64_t c = 0; c < cols; ++c) {
+      const float gc = load(g, c);
+      store(o, c, gc * load(u, c) / (1.0f + exp_poly(-gc)));
+    }
+  }
+}
+
 AVIARY_CPU_CLONES void swiglu_forward_rows(int64_t r0, int64_t r1, int64_t cols, const float* gate,
                                            int64_t gate_stride, const float* up, int64_t up_stride,
                                            float* out) {
+  swiglu_forward_body(r0, r1, cols, gate, gate_stride, up, up_stride, out);
+}
+
+AVIARY_CPU_CLONES void swiglu_forward_rows(int64_t r0, int64_t r1, int64_t cols,
+                                           const uint16_t* gate, int64_t gate_stride,
+                                           const uint16_t* up, int64_t up_stride, uint16_t* out) {
+  swiglu_forward_body(r0, r1, cols, gate, gate_stride, up, up_stride, out);
+}
+
+template <typename T>
+inline __attribute__((always_inline)) void swiglu_backward_body(
+    int64_t r0, int64_t r1, int64_t cols, const T* grad, int64_t grad_stride, const T* gate,
+    int64_t gate_stride, const T* up, int64_t up_stride, T* dgate, T* dup) {
   for (int64_t r = r0; r < r1; ++r) {
-    const float* __restrict g = gate + r * gate_stride;
-    const float* __restrict u = up + r * up_stride;
-    float* __restrict o = out + r * cols;
-    for (int64_t c = 0; c < cols; ++c)
-      o[c] = g[c] * u[c] / (1.0f + exp_poly(-g[c]));
+    const T* __restrict d = grad + r * grad_stride;
+    const T* __restrict g = gate + r * gate_stride;
+    const T* __restrict u = up + r * up_stride;
+    T* __restrict dg = dgate + r * cols;
+    T* __restrict du = dup + r * cols;
+    for (int64_t c = 0; c < cols; ++c) {
+      const float dc = load(d, c), gc = load(g, c);
+      const float s = 1.0f / (1.0f + exp_poly(-gc));
+      store(dg, c, dc * load(u, c) * (s * (1.0f + gc * (1.0f - s))));
+      store(du, c, dc * (gc * s));
+    }
   }
 }
 
@@ -141,18 +201,17 @@ AVIARY_CPU_CLONES void swiglu_backward_rows(int64_t r0, int64_t r1, int64_t cols
                                             int64_t grad_stride, const float* gate,
                                             int64_t gate_stride, const float* up, int64_t up_stride,
                                             float* dgate, float* dup) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const float* __restrict d = grad + r * grad_stride;
-    const float* __restrict g = gate + r * gate_stride;
-    const float* __restrict u = up + r * up_stride;
-    float* __restrict dg = dgate + r * cols;
-    float* __restrict du = dup + r * cols;
-    for (int64_t c = 0; c < cols; ++c) {
-      const float s = 1.0f / (1.0f + exp_poly(-g[c]));
-      dg[c] = d[c] * u[c] * (s * (1.0f + g[c] * (1.0f - s)));
-      du[c] = d[c] * (g[c] * s);
-    }
-  }
+  swiglu_backward_body(r0, r1, cols, grad, grad_stride, gate, gate_stride, up, up_stride, dgate,
+                       dup);
+}
+
+AVIARY_CPU_CLONES void swiglu_backward_rows(int64_t r0, int64_t r1, int64_t cols,
+                                            const uint16_t* grad, int64_t grad_stride,
+                                            const uint16_t* gate, int64_t gate_stride,
+                                            const uint16_t* up, int64_t up_stride, uint16_t* dgate,
+                                            uint16_t* dup) {
+  swiglu_backward_body(r0, r1, cols, grad, grad_stride, gate, gate_stride, up, up_stride, dgate,
+                       dup);
 }
 
 // Columns [c0, c1) of dweight += grad rows, token by token.
@@ -168,32 +227,48 @@ AVIARY_CPU_CLONES void embedding_backward_columns(int64_t c0, int64_t c1, int64_
   }
 }
 
-AVIARY_CPU_CLONES void rope_rows(int64_t i0, int64_t i1, int64_t heads, int64_t tokens, int64_t dim,
-                                 const float* x, HeadStrides xs, const float* cos, const float* sin,
-                                 TableStrides ts, bool transpose, float* out, HeadStrides os) {
+template <typename T>
+inline __attribute__((always_inline)) void rope_body(int64_t i0, int64_t i1, int64_t heads,
+                                                     int64_t tokens, int64_t dim, const T* x,
+                                                     HeadStrides xs, const float* cos,
+                                                     const float* sin, TableStrides ts,
+                                                     bool transpose, T* out, HeadStrides os) {
   const int64_t half = dim / 2;
   for (int64_t i = i0; i < i1; ++i) {
     const int64_t b = i / tokens, t = i % tokens;
     const float* __restrict c = cos + b * ts.b + t * ts.t;
     const float* __restrict s = sin + b * ts.b + t * ts.t;
     for (int64_t h = 0; h < heads; ++h) {
-      const float* __restrict xp = x + b * xs.b + h * xs.h + t * xs.t;
-      float* __restrict op = out + b * os.b + h * os.h + t * os.t;
+      const T* __restrict xp = x + b * xs.b + h * xs.h + t * xs.t;
+      T* __restrict op = out + b * os.b + h * os.h + t * os.t;
       if (!transpose) {
         for (int64_t j = 0; j < half; ++j) {
-          const float x0 = xp[j], x1 = xp[j + half];
-          op[j] = x0 * c[j] - x1 * s[j];
-          op[j + half] = x1 * c[j + half] + x0 * s[j + half];
+          const float x0 = load(xp, j), x1 = load(xp, j + half);
+          store(op, j, x0 * c[j] - x1 * s[j]);
+          store(op, j + half, x1 * c[j + half] + x0 * s[j + half]);
         }
       } else {
         for (int64_t j = 0; j < half; ++j) {
-          const float x0 = xp[j], x1 = xp[j + half];
-          op[j] = x0 * c[j] + x1 * s[j + half];
-          op[j + half] = x1 * c[j + half] - x0 * s[j];
+          const float x0 = load(xp, j), x1 = load(xp, j + half);
+          store(op, j, x0 * c[j] + x1 * s[j + half]);
+          store(op, j + half, x1 * c[j + half] - x0 * s[j]);
         }
       }
     }
   }
+}
+
+AVIARY_CPU_CLONES void rope_rows(int64_t i0, int64_t i1, int64_t heads, int64_t tokens, int64_t dim,
+                                 const float* x, HeadStrides xs, const float* cos, const float* sin,
+                                 TableStrides ts, bool transpose, float* out, HeadStrides os) {
+  rope_body(i0, i1, heads, tokens, dim, x, xs, cos, sin, ts, transpose, out, os);
+}
+
+AVIARY_CPU_CLONES void rope_rows(int64_t i0, int64_t i1, int64_t heads, int64_t tokens, int64_t dim,
+                                 const uint16_t* x, HeadStrides xs, const float* cos,
+                                 const float* sin, TableStrides ts, bool transpose, uint16_t* out,
+                                 HeadStrides os) {
+  rope_body(i0, i1, heads, tokens, dim, x, xs, cos, sin, ts, transpose, out, os);
 }
 
 AVIARY_CPU_CLONES float row_max(const float* __restrict x, int64_t n) {
@@ -285,6 +360,13 @@ void swiglu_forward(int64_t rows, int64_t cols, const float* gate, int64_t gate_
   });
 }
 
+void swiglu_forward(int64_t rows, int64_t cols, const uint16_t* gate, int64_t gate_stride,
+                    const uint16_t* up, int64_t up_stride, uint16_t* out) {
+  at::parallel_for(0, rows, grain_for(cols), [&](int64_t r0, int64_t r1) {
+    swiglu_forward_rows(r0, r1, cols, gate, gate_stride, up, up_stride, out);
+  });
+}
+
 void embedding_backward(int64_t rows, int64_t cols, const int64_t* ids, const float* grad,
                         int64_t grad_stride, int64_t vocab, float* dweight) {
   // Zeroed by the threads that then fill it, so its pages are touched where they are used.
@@ -310,9 +392,26 @@ void swiglu_backward(int64_t rows, int64_t cols, const float* grad, int64_t grad
   });
 }
 
+void swiglu_backward(int64_t rows, int64_t cols, const uint16_t* grad, int64_t grad_stride,
+                     const uint16_t* gate, int64_t gate_stride, const uint16_t* up,
+                     int64_t up_stride, uint16_t* dgate, uint16_t* dup) {
+  at::parallel_for(0, rows, grain_for(cols), [&](int64_t r0, int64_t r1) {
+    swiglu_backward_rows(r0, r1, cols, grad, grad_stride, gate, gate_stride, up, up_stride, dgate,
+                         dup);
+  });
+}
+
 void rope(int64_t batch, int64_t heads, int64_t tokens, int64_t dim, const float* x, HeadStrides xs,
           const float* cos, const float* sin, TableStrides ts, bool transpose, float* out,
           HeadStrides os) {
+  at::parallel_for(0, batch * tokens, grain_for(heads * dim), [&](int64_t i0, int64_t i1) {
+    rope_rows(i0, i1, heads, tokens, dim, x, xs, cos, sin, ts, transpose, out, os);
+  });
+}
+
+void rope(int64_t batch, int64_t heads, int64_t tokens, int64_t dim, const uint16_t* x,
+          HeadStrides xs, const float* cos, const float* sin, TableStrides ts, bool transpose,
+          uint16_t* out, HeadStrides os) {
   at::parallel_for(0, batch * tokens, grain_for(heads * dim), [&](int64_t i0, int64_t i1) {
     rope_rows(i0, i1, heads, tokens, dim, x, xs, cos, sin, ts, transpose, out, os);
   });

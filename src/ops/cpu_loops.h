@@ -1,8 +1,10 @@
 // Aviary's fused CPU loops: one pass over memory where the ATen composition of the same op makes
 // several and keeps intermediates alive for backward (RMSNorm, SwiGLU, rotary embedding,
 // cross-entropy).
-// fp32 only: the ops in src/ops/ call these for fp32 CPU tensors unless ops.impl is torch, and
-// fall back to their ATen reference otherwise (which stays the oracle of tests/unit/ops_cpu_test).
+// fp32, and for SwiGLU and the rotary embedding also bf16 (passed as its raw uint16_t bits,
+// computed in fp32 and rounded once on store): the ops in src/ops/ call these for CPU tensors
+// unless ops.impl is torch, and fall back to their ATen reference otherwise (which stays the oracle
+// of tests/unit/ops_cpu_test).
 //
 // Every loop is split over rows with at::parallel_for, and each row's arithmetic is sequential in
 // a fixed order, so results do not depend on the number of threads. The hot loops are compiled
@@ -34,10 +36,16 @@ void rms_norm_backward(int64_t rows, int64_t cols, const float* grad, const floa
 void swiglu_forward(int64_t rows, int64_t cols, const float* gate, int64_t gate_stride,
                     const float* up, int64_t up_stride, float* out);
 
+void swiglu_forward(int64_t rows, int64_t cols, const uint16_t* gate, int64_t gate_stride,
+                    const uint16_t* up, int64_t up_stride, uint16_t* out);
+
 // The gradients of swiglu_forward given grad [rows, cols]; dgate and dup are contiguous.
 void swiglu_backward(int64_t rows, int64_t cols, const float* grad, int64_t grad_stride,
                      const float* gate, int64_t gate_stride, const float* up, int64_t up_stride,
                      float* dgate, float* dup);
+void swiglu_backward(int64_t rows, int64_t cols, const uint16_t* grad, int64_t grad_stride,
+                     const uint16_t* gate, int64_t gate_stride, const uint16_t* up,
+                     int64_t up_stride, uint16_t* dgate, uint16_t* dup);
 
 // The embedding table's gradient: dweight [vocab, cols] (contiguous) is zeroed, then row ids[r]
 // gets grad[r] added, token by token in order (so repeated ids sum in a fixed order whatever the
@@ -61,6 +69,11 @@ struct TableStrides {
 void rope(int64_t batch, int64_t heads, int64_t tokens, int64_t dim, const float* x, HeadStrides xs,
           const float* cos, const float* sin, TableStrides ts, bool transpose, float* out,
           HeadStrides os);
+// The same for bf16 x and out with fp32 tables: the rotation in fp32, rounded once (bf16 autocast,
+// where the tables stay fp32; ATen would promote the product to fp32 and SDPA round it back).
+void rope(int64_t batch, int64_t heads, int64_t tokens, int64_t dim, const uint16_t* x,
+          HeadStrides xs, const float* cos, const float* sin, TableStrides ts, bool transpose,
+          uint16_t* out, HeadStrides os);
 
 // Per row r of logits [rows, vocab]: lse[r] = logsumexp(logits[r]) and loss[r] = lse[r] -
 // logits[r, target[r]] (0 where target[r] == ignore_index). Targets must be ignore_index or in

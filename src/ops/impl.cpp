@@ -268,6 +268,11 @@ bool use_cpu_loops(const torch::Tensor& t) {
   return t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && ops_impl() != OpsImpl::kTorch;
 }
 
+bool use_cpu_loops_fp32_or_bf16(const torch::Tensor& t) {
+  return use_cpu_loops(t) || (t.device().is_cpu() && t.scalar_type() == torch::kBFloat16 &&
+                              ops_impl() != OpsImpl::kTorch);
+}
+
 bool use_kernel(Op op, const torch::Device& device) {
   return kernel_choice(op, device).use_kernel;
 }

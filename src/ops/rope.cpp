@@ -4,6 +4,7 @@
 
 #include "aviary/ops/impl.h"
 #include "cpu_loops.h"
+#include "tensor_rows.h"
 
 namespace aviary::ops {
 namespace {
@@ -21,9 +22,15 @@ torch::Tensor rope_cpu(const torch::Tensor& x_in, const torch::Tensor& cos,
   // x's strides where x is dense (so D stays unit-stride), contiguous otherwise.
   auto out = torch::empty_like(x);
   const cpu::TableStrides ts{cos.size(0) == 1 ? 0 : cos.stride(0), cos.stride(1)};
-  cpu::rope(x.size(0), x.size(1), x.size(2), x.size(3), x.data_ptr<float>(), head_strides(x),
-            cos.data_ptr<float>(), sin.data_ptr<float>(), ts, transpose, out.data_ptr<float>(),
-            head_strides(out));
+  if (x.scalar_type() == torch::kFloat32) {
+    cpu::rope(x.size(0), x.size(1), x.size(2), x.size(3), x.data_ptr<float>(), head_strides(x),
+              cos.data_ptr<float>(), sin.data_ptr<float>(), ts, transpose, out.data_ptr<float>(),
+              head_strides(out));
+  } else {
+    cpu::rope(x.size(0), x.size(1), x.size(2), x.size(3), bits(x), head_strides(x),
+              cos.data_ptr<float>(), sin.data_ptr<float>(), ts, transpose, bits(out),
+              head_strides(out));
+  }
   return out;
 }
 
@@ -46,7 +53,9 @@ class RopeCpuFunction : public torch::autograd::Function<RopeCpuFunction> {
 };
 
 bool rope_cpu_applies(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
-  if (!use_cpu_loops(x) || x.dim() != 4 || x.size(3) % 2 != 0 || x.numel() == 0) return false;
+  // fp32 x, or bf16 x with fp32 tables (autocast): the rotation runs in fp32 either way.
+  if (!use_cpu_loops_fp32_or_bf16(x) || x.dim() != 4 || x.size(3) % 2 != 0 || x.numel() == 0)
+    return false;
   for (const auto* t : {&cos, &sin}) {
     if (t->scalar_type() != torch::kFloat32 || !t->device().is_cpu() || t->requires_grad() ||
         t->dim() != 3 || t->stride(2) != 1 || t->size(1) != x.size(2) || t->size(2) != x.size(3) ||

@@ -19,4 +19,9 @@ inline int64_t row_stride(const torch::Tensor& rows) {
   return rows.size(0) > 1 ? rows.stride(0) : rows.size(1);
 }
 
+// A bf16 tensor's elements as the raw bits the CPU loops take.
+inline uint16_t* bits(const torch::Tensor& t) {
+  return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>());
+}
+
 }  // namespace aviary::ops

@@ -200,13 +200,13 @@ FsdpSizes fsdp_sizes(const Shapes& s, int64_t world) {
   return f;
 }
 
-// Which ops take Aviary's fused CPU loops (ops/impl.h): RMSNorm (the residual stream is fp32)
-// and the cross-entropy (its logits are fp32) in both precisions.
+// Which ops take Aviary's fused CPU loops (ops/impl.h): RMSNorm (the residual stream is fp32),
+// the cross-entropy (its logits are fp32), SwiGLU and the rotary embedding in both precisions.
 bool fused_cpu_ops(const MemoryPlanInputs& in) {
   return in.device == "cpu" && in.cpu_loops;
 }
 
-// Without autocast, also SwiGLU and the loss head: lm_head and the loss as one op
+// Without autocast, also the loss head: lm_head and the loss as one op
 // (ops::linear_cross_entropy) that keeps no [N, vocab] tensor, only a chunk of logits while the
 // forward runs.
 bool fused_fp32_ops(const MemoryPlanInputs& in) {
@@ -291,7 +291,7 @@ void lora_activation_terms(const Shapes& s, const MemoryPlanInputs& in, Activati
   // fused CPU SwiGLU keeps no silu(gate)).
   const int64_t sdpa =
       bf16 ? 4 * s.q + 4 * s.kv + 4 * s.heads : kF32 * (2 * s.q + 2 * s.kv + s.heads);
-  const int64_t swiglu_saved = fused_fp32_ops(in) ? 2 : 3;
+  const int64_t swiglu_saved = fused_cpu_ops(in) ? 2 : 3;
   int64_t per_token = 2 * (kF32 * h + kF32) + sdpa + swiglu_saved * e * i;
   // A group of adapters on one shared fp32 norm output (q/k/v, or gate/up) of width h.
   const int64_t norm_noise = cuda ? 1 : kF32;
@@ -342,11 +342,13 @@ ActivationTerms activation_terms(const Shapes& s, const MemoryPlanInputs& in) {
   t.layer_input = kF32 * n * h;  // the residual stream is fp32 in both precisions
   if (bf16) {
     t.layer_weight_casts = kBF16 * s.block_matrices();
-    t.layer = n * (18 * h + 4 * s.q + 4 * s.kv + 4 * s.heads + 8 + 8 * i) + 2 * normalised +
-              t.layer_weight_casts;
+    // SwiGLU: gate's and up's outputs and the product down_proj keeps, and ATen's silu(gate).
+    const int64_t swiglu_saved = fused_cpu_ops(in) ? 3 : 4;
+    t.layer = n * (18 * h + 4 * s.q + 4 * s.kv + 4 * s.heads + 8 + kBF16 * swiglu_saved * i) +
+              2 * normalised + t.layer_weight_casts;
   } else {
     // SwiGLU: gate's and up's outputs and the product down_proj keeps, and ATen's silu(gate).
-    const int64_t swiglu_saved = fused_fp32_ops(in) ? 3 : 4;
+    const int64_t swiglu_saved = fused_cpu_ops(in) ? 3 : 4;
     t.layer =
         kF32 * n * (4 * h + 2 * s.q + 2 * s.kv + s.heads + 2 + swiglu_saved * i) + 2 * normalised;
   }
@@ -408,7 +410,7 @@ ActivationTerms activation_terms(const Shapes& s, const MemoryPlanInputs& in) {
   // and the norm's output m.
   // The fused CPU SwiGLU makes no silu(gate).
   const int64_t e = bf16 ? kBF16 : kF32;
-  t.block_forward = (fused_fp32_ops(in) ? 3 : 4) * e * n * i + e * n * h + 2 * kF32 * n * h;
+  t.block_forward = (fused_cpu_ops(in) ? 3 : 4) * e * n * i + e * n * h + 2 * kF32 * n * h;
   if (in.lora.enabled) lora_activation_terms(s, in, t);
   return t;
 }

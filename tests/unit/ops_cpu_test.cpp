@@ -122,6 +122,49 @@ TEST(CpuSwiGlu, ExtremeGatesStayFinite) {
   EXPECT_TRUE(torch::isfinite(gate.grad()).all().item<bool>()) << gate.grad();
 }
 
+// bf16 (autocast's matmul outputs): computed in fp32 from the bf16 values and rounded once, so
+// within half a bf16 ulp (at most 2^-8 relative) of the fp32 maths on the same values, plus the
+// exp's few fp32 ulp; ATen's bf16 composition rounds twice.
+TEST(CpuSwiGlu, Bf16IsTheFp32MathsRoundedOnce) {
+  torch::manual_seed(6);
+  auto wide = (torch::randn({3, 4, 2 * 77 + 1}) * 4).to(torch::kBFloat16).requires_grad_(true);
+  auto gate = wide.narrow(-1, 0, 77), up = wide.narrow(-1, 78, 77);
+  auto grad = torch::randn({3, 4, 77}).to(torch::kBFloat16);
+  auto out = ops::swiglu(gate, up);
+  ASSERT_TRUE(made_by(out, "SwiGluCpuFunction"));
+  EXPECT_EQ(out.scalar_type(), torch::kBFloat16);
+  auto dwide = torch::autograd::grad({out}, {wide}, {grad})[0];
+  auto wide32 = wide.detach().to(torch::kFloat32).requires_grad_(true);
+  auto ref = ops::swiglu_reference(wide32.narrow(-1, 0, 77), wide32.narrow(-1, 78, 77));
+  auto dref = torch::autograd::grad({ref}, {wide32}, {grad.to(torch::kFloat32)})[0];
+  EXPECT_LT(max_rel(out, ref), 4e-3);
+  EXPECT_LT(max_rel(dwide, dref), 4e-3);
+  EXPECT_LT(max_rel(out, ops::swiglu_reference(gate, up)), 1e-2);
+}
+
+// bf16 q with fp32 tables (autocast): ATen promotes the rotation to fp32, which SDPA's autocast
+// rounds back to bf16; the fused loop does the same rotation in fp32 and rounds on store.
+TEST(CpuRope, Bf16WithFp32TablesIsTheFp32RotationRoundedOnce) {
+  torch::manual_seed(7);
+  const int64_t b = 2, t = 9, h = 3, d = 16;
+  auto positions = torch::arange(t, torch::kInt64).unsqueeze(0);
+  auto tables = ops::rope_tables(positions, ops::rope_inv_freq(d, 10000.0), torch::kFloat32);
+  auto leaf = torch::randn({b, t, h * d}).to(torch::kBFloat16).requires_grad_(true);
+  auto x = leaf.view({b, t, h, d}).transpose(1, 2);
+  auto grad = torch::randn({b, h, t, d}).to(torch::kBFloat16);
+  auto out = ops::apply_rope(x, tables);
+  ASSERT_TRUE(made_by(out, "RopeCpuFunction"));
+  EXPECT_EQ(out.scalar_type(), torch::kBFloat16);
+  EXPECT_EQ(out.strides(), x.strides()) << "a copy was made";
+  auto ref = ops::apply_rope_reference(x, tables);          // fp32, as ATen promotes it
+  EXPECT_LT(max_rel(out, ref.to(torch::kBFloat16)), 8e-3);  // at most one ulp apart
+  EXPECT_LT(max_rel(out, ref), 4e-3);
+  auto dx = torch::autograd::grad({out}, {leaf}, {grad})[0];
+  // Both rounded to bf16 (autograd casts the reference's fp32 gradient to the leaf's dtype).
+  auto dref = torch::autograd::grad({ref}, {leaf}, {grad.to(torch::kFloat32)})[0];
+  EXPECT_LT(max_rel(dx, dref), 8e-3);
+}
+
 // q as the model makes it: a [B, T, H, D] projection output viewed as [B, H, T, D].
 TEST(CpuRope, ValuesAndGradientsMatchTheReferenceForEveryLayout) {
   torch::manual_seed(2);

@@ -11,9 +11,10 @@
 //           records it as having passed tools/gpu_check.sh on this GPU's architecture;
 //           PyTorch's op otherwise.
 //
-// On CPU, fp32 tensors take Aviary's fused CPU loops (SwiGLU, rotary embedding, cross-entropy:
-// one pass where ATen's composition makes several) unless the setting is torch; other dtypes take
-// the ATen reference, which is also the oracle both the loops and the CUDA kernels are tested
+// On CPU, fp32 tensors take Aviary's fused CPU loops (SwiGLU, rotary embedding, cross-entropy,
+// the embedding's gradient: one pass where ATen's composition makes several) unless the setting
+// is torch, and so do bf16 SwiGLU and rotary embedding (bf16 autocast); other dtypes take the
+// ATen reference, which is also the oracle both the loops and the CUDA kernels are tested
 // against (docs/kernels.md).
 //
 // The setting is process-wide (set_ops_impl): the trainer applies the config's `ops` section, and
@@ -113,6 +114,8 @@ KernelChoice choose_kernel(OpsImpl impl, Op op, const KernelTarget& target,
 // True when `t` is an fp32 CPU tensor and ops.impl is not torch: the op runs Aviary's fused CPU
 // loop (src/ops/cpu_loops.h) rather than its ATen reference.
 bool use_cpu_loops(const torch::Tensor& t);
+// The same for the loops that also take bf16 (SwiGLU, the rotary embedding): fp32 or bf16.
+bool use_cpu_loops_fp32_or_bf16(const torch::Tensor& t);
 
 // The process's decision for `op` on `device` (CPU: never a kernel).
 KernelChoice kernel_choice(Op op, const torch::Device& device);
