@@ -18,8 +18,10 @@ struct RopeTables {
 RopeTables rope_tables(const torch::Tensor& positions, const torch::Tensor& inv_freq,
                        torch::ScalarType dtype);
 
-// x: [B, H, T, D]; returns x * cos + rotate_half(x) * sin. fp32 CPU tensors take one fused pass
-// each way (src/ops/cpu_loops.h) and keep only the tables for backward; others the reference.
+// x: [B, H, T, D]; returns x * cos + rotate_half(x) * sin. On CPU with fp32 tables, fp32 x and bf16
+// x (autocast) take one fused pass each way (src/ops/cpu_loops.h) and keep only the tables for
+// backward; bf16 x gives bf16, the fp32 rotation rounded once (where ATen promotes to fp32).
+// Others take the reference.
 torch::Tensor apply_rope(const torch::Tensor& x, const RopeTables& tables);
 
 // The ATen reference (the oracle of the fused loop's tests).

@@ -1,6 +1,7 @@
 // SwiGLU's gating product, silu(gate) * up (LLaMA's MLP between gate/up_proj and down_proj). On
-// fp32 CPU tensors it is one fused pass each way (src/ops/cpu_loops.h) that keeps only gate and
-// up for backward; otherwise the ATen reference, torch::silu(gate) * up.
+// fp32 and bf16 CPU tensors it is one fused pass each way (src/ops/cpu_loops.h, in fp32, bf16
+// rounded once) that keeps only gate and up for backward; otherwise the ATen reference,
+// torch::silu(gate) * up.
 #pragma once
 
 #include <torch/types.h>
