@@ -64,7 +64,9 @@ inline __attribute__((always_inline)) float sum_lanes(float (&acc)[kLanes]) {
 
 // Elements as the loops see them: fp32 as is, bf16 (raw uint16_t bits) widened to fp32 on load and
 // rounded to nearest even on store, exactly as c10::BFloat16 converts (NaN stays NaN). Written
-// with integer ops and selects so that the loops still vectorise.
+// with integer ops and selects so that the loops still vectorise. A loop taking both is an
+// always-inline template body behind one plain overload per element type: target_clones does not
+// apply to templates, and the clones must stay the functions the parallel loops call.
 inline __attribute__((always_inline)) float load(const float* p, int64_t i) {
   return p[i];
 }
@@ -353,19 +355,43 @@ void rms_norm_backward(int64_t rows, int64_t cols, const float* grad, const floa
   }
 }
 
-void swiglu_forward(int64_t rows, int64_t cols, const float* gate, int64_t gate_stride,
-                    const float* up, int64_t up_stride, float* out) {
+template <typename T>
+void swiglu_forward(int64_t rows, int64_t cols, const T* gate, int64_t gate_stride, const T* up,
+                    int64_t up_stride, T* out) {
   at::parallel_for(0, rows, grain_for(cols), [&](int64_t r0, int64_t r1) {
     swiglu_forward_rows(r0, r1, cols, gate, gate_stride, up, up_stride, out);
   });
 }
+template void swiglu_forward(int64_t, int64_t, const float*, int64_t, const float*, int64_t,
+                             float*);
+template void swiglu_forward(int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t,
+                             uint16_t*);
 
-void swiglu_forward(int64_t rows, int64_t cols, const uint16_t* gate, int64_t gate_stride,
-                    const uint16_t* up, int64_t up_stride, uint16_t* out) {
+template <typename T>
+void swiglu_backward(int64_t rows, int64_t cols, const T* grad, int64_t grad_stride, const T* gate,
+                     int64_t gate_stride, const T* up, int64_t up_stride, T* dgate, T* dup) {
   at::parallel_for(0, rows, grain_for(cols), [&](int64_t r0, int64_t r1) {
-    swiglu_forward_rows(r0, r1, cols, gate, gate_stride, up, up_stride, out);
+    swiglu_backward_rows(r0, r1, cols, grad, grad_stride, gate, gate_stride, up, up_stride, dgate,
+                         dup);
   });
 }
+template void swiglu_backward(int64_t, int64_t, const float*, int64_t, const float*, int64_t,
+                              const float*, int64_t, float*, float*);
+template void swiglu_backward(int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t,
+                              const uint16_t*, int64_t, uint16_t*, uint16_t*);
+
+template <typename T>
+void rope(int64_t batch, int64_t heads, int64_t tokens, int64_t dim, const T* x, HeadStrides xs,
+          const float* cos, const float* sin, TableStrides ts, bool transpose, T* out,
+          HeadStrides os) {
+  at::parallel_for(0, batch * tokens, grain_for(heads * dim), [&](int64_t i0, int64_t i1) {
+    rope_rows(i0, i1, heads, tokens, dim, x, xs, cos, sin, ts, transpose, out, os);
+  });
+}
+template void rope(int64_t, int64_t, int64_t, int64_t, const float*, HeadStrides, const float*,
+                   const float*, TableStrides, bool, float*, HeadStrides);
+template void rope(int64_t, int64_t, int64_t, int64_t, const uint16_t*, HeadStrides, const float*,
+                   const float*, TableStrides, bool, uint16_t*, HeadStrides);
 
 void embedding_backward(int64_t rows, int64_t cols, const int64_t* ids, const float* grad,
                         int64_t grad_stride, int64_t vocab, float* dweight) {
@@ -380,40 +406,6 @@ void embedding_backward(int64_t rows, int64_t cols, const int64_t* ids, const fl
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     embedding_backward_columns(b0 * kColumnBlock, std::min(cols, b1 * kColumnBlock), rows, ids,
                                grad, grad_stride, cols, dweight);
-  });
-}
-
-void swiglu_backward(int64_t rows, int64_t cols, const float* grad, int64_t grad_stride,
-                     const float* gate, int64_t gate_stride, const float* up, int64_t up_stride,
-                     float* dgate, float* dup) {
-  at::parallel_for(0, rows, grain_for(cols), [&](int64_t r0, int64_t r1) {
-    swiglu_backward_rows(r0, r1, cols, grad, grad_stride, gate, gate_stride, up, up_stride, dgate,
-                         dup);
-  });
-}
-
-void swiglu_backward(int64_t rows, int64_t cols, const uint16_t* grad, int64_t grad_stride,
-                     const uint16_t* gate, int64_t gate_stride, const uint16_t* up,
-                     int64_t up_stride, uint16_t* dgate, uint16_t* dup) {
-  at::parallel_for(0, rows, grain_for(cols), [&](int64_t r0, int64_t r1) {
-    swiglu_backward_rows(r0, r1, cols, grad, grad_stride, gate, gate_stride, up, up_stride, dgate,
-                         dup);
-  });
-}
-
-void rope(int64_t batch, int64_t heads, int64_t tokens, int64_t dim, const float* x, HeadStrides xs,
-          const float* cos, const float* sin, TableStrides ts, bool transpose, float* out,
-          HeadStrides os) {
-  at::parallel_for(0, batch * tokens, grain_for(heads * dim), [&](int64_t i0, int64_t i1) {
-    rope_rows(i0, i1, heads, tokens, dim, x, xs, cos, sin, ts, transpose, out, os);
-  });
-}
-
-void rope(int64_t batch, int64_t heads, int64_t tokens, int64_t dim, const uint16_t* x,
-          HeadStrides xs, const float* cos, const float* sin, TableStrides ts, bool transpose,
-          uint16_t* out, HeadStrides os) {
-  at::parallel_for(0, batch * tokens, grain_for(heads * dim), [&](int64_t i0, int64_t i1) {
-    rope_rows(i0, i1, heads, tokens, dim, x, xs, cos, sin, ts, transpose, out, os);
   });
 }
 

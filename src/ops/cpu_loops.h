@@ -32,20 +32,16 @@ void rms_norm_backward(int64_t rows, int64_t cols, const float* grad, const floa
                        int64_t x_stride, const float* weight, const float* rstd, float* dx,
                        float* dweight);
 
-// out[r, c] = silu(gate[r, c]) * up[r, c]; out is contiguous [rows, cols].
-void swiglu_forward(int64_t rows, int64_t cols, const float* gate, int64_t gate_stride,
-                    const float* up, int64_t up_stride, float* out);
-
-void swiglu_forward(int64_t rows, int64_t cols, const uint16_t* gate, int64_t gate_stride,
-                    const uint16_t* up, int64_t up_stride, uint16_t* out);
+// out[r, c] = silu(gate[r, c]) * up[r, c]; out is contiguous [rows, cols]. T: float, or uint16_t
+// for bf16 bits.
+template <typename T>
+void swiglu_forward(int64_t rows, int64_t cols, const T* gate, int64_t gate_stride, const T* up,
+                    int64_t up_stride, T* out);
 
 // The gradients of swiglu_forward given grad [rows, cols]; dgate and dup are contiguous.
-void swiglu_backward(int64_t rows, int64_t cols, const float* grad, int64_t grad_stride,
-                     const float* gate, int64_t gate_stride, const float* up, int64_t up_stride,
-                     float* dgate, float* dup);
-void swiglu_backward(int64_t rows, int64_t cols, const uint16_t* grad, int64_t grad_stride,
-                     const uint16_t* gate, int64_t gate_stride, const uint16_t* up,
-                     int64_t up_stride, uint16_t* dgate, uint16_t* dup);
+template <typename T>
+void swiglu_backward(int64_t rows, int64_t cols, const T* grad, int64_t grad_stride, const T* gate,
+                     int64_t gate_stride, const T* up, int64_t up_stride, T* dgate, T* dup);
 
 // The embedding table's gradient: dweight [vocab, cols] (contiguous) is zeroed, then row ids[r]
 // gets grad[r] added, token by token in order (so repeated ids sum in a fixed order whatever the
@@ -65,15 +61,13 @@ struct TableStrides {
 
 // Rotate-half rotary embedding, out = x * cos + rotate_half(x) * sin, for x [B, H, T, D]. With
 // `transpose` it applies the transposed rotation instead: the gradient of that map. out must not
-// overlap x.
-void rope(int64_t batch, int64_t heads, int64_t tokens, int64_t dim, const float* x, HeadStrides xs,
-          const float* cos, const float* sin, TableStrides ts, bool transpose, float* out,
+// overlap x. T: float, or uint16_t for bf16 x and out with fp32 tables (bf16 autocast, where the
+// tables stay fp32: ATen would promote the product to fp32 and SDPA round it back); the rotation
+// runs in fp32 and is rounded once.
+template <typename T>
+void rope(int64_t batch, int64_t heads, int64_t tokens, int64_t dim, const T* x, HeadStrides xs,
+          const float* cos, const float* sin, TableStrides ts, bool transpose, T* out,
           HeadStrides os);
-// The same for bf16 x and out with fp32 tables: the rotation in fp32, rounded once (bf16 autocast,
-// where the tables stay fp32; ATen would promote the product to fp32 and SDPA round it back).
-void rope(int64_t batch, int64_t heads, int64_t tokens, int64_t dim, const uint16_t* x,
-          HeadStrides xs, const float* cos, const float* sin, TableStrides ts, bool transpose,
-          uint16_t* out, HeadStrides os);
 
 // Per row r of logits [rows, vocab]: lse[r] = logsumexp(logits[r]) and loss[r] = lse[r] -
 // logits[r, target[r]] (0 where target[r] == ignore_index). Targets must be ignore_index or in

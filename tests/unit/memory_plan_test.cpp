@@ -106,6 +106,16 @@ MemoryPlan expect_plan_matches_measurement(const std::string& name, const Aquila
   return plan;
 }
 
+MemoryPlanInputs step_inputs(int64_t micro_batch, int64_t seq_len, const std::string& precision,
+                             bool checkpointing) {
+  MemoryPlanInputs in;
+  in.micro_batch = micro_batch;
+  in.seq_len = seq_len;
+  in.precision = precision;
+  in.activation_checkpointing = checkpointing;
+  return in;
+}
+
 // The claim: the plan agrees with what is measured within 10%, row by row, with Aviary's
 // fused CPU ops (the default) and with ATen's (ops.impl torch), which keep more.
 TEST(MemoryPlan, AgreesWithMeasuredStepWithin10Percent) {
@@ -113,12 +123,9 @@ TEST(MemoryPlan, AgreesWithMeasuredStepWithin10Percent) {
   for (const auto& c : tiny_cases()) {
     for (bool checkpointing : {false, true}) {
       for (bool cpu_loops : {true, false}) {
-        MemoryPlanInputs in;
-        in.micro_batch = c.micro_batch;
-        in.seq_len = c.seq_len;
-        in.activation_checkpointing = checkpointing;
-        in.precision = c.precision;
-        expect_plan_matches_measurement(c.name, c.config, in, cpu_loops);
+        expect_plan_matches_measurement(
+            c.name, c.config, step_inputs(c.micro_batch, c.seq_len, c.precision, checkpointing),
+            cpu_loops);
       }
     }
   }
@@ -160,11 +167,7 @@ TEST(MemoryPlan, LoraAgreesWithMeasuredStepWithin10Percent) {
   for (const auto& c : cases) {
     for (bool checkpointing : {false, true}) {
       for (bool cpu_loops : {true, false}) {
-        MemoryPlanInputs in;
-        in.micro_batch = c.micro_batch;
-        in.seq_len = c.seq_len;
-        in.activation_checkpointing = checkpointing;
-        in.precision = c.precision;
+        auto in = step_inputs(c.micro_batch, c.seq_len, c.precision, checkpointing);
         in.lora = c.lora;
         const auto plan = expect_plan_matches_measurement(c.name, c.config, in, cpu_loops);
         EXPECT_LT(plan.trainable, c.config.num_parameters() / 4);
