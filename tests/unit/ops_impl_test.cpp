@@ -269,7 +269,8 @@ TEST(BenchKernels, CpuJsonHasFiguresThatAgree) {
 }
 
 // bench train: each case's figures, with the GEMM-only anchor above the whole step's speed (the
-// step runs those GEMMs and more) and absent for LoRA (its step has no weight-gradient GEMMs).
+// step runs those GEMMs and more) and absent for LoRA (its step has no weight-gradient GEMMs),
+// and the step's time split into its phases.
 TEST(BenchTrain, JsonRowsCarryAGemmCeilingAboveTheStep) {
   auto r = test::run_cli(
       "--log-level warn bench train --json --threads 1 --steps 2 --warmup 1 --cases tiny:fp32 "
@@ -286,6 +287,14 @@ TEST(BenchTrain, JsonRowsCarryAGemmCeilingAboveTheStep) {
               1e-6);
   EXPECT_GT(full["peak_rss_mb"].get<double>(), 0.0);
   EXPECT_GT(full["gemm_ceiling_tokens_per_s"].get<double>(), full["tokens_per_s"].get<double>());
+  // The phases split the timed step: each took some time, and together no more than the step.
+  double phases = 0;
+  for (const char* phase : {"forward", "backward", "clip", "optimizer"}) {
+    const double t = full["phase_s"][phase].get<double>();
+    EXPECT_GT(t, 0.0) << phase;
+    phases += t;
+  }
+  EXPECT_LE(phases, full["step_time_s"].get<double>() * (1 + 1e-9));
   EXPECT_EQ(rows[1]["case"], "tiny+lora");
   EXPECT_TRUE(rows[1]["gemm_ceiling_tokens_per_s"].is_null());
 }

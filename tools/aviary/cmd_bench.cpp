@@ -318,8 +318,8 @@ nlohmann::json run_train_case(const TrainBenchArgs& a, const std::string& spec) 
   }
   LmLossOptions loss_options;
   loss_options.bf16 = precision == "bf16";
-  // Seconds per phase over the timed steps: where a step's time goes, next to the ceiling.
-  // loss.item() after the forward adds no wait: CPU ops run synchronously.
+  // Seconds per phase over the timed steps: where a step's time goes, next to the ceiling. CPU
+  // ops run synchronously, so the host clock between the calls times each phase.
   std::array<double, 4> phase_s{};
   bool timing = false;
   auto step = [&](const torch::Tensor& batch) {
