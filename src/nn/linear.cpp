@@ -8,6 +8,7 @@
 #include "aviary/core/error.h"
 #include "aviary/nn/skeleton.h"
 #include "aviary/ops/embedding.h"
+#include "aviary/ops/linear.h"
 #include "aviary/ops/rms_norm.h"
 
 namespace aviary::nn {
@@ -19,7 +20,7 @@ LinearImpl::LinearImpl(int64_t in, int64_t out, bool with_bias, const torch::Ten
 }
 
 torch::Tensor LinearImpl::forward(const torch::Tensor& x) {
-  auto y = torch::linear(x, weight, bias);
+  auto y = ops::linear(x, weight, bias);
   if (!lora_A) return y;
   auto h = x;
   if (lora_dropout > 0 && is_training()) {

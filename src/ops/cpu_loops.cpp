@@ -314,6 +314,12 @@ AVIARY_CPU_CLONES void softmax_grad_row_inplace(float* __restrict x, int64_t n, 
     x[c] = scale * exp_poly(x[c] - lse);
 }
 
+AVIARY_CPU_CLONES void softmax_grad_row_bf16(const float* __restrict x, int64_t n, float lse,
+                                             float scale, int64_t target, uint16_t* __restrict g) {
+  for (int64_t c = 0; c < n; ++c)
+    store(g, c, scale * exp_poly(x[c] - lse) - (c == target ? scale : 0.0f));
+}
+
 }  // namespace
 
 float exp_approx(float x) {
@@ -467,6 +473,22 @@ void cross_entropy_backward(int64_t rows, int64_t vocab, const float* logits, in
   gradient_rows(
       rows, vocab, targets, ignore_index, scale, grad, grad_stride,
       [&](int64_t r, float* g) { softmax_grad_row(logits + r * stride, vocab, lse[r], scale, g); });
+}
+
+void cross_entropy_backward_bf16(int64_t rows, int64_t vocab, const float* logits, int64_t stride,
+                                 const int64_t* targets, int64_t ignore_index, const float* lse,
+                                 float scale, uint16_t* grad, int64_t grad_stride) {
+  at::parallel_for(0, rows, grain_for(vocab), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      uint16_t* g = grad + r * grad_stride;
+      const int64_t t = targets[r];
+      if (t == ignore_index || t < 0 || t >= vocab) {
+        std::fill(g, g + vocab, uint16_t{0});
+        continue;
+      }
+      softmax_grad_row_bf16(logits + r * stride, vocab, lse[r], scale, t, g);
+    }
+  });
 }
 
 }  // namespace aviary::ops::cpu

@@ -86,4 +86,10 @@ void cross_entropy_backward(int64_t rows, int64_t vocab, const float* logits, in
                             const int64_t* targets, int64_t ignore_index, const float* lse,
                             float scale, float* grad, int64_t grad_stride);
 
+// The same gradient computed in fp32 and rounded once to bf16 (raw bits): the bf16 loss head turns
+// each chunk of fp32 logits into the bf16 operand of its gradient GEMMs in this one pass.
+void cross_entropy_backward_bf16(int64_t rows, int64_t vocab, const float* logits, int64_t stride,
+                                 const int64_t* targets, int64_t ignore_index, const float* lse,
+                                 float scale, uint16_t* grad, int64_t grad_stride);
+
 }  // namespace aviary::ops::cpu

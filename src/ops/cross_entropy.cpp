@@ -1,5 +1,6 @@
 #include "aviary/ops/cross_entropy.h"
 
+#include <ATen/autocast_mode.h>
 #include <torch/autograd.h>
 #include <torch/nn/functional/loss.h>
 
@@ -9,6 +10,8 @@
 
 #include "aviary/core/error.h"
 #include "aviary/ops/impl.h"
+#include "aviary/ops/linear.h"
+#include "cpu_gemm.h"
 #include "cpu_loops.h"
 
 namespace aviary::ops {
@@ -88,59 +91,99 @@ class CrossEntropyCpuFunction : public torch::autograd::Function<CrossEntropyCpu
   }
 };
 
+// The number of targets that count (not ignore_index).
+int64_t counted_targets(const int64_t* targets, int64_t rows, int64_t ignore_index) {
+  int64_t counted = 0;
+  for (int64_t r = 0; r < rows; ++r)
+    counted += targets[r] != ignore_index ? 1 : 0;
+  return counted;
+}
+
+// lm_head and the loss in one op (see linear_cross_entropy in the header). In fp32 each chunk of
+// logits becomes its own gradient in place, the operand of the fp32 gradient GEMMs. In bf16 (CPU
+// autocast) the operands are autocast's bf16 casts of hidden and weight, the logits come out of a
+// bf16 x bf16 -> fp32 GEMM without a bf16 rounding, their gradient is rounded once to bf16 as the
+// GEMMs' operand, and the weight's gradient (and hidden's, when hidden is fp32) is summed in fp32
+// across chunks.
 class LinearCrossEntropyCpuFunction
     : public torch::autograd::Function<LinearCrossEntropyCpuFunction> {
  public:
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& hidden,
                                const torch::Tensor& weight, const torch::Tensor& targets,
-                               int64_t ignore_index, LossReduction reduction) {
+                               int64_t ignore_index, LossReduction reduction, bool bf16) {
     const int64_t rows = hidden.size(0), width = hidden.size(1), vocab = weight.size(0);
-    auto h = hidden.contiguous();
-    auto w = weight.contiguous();
+    const auto compute = bf16 ? torch::kBFloat16 : torch::kFloat32;
+    auto h = hidden.to(compute).contiguous();
+    auto w = weight.to(compute).contiguous();
     auto t = targets.to(torch::kInt64).contiguous();
     const int64_t* tp = t.data_ptr<int64_t>();
     if (const int64_t bad = first_bad_target(tp, rows, vocab, ignore_index); bad >= 0) {
       throw_bad_target(tp[bad], bad, vocab);
     }
+    // The reduction's factor goes into the gradient as it is made, so backward only applies
+    // grad_out (usually 1: nothing to do).
+    const int64_t counted = counted_targets(tp, rows, ignore_index);
+    const double reduction_scale =
+        reduction == LossReduction::kSum || counted == 0 ? 1.0 : 1.0 / static_cast<double>(counted);
+    const auto scale = static_cast<float>(reduction_scale);
     // Gradient mode is off inside forward; the inputs still say whether they need one.
     const bool need_hidden = hidden.requires_grad(), need_weight = weight.requires_grad();
-    const auto options = hidden.options();
-    auto loss = torch::empty({rows}, options);
-    auto lse = torch::empty({rows}, options);
-    torch::Tensor dhidden = need_hidden ? torch::empty({rows, width}, options) : torch::Tensor();
-    torch::Tensor dweight = need_weight ? torch::empty({vocab, width}, options) : torch::Tensor();
+    const auto f32 = hidden.options().dtype(torch::kFloat32);
+    auto loss = torch::empty({rows}, f32);
+    auto lse = torch::empty({rows}, f32);
+    // hidden's gradient in hidden's dtype; weight's in fp32 (the master weight's).
+    torch::Tensor dhidden =
+        need_hidden ? torch::empty({rows, width}, hidden.options()) : torch::Tensor();
+    torch::Tensor dweight = need_weight ? torch::empty({vocab, width}, f32) : torch::Tensor();
     const int64_t chunk = linear_cross_entropy_chunk_rows(rows, vocab);
-    auto buffer = torch::empty({chunk, vocab}, options);
+    auto buffer = torch::empty({chunk, vocab}, f32);
+    auto grad_buffer =
+        bf16 && (need_hidden || need_weight) ? torch::empty({chunk, vocab}, h.options()) : buffer;
     for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
       const int64_t n = std::min(chunk, rows - r0);
       auto hc = h.narrow(0, r0, n);
       auto logits = buffer.narrow(0, 0, n);
-      torch::mm_out(logits, hc, w.t());
+      if (bf16) {
+        cpu::mm_bf16_into_f32(hc, w.t(), logits, /*accumulate=*/false);
+      } else {
+        torch::mm_out(logits, hc, w.t());
+      }
       float* lp = logits.data_ptr<float>();
       cpu::cross_entropy_forward(n, vocab, lp, vocab, tp + r0, ignore_index,
                                  loss.data_ptr<float>() + r0, lse.data_ptr<float>() + r0);
       if (!need_hidden && !need_weight) continue;
-      // The unscaled gradient of each row's loss (backward applies the reduction and grad_out).
-      cpu::cross_entropy_backward_inplace(n, vocab, lp, vocab, tp + r0, ignore_index,
-                                          lse.data_ptr<float>() + r0, 1.0f);
+      auto grad = grad_buffer.narrow(0, 0, n);
+      if (bf16) {
+        cpu::cross_entropy_backward_bf16(n, vocab, lp, vocab, tp + r0, ignore_index,
+                                         lse.data_ptr<float>() + r0, scale,
+                                         reinterpret_cast<uint16_t*>(grad.data_ptr()), vocab);
+      } else {
+        cpu::cross_entropy_backward_inplace(n, vocab, lp, vocab, tp + r0, ignore_index,
+                                            lse.data_ptr<float>() + r0, scale);
+      }
       if (need_hidden) {
         auto rows_out = dhidden.narrow(0, r0, n);
-        torch::mm_out(rows_out, logits, w);
+        if (bf16 && rows_out.scalar_type() == torch::kFloat32) {
+          cpu::mm_bf16_into_f32(grad, w, rows_out, /*accumulate=*/false);
+        } else {
+          torch::mm_out(rows_out, grad, w);
+        }
       }
       if (need_weight) {
-        if (r0 == 0) {
-          torch::mm_out(dweight, logits.t(), hc);
+        if (bf16) {
+          cpu::mm_bf16_into_f32(grad.t(), hc, dweight, /*accumulate=*/r0 > 0);
+        } else if (r0 == 0) {
+          torch::mm_out(dweight, grad.t(), hc);
         } else {
-          dweight.addmm_(logits.t(), hc);
+          dweight.addmm_(grad.t(), hc);
         }
       }
     }
-    const auto [value, scale] =
-        reduce_rows(loss.data_ptr<float>(), tp, rows, ignore_index, reduction);
+    const double value =
+        reduce_rows(loss.data_ptr<float>(), tp, rows, ignore_index, reduction).first;
     ctx->saved_data["dhidden"] = dhidden;
     ctx->saved_data["dweight"] = dweight;
-    ctx->saved_data["scale"] = scale;
-    return torch::full({}, value, options);
+    return torch::full({}, value, f32);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -156,12 +199,11 @@ class LinearCrossEntropyCpuFunction
     auto dweight = ctx->saved_data["dweight"].toTensor();
     ctx->saved_data.erase("dhidden");
     ctx->saved_data.erase("dweight");
-    const double scale =
-        ctx->saved_data["scale"].toDouble() * grads[0].to(torch::kFloat64).item<double>();
+    const double grad_out = grads[0].to(torch::kFloat64).item<double>();
     for (auto* g : {&dhidden, &dweight}) {
-      if (g->defined() && scale != 1.0) g->mul_(scale);
+      if (g->defined() && grad_out != 1.0) g->mul_(grad_out);
     }
-    return {dhidden, dweight, torch::Tensor(), torch::Tensor(), torch::Tensor()};
+    return {dhidden, dweight, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
 
@@ -184,14 +226,21 @@ int64_t linear_cross_entropy_chunk_rows(int64_t rows, int64_t vocab) {
 torch::Tensor linear_cross_entropy(const torch::Tensor& hidden, const torch::Tensor& weight,
                                    const torch::Tensor& targets, int64_t ignore_index,
                                    LossReduction reduction) {
-  if (use_cpu_loops(hidden) && weight.scalar_type() == torch::kFloat32 &&
-      weight.device().is_cpu() && hidden.dim() == 2 && weight.dim() == 2 &&
-      weight.size(1) == hidden.size(1) && weight.size(0) > 0 && targets.dim() == 1 &&
-      targets.size(0) == hidden.size(0) && targets.device().is_cpu() &&
-      !c10::isFloatingType(targets.scalar_type())) {
-    return LinearCrossEntropyCpuFunction::apply(hidden, weight, targets, ignore_index, reduction);
+  const bool shapes_fit = hidden.dim() == 2 && weight.dim() == 2 &&
+                          weight.size(1) == hidden.size(1) && weight.size(0) > 0 &&
+                          targets.dim() == 1 && targets.size(0) == hidden.size(0) &&
+                          targets.device().is_cpu() && !c10::isFloatingType(targets.scalar_type());
+  if (shapes_fit && use_cpu_bf16_linear(hidden, weight)) {
+    return LinearCrossEntropyCpuFunction::apply(hidden, weight, targets, ignore_index, reduction,
+                                                /*bf16=*/true);
   }
-  return cross_entropy(torch::matmul(hidden, weight.t()), targets, ignore_index, reduction);
+  if (shapes_fit && use_cpu_loops(hidden) && use_cpu_loops(weight) &&
+      !at::autocast::is_autocast_enabled(torch::kCPU)) {
+    return LinearCrossEntropyCpuFunction::apply(hidden, weight, targets, ignore_index, reduction,
+                                                /*bf16=*/false);
+  }
+  torch::Tensor logits = torch::matmul(hidden, weight.t());
+  return cross_entropy(logits.to(torch::kFloat32), targets, ignore_index, reduction);
 }
 
 torch::Tensor cross_entropy(const torch::Tensor& logits, const torch::Tensor& targets,

@@ -4,6 +4,7 @@
 #include "aviary/ops/autocast.h"
 #include "aviary/ops/cross_entropy.h"
 #include "aviary/ops/impl.h"
+#include "aviary/ops/linear.h"
 
 namespace aviary {
 
@@ -43,10 +44,16 @@ torch::Tensor causal_lm_loss(AquilaForCausalLMImpl& model, const torch::Tensor& 
   }
   const auto& head = *model.lm_head;
   const int64_t width = hidden.size(-1);
-  if (!options.bf16 && !head.has_lora() && ops::use_cpu_loops(hidden)) {
-    // lm_head and the loss in one op that never holds the [tokens, vocab] logits.
-    return normalized(ops::linear_cross_entropy(hidden.reshape({-1, width}), head.weight,
-                                                flat_targets, kIgnore, reduction));
+  if (!head.has_lora()) {
+    // lm_head and the loss in one op that never holds the [tokens, vocab] logits (fp32 on CPU, and
+    // bf16 autocast over fp32 weights on CPU).
+    ops::AutocastGuard autocast(device.type(), options.bf16);
+    auto flat_hidden = hidden.reshape({-1, width});
+    if (options.bf16 ? ops::use_cpu_bf16_linear(flat_hidden, head.weight)
+                     : ops::use_cpu_loops(flat_hidden)) {
+      return normalized(
+          ops::linear_cross_entropy(flat_hidden, head.weight, flat_targets, kIgnore, reduction));
+    }
   }
   torch::Tensor logits;
   {

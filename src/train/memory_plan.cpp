@@ -206,15 +206,20 @@ bool fused_cpu_ops(const MemoryPlanInputs& in) {
   return in.device == "cpu" && in.cpu_loops;
 }
 
-// Without autocast, also the loss head: lm_head and the loss as one op
-// (ops::linear_cross_entropy) that keeps no [N, vocab] tensor, only a chunk of logits while the
-// forward runs.
-bool fused_fp32_ops(const MemoryPlanInputs& in) {
-  return fused_cpu_ops(in) && in.precision == "fp32";
+// Also the loss head: lm_head and the loss as one op (ops::linear_cross_entropy) that keeps no
+// [N, vocab] tensor, only a chunk of logits while the forward runs. In fp32 always; under bf16
+// autocast when lm_head's weight is fp32 (full training, or LoRA over a tied or fp32 base).
+bool fused_loss_head(const MemoryPlanInputs& in, bool lm_head_fp32) {
+  return fused_cpu_ops(in) && (in.precision == "fp32" || lm_head_fp32);
 }
 
-int64_t loss_head_chunk_bytes(const MemoryPlanInputs& in, int64_t vocab) {
-  return kF32 * ops::linear_cross_entropy_chunk_rows(in.micro_batch * in.seq_len, vocab) * vocab;
+// What the fused loss head holds while its forward runs, beyond what it leaves: one chunk of fp32
+// logits; under bf16 also the chunk's bf16 gradient and the bf16 casts of its input and weight.
+int64_t loss_head_chunk_bytes(const MemoryPlanInputs& in, int64_t vocab, int64_t hidden) {
+  const int64_t n = in.micro_batch * in.seq_len;
+  const int64_t chunk = ops::linear_cross_entropy_chunk_rows(n, vocab) * vocab;
+  if (in.precision == "fp32") return kF32 * chunk;
+  return (kF32 + kBF16) * chunk + kBF16 * (n + vocab) * hidden;
 }
 
 // Peak bytes of forward + backward beyond parameters, gradients and optimizer state.
@@ -244,9 +249,11 @@ int64_t loss_head_chunk_bytes(const MemoryPlanInputs& in, int64_t vocab) {
 // only the CPU path is measured here.
 // Aviary's fused CPU loops (the default on CPU) keep less: RMSNorm keeps x and rstd (as CUDA),
 // SwiGLU gate and up (no silu(gate)), the cross-entropy the logits and one float per row instead
-// of the log-probabilities, and its backward writes one [N, vocab] gradient instead of two. In
-// fp32, lm_head and the loss are one op that keeps no [N, vocab] tensor at all: the gradients of
-// lm_head's input and weight are made in the forward, a chunk of logits at a time.
+// of the log-probabilities, and its backward writes one [N, vocab] gradient instead of two.
+// lm_head and the loss are one op that keeps no [N, vocab] tensor at all (in fp32, and in bf16
+// over an fp32 lm_head weight): the gradients of lm_head's input and weight are made in the
+// forward, a chunk of logits at a time. Under bf16 the linears' weight gradients come out of the
+// GEMM in fp32 (ops::linear), with no bf16 copy in between.
 struct ActivationTerms {
   int64_t layer = 0;                   // one block's saved tensors, its input included
   int64_t layer_input = 0;             // the block input alone (what a checkpoint keeps)
@@ -259,7 +266,8 @@ struct ActivationTerms {
   int64_t head_backward = 0;           // lm_head backward: its gradients in transit
   int64_t layer_backward = 0;          // one block's backward: gradients in transit
   int64_t layer_backward_fresh = 0;    // the same when its weight gradients are new tensors
-  int64_t head_forward_transient = 0;  // bf16 logits (bf16 only), before the cross-entropy
+  int64_t head_forward_transient = 0;  // bf16 logits (bf16 with ATen's loss head), before the
+                                       // cross-entropy
   int64_t block_forward = 0;           // one block's forward temporaries (no gradients)
 };
 
@@ -318,12 +326,15 @@ void lora_activation_terms(const Shapes& s, const MemoryPlanInputs& in, Activati
   t.head = kF32 * n * (h + 1 + v) + kI64 * n + (bf16 && lm_head_fp32 ? kBF16 * v * h : 0) +
            (fused_cpu_ops(in) ? kF32 * n : 0);
   t.head_backward = bf16 ? kBF16 * n * h + kF32 * n * h : kF32 * n * h;
-  if (fused_fp32_ops(in)) {
+  t.ce_backward = (fused_cpu_ops(in) ? 1 : 2) * kF32 * n * v;
+  if (fused_loss_head(in, lm_head_fp32)) {
     // The fused loss head keeps only its input's gradient (lm_head is frozen), and one chunk of
     // logits while it runs.
     t.head = kF32 * n * (h + 1) + kF32 * n * h;
-    t.ce_backward = loss_head_chunk_bytes(in, v);
+    t.ce_backward = loss_head_chunk_bytes(in, v, h);
+    t.head_backward = kF32 * n * h;
   }
+  t.head_forward_transient = bf16 && !fused_loss_head(in, lm_head_fp32) ? kBF16 * n * v : 0;
   // SwiGLU's backward holds the product's gradient and two more [N, inter] gradients on top of
   // what the block keeps; with an adapter on down_proj, the product it kept is released by then.
   t.layer_backward = bf16
@@ -379,12 +390,14 @@ ActivationTerms activation_terms(const Shapes& s, const MemoryPlanInputs& in) {
   t.head_backward = bf16 ? std::max(-kBF16 * n * v + kBF16 * n * h + kBF16 * v * h,
                                     -kF32 * n * v + kBF16 * n * h + kF32 * v * h)
                          : kF32 * n * h + kF32 * v * h;
-  if (fused_fp32_ops(in)) {
+  const bool fused_head = fused_loss_head(in, /*lm_head_fp32=*/true);
+  if (fused_head) {
     // lm_head and the loss as one op: the final norm's input and rstd, and the gradients of
-    // lm_head's input and weight, made in the forward; a chunk of logits while it runs (counted
-    // in place of the cross-entropy backward); the final norm's input gradient in backward.
+    // lm_head's input and weight (fp32 in both precisions), made in the forward; a chunk of
+    // logits while it runs (counted in place of the cross-entropy backward); the final norm's
+    // input gradient in backward.
     t.head = kF32 * n * (h + 1) + kF32 * n * h + kF32 * v * h;
-    t.ce_backward = loss_head_chunk_bytes(in, v);
+    t.ce_backward = loss_head_chunk_bytes(in, v, h);
     t.head_backward = kF32 * n * h;
   }
   // A block's backward peaks in its SwiGLU, next to the incoming fp32 gradient of the block's
@@ -392,6 +405,8 @@ ActivationTerms activation_terms(const Shapes& s, const MemoryPlanInputs& in) {
   // [hidden, inter] in transit; bf16: that one's fp32 cast, after the bf16 weight copy is
   // released), or at the product's backward (down_proj's input gradient has replaced its saved
   // input, and the gradients of silu(gate) and up, [N, inter] each, are added).
+  // With Aviary's CPU ops, bf16 linears (ops::linear) write the weight gradient in fp32 straight
+  // from the GEMM, next to the bf16 cast of the incoming gradient and the input's gradient.
   t.layer_backward = bf16 ? kF32 * n * h + std::max({2 * kBF16 * n * i - kBF16 * h * i,
                                                      kBF16 * n * i + kF32 * h * i,
                                                      kBF16 * n * h + kBF16 * n * i + kBF16 * h * i})
@@ -403,7 +418,13 @@ ActivationTerms activation_terms(const Shapes& s, const MemoryPlanInputs& in) {
                  std::max({2 * kBF16 * n * i + kBF16 * h * i, kBF16 * n * i + kF32 * h * i,
                            kBF16 * n * h + kBF16 * n * i + kBF16 * h * i})
            : kF32 * n * h + 2 * kF32 * n * i + kF32 * h * i;
-  if (bf16) t.head_forward_transient = kBF16 * n * v;
+  if (bf16 && fused_cpu_ops(in)) {
+    t.layer_backward = kF32 * n * h + std::max(2 * kBF16 * n * i - kBF16 * h * i,
+                                               kBF16 * n * h + kBF16 * n * i + kF32 * h * i);
+    t.layer_backward_fresh = kF32 * n * h + std::max(2 * kBF16 * n * i + kF32 * h * i,
+                                                     kBF16 * n * h + kBF16 * n * i + kF32 * h * i);
+  }
+  if (bf16 && !fused_head) t.head_forward_transient = kBF16 * n * v;
   // A block's forward without gradients (the checkpointed forward): the temporaries of
   // down(silu(gate(m)) * up(m)) live until the expression ends, so gate's and up's outputs,
   // silu's, the product and down's output (in the matmul dtype) sit next to the fp32 residual h
@@ -450,7 +471,7 @@ ActivationPeaks activation_peaks(const Shapes& s, const MemoryPlanInputs& in, bo
   // loss head: its tensors and the bf16 logits.
   const bool bf16 = in.precision == "bf16";
   p.forward = inputs + t.block_forward + (bf16 ? kBF16 * s.hidden * s.inter : 0);
-  if (bf16) {
+  if (t.head_forward_transient > 0) {
     p.forward = std::max(p.forward, inputs + t.head - kF32 * in.micro_batch * in.seq_len * s.vocab +
                                         t.head_forward_transient);
   }

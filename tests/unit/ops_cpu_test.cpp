@@ -1,7 +1,7 @@
 // Aviary's fused CPU loops (src/ops/cpu_loops.h) against their ATen references: values and
-// gradients of RMSNorm, SwiGLU, the rotary embedding, cross-entropy and the embedding lookup over
-// awkward shapes and layouts, the approximate exp, independence from the thread count, and ops.impl
-// torch keeping the reference.
+// gradients of RMSNorm, SwiGLU, the rotary embedding, cross-entropy, the embedding lookup and the
+// bf16 autocast linear and loss head over awkward shapes and layouts, the approximate exp,
+// independence from the thread count, and ops.impl torch keeping the reference.
 #include <cmath>
 #include <limits>
 #include <string>
@@ -11,12 +11,15 @@
 #include <torch/torch.h>
 
 #include "aviary/core/error.h"
+#include "aviary/ops/autocast.h"
 #include "aviary/ops/cross_entropy.h"
 #include "aviary/ops/embedding.h"
 #include "aviary/ops/impl.h"
+#include "aviary/ops/linear.h"
 #include "aviary/ops/rms_norm.h"
 #include "aviary/ops/rope.h"
 #include "aviary/ops/swiglu.h"
+#include "ops/cpu_gemm.h"
 #include "ops/cpu_loops.h"
 
 namespace aviary {
@@ -283,6 +286,135 @@ TEST(CpuLinearCrossEntropy, BadTargetsAndASecondBackwardAreRefused) {
   auto loss = ops::linear_cross_entropy(hidden, weight, torch::tensor({1, 5, 2}, torch::kInt64));
   loss.backward({}, /*retain_graph=*/true);
   EXPECT_THROW(loss.backward(), Error);
+}
+
+// The bf16 linear and loss head compare against fp32 maths on bf16-rounded operands: what a
+// bf16 x bf16 -> fp32 GEMM computes, up to summation order.
+torch::Tensor bf16_rounded(const torch::Tensor& t) {
+  return t.detach().to(torch::kBFloat16).to(torch::kFloat32);
+}
+
+TEST(CpuBf16Gemm, MatchesFp32ProductsOfTheBf16ValuesForEveryLayout) {
+  torch::manual_seed(8);
+  auto wide = torch::randn({70, 90}).to(torch::kBFloat16);
+  auto a = wide.narrow(1, 3, 33);                              // [70, 33], lda 90
+  auto b_t = torch::randn({41, 33}).to(torch::kBFloat16).t();  // [33, 41], transposed
+  auto want = torch::mm(a.to(torch::kFloat32), b_t.to(torch::kFloat32));
+  auto out = torch::full({70, 41}, 7.0f);
+  ops::cpu::mm_bf16_into_f32(a, b_t, out, /*accumulate=*/false);
+  EXPECT_LT(max_rel(out, want), 1e-6);
+  ops::cpu::mm_bf16_into_f32(a, b_t, out, /*accumulate=*/true);
+  EXPECT_LT(max_rel(out, want * 2), 1e-6);
+  // A transposed left operand and a strided output (a view of wider rows).
+  auto c = torch::zeros({33, 60});
+  auto c_view = c.narrow(1, 0, 41);
+  auto right = wide.narrow(1, 40, 41);  // [70, 41], ldb 90
+  ops::cpu::mm_bf16_into_f32(a.t(), right, c_view, false);
+  auto want_c = torch::mm(a.t().to(torch::kFloat32), right.to(torch::kFloat32));
+  EXPECT_LT(max_rel(c_view, want_c), 1e-6);
+  EXPECT_TRUE(c.narrow(1, 41, 19).eq(0).all().item<bool>());
+  // k = 0: a product of nothing is zero (or leaves an accumulation as it was).
+  auto empty_k = torch::empty({4, 0}, torch::kBFloat16);
+  auto z = torch::full({4, 5}, 3.0f);
+  ops::cpu::mm_bf16_into_f32(empty_k, torch::empty({0, 5}, torch::kBFloat16), z, true);
+  EXPECT_TRUE(z.eq(3).all().item<bool>());
+  ops::cpu::mm_bf16_into_f32(empty_k, torch::empty({0, 5}, torch::kBFloat16), z, false);
+  EXPECT_TRUE(z.eq(0).all().item<bool>());
+}
+
+TEST(CpuBf16Linear, ForwardIsAutocastsAndGradientsAreFp32SumsOfTheBf16Operands) {
+  torch::manual_seed(9);
+  auto x = torch::randn({3, 5, 40}).requires_grad_(true);
+  auto weight = (torch::randn({24, 40}) * 0.2).requires_grad_(true);
+  auto bias = torch::randn({24}).requires_grad_(true);
+  auto grad = torch::randn({3, 5, 24}).to(torch::kBFloat16);
+  torch::Tensor y, autocast_y;
+  {
+    ops::AutocastGuard autocast(torch::kCPU, true);
+    ASSERT_TRUE(ops::use_cpu_bf16_linear(x, weight, bias));
+    y = ops::linear(x, weight, bias);
+    autocast_y = torch::linear(x, weight, bias);
+  }
+  ASSERT_TRUE(made_by(y, "Bf16LinearBiasCpuFunction"));
+  EXPECT_EQ(y.scalar_type(), torch::kBFloat16);
+  EXPECT_TRUE(torch::equal(y, autocast_y));  // the same casts and the same bf16 product
+  auto got = torch::autograd::grad({y}, {x, weight, bias}, {grad});
+  EXPECT_EQ(got[0].scalar_type(), torch::kFloat32);
+  EXPECT_EQ(got[1].scalar_type(), torch::kFloat32);
+  auto g = grad.to(torch::kFloat32).reshape({15, 24});
+  auto xb = bf16_rounded(x).reshape({15, 40}), wb = bf16_rounded(weight);
+  EXPECT_LT(max_rel(got[0], torch::mm(g, wb).view({3, 5, 40})), 1e-6);
+  EXPECT_LT(max_rel(got[1], torch::mm(g.t(), xb)), 1e-6);
+  EXPECT_LT(max_rel(got[2], g.sum(0)), 1e-6);
+  // Autocast's own gradients are the same sums rounded to bf16.
+  auto rounded = torch::autograd::grad({autocast_y}, {x, weight, bias}, {grad});
+  for (size_t i = 0; i < got.size(); ++i)
+    EXPECT_LT(max_rel(got[i], rounded[i]), 8e-3) << "input " << i;
+
+  // A bf16 input gets a bf16 gradient; a frozen weight none; no bias is fine.
+  auto xh = x.detach().to(torch::kBFloat16).requires_grad_(true);
+  auto frozen = weight.detach();
+  torch::Tensor yh;
+  {
+    ops::AutocastGuard autocast(torch::kCPU, true);
+    yh = ops::linear(xh, frozen);
+  }
+  ASSERT_TRUE(made_by(yh, "Bf16LinearCpuFunction"));
+  auto dxh = torch::autograd::grad({yh}, {xh}, {grad})[0];
+  EXPECT_EQ(dxh.scalar_type(), torch::kBFloat16);
+  EXPECT_LT(max_rel(dxh, torch::mm(g, wb).view({3, 5, 40})), 8e-3);
+
+  // Outside autocast, and under ops.impl torch, it is torch::linear.
+  EXPECT_FALSE(made_by(ops::linear(x, weight, bias), "Bf16Linear"));
+  ImplGuard torch_impl(ops::OpsImpl::kTorch);
+  ops::AutocastGuard autocast(torch::kCPU, true);
+  EXPECT_FALSE(made_by(ops::linear(x, weight, bias), "Bf16Linear"));
+}
+
+TEST(CpuLinearCrossEntropy, Bf16AutocastIsFp32MathsOnTheBf16Operands) {
+  torch::manual_seed(10);
+  // 300001 columns: about 24 rows per chunk, so 50 rows take three chunks.
+  for (int64_t vocab : {50, 300001}) {
+    const int64_t rows = 50, width = 16;
+    auto hidden = torch::randn({rows, width}).requires_grad_(true);
+    auto weight = (torch::randn({vocab, width}) * 0.5).requires_grad_(true);
+    auto targets = torch::randint(0, vocab, {rows}, torch::kInt64);
+    targets[4] = -100;
+    targets[30] = -100;
+    torch::Tensor loss;
+    {
+      ops::AutocastGuard autocast(torch::kCPU, true);
+      loss = ops::linear_cross_entropy(hidden, weight, targets, -100);
+    }
+    ASSERT_TRUE(made_by(loss, "LinearCrossEntropyCpuFunction"));
+    EXPECT_EQ(loss.scalar_type(), torch::kFloat32);
+    auto got = torch::autograd::grad({loss * 3.0}, {hidden, weight});
+    EXPECT_EQ(got[0].scalar_type(), torch::kFloat32);
+    EXPECT_EQ(got[1].scalar_type(), torch::kFloat32);
+    auto hb = bf16_rounded(hidden).requires_grad_(true);
+    auto wb = bf16_rounded(weight).requires_grad_(true);
+    auto ref = ops::cross_entropy_reference(torch::matmul(hb, wb.t()), targets, -100);
+    auto want = torch::autograd::grad({ref * 3.0}, {hb, wb});
+    EXPECT_LT(max_rel(loss, ref), 1e-6) << "vocab " << vocab;
+    // The logits' gradient is rounded once to bf16 (2^-9 relative) before its GEMMs.
+    EXPECT_LT(max_rel(got[0], want[0]), 4e-3) << "vocab " << vocab;
+    EXPECT_LT(max_rel(got[1], want[1]), 4e-3) << "vocab " << vocab;
+  }
+  // A bf16 hidden gets a bf16 gradient.
+  auto hidden = torch::randn({6, 8}).to(torch::kBFloat16).requires_grad_(true);
+  auto weight = torch::randn({11, 8}).requires_grad_(true);
+  auto targets = torch::tensor({0, 10, 3, 2, 1, 7}, torch::kInt64);
+  torch::Tensor loss;
+  {
+    ops::AutocastGuard autocast(torch::kCPU, true);
+    loss = ops::linear_cross_entropy(hidden, weight, targets);
+  }
+  ASSERT_TRUE(made_by(loss, "LinearCrossEntropyCpuFunction"));
+  auto dh = torch::autograd::grad({loss}, {hidden})[0];
+  EXPECT_EQ(dh.scalar_type(), torch::kBFloat16);
+  auto hb = bf16_rounded(hidden).requires_grad_(true);
+  auto ref = ops::cross_entropy_reference(torch::matmul(hb, bf16_rounded(weight).t()), targets);
+  EXPECT_LT(max_rel(dh, torch::autograd::grad({ref}, {hb})[0]), 1e-2);
 }
 
 TEST(CpuEmbedding, LookupAndGradientMatchTheReferenceWithRepeatedIds) {

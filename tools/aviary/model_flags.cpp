@@ -5,10 +5,12 @@
 namespace aviary::cli {
 
 void add_ops_impl_flag(CLI::App* cmd, std::string* value) {
-  cmd->add_option("--ops-impl", *value,
-                  "CUDA op implementations: auto (Aviary's kernels where kernels/validated.json "
-                  "records them for this GPU) | aviary (Aviary's kernels wherever they exist) | "
-                  "torch (PyTorch's ops); CPU always runs the ATen reference")
+  cmd->add_option(
+         "--ops-impl", *value,
+         "op implementations: auto (on CUDA, Aviary's kernels where "
+         "kernels/validated.json records them for this GPU) | aviary (Aviary's kernels "
+         "wherever they exist) | torch (PyTorch's ops everywhere); on CPU, auto and aviary "
+         "run Aviary's fused CPU ops (docs/kernels.md), torch the ATen references")
       ->capture_default_str()
       ->check(CLI::IsMember(ops::ops_impl_choices()))
       ->each([](const std::string& v) { ops::set_ops_impl(ops::parse_ops_impl(v, "--ops-impl")); });

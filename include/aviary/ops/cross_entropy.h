@@ -21,11 +21,17 @@ torch::Tensor cross_entropy(const torch::Tensor& logits, const torch::Tensor& ta
                             LossReduction reduction = LossReduction::kMean);
 
 // cross_entropy(hidden @ weight^T, targets): the loss head of a language model (lm_head, then
-// the loss) without its [rows, vocab] logits. hidden: [rows, width]; weight: [vocab, width]. On
-// fp32 CPU tensors the logits are made a chunk of rows at a time (about 28 MB) and turned into
-// their gradient at once, so the forward leaves only the gradients of hidden and weight (the
-// latter only when weight requires one) for backward to scale; otherwise (and under
-// ops.impl torch) it is the reference, matmul then cross_entropy.
+// the loss) without its [rows, vocab] logits. hidden: [rows, width]; weight: [vocab, width]. On CPU
+// the logits are made a chunk of rows at a time (about 28 MB) and turned into their gradient at
+// once, so the forward leaves only the gradients of hidden and weight (the latter only when weight
+// requires one) for backward to scale by grad_out:
+//   fp32            fp32 GEMMs throughout;
+//   bf16 autocast   (fp32 weight, hidden fp32 or bf16: ops::use_cpu_bf16_linear) autocast's bf16
+//                   casts of both, fp32 logits from a bf16 x bf16 -> fp32 GEMM, their gradient
+//                   rounded once to bf16 for the gradient GEMMs, which write weight's gradient (and
+//                   an fp32 hidden's) in fp32. Autocast's lm_head would round the logits and both
+//                   gradients to bf16 and hold [rows, vocab] logits in bf16 and fp32.
+// Otherwise (and under ops.impl torch) it is the reference: matmul, then cross_entropy in fp32.
 torch::Tensor linear_cross_entropy(const torch::Tensor& hidden, const torch::Tensor& weight,
                                    const torch::Tensor& targets, int64_t ignore_index = -100,
                                    LossReduction reduction = LossReduction::kMean);

@@ -1,0 +1,103 @@
+#include "aviary/ops/linear.h"
+
+#include <ATen/autocast_mode.h>
+#include <torch/autograd.h>
+
+#include "aviary/ops/impl.h"
+#include "cpu_gemm.h"
+
+namespace aviary::ops {
+namespace {
+
+// The bf16 linear's two halves, shared by the functions with and without a bias (an undefined
+// tensor cannot be a custom function's input).
+torch::Tensor bf16_linear_forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                                  const torch::Tensor& weight, const torch::Tensor& bias) {
+  // The casts autocast would make, and its bf16 product: the forward's values are unchanged.
+  auto xb = x.to(torch::kBFloat16);
+  auto wb = weight.to(torch::kBFloat16);
+  auto y = torch::linear(xb, wb, bias.defined() ? bias.to(torch::kBFloat16) : torch::Tensor());
+  // Each operand is kept only for the other's gradient, as autocast's matmul does: a frozen
+  // weight (LoRA's base) keeps no input.
+  ctx->save_for_backward(
+      {weight.requires_grad() ? xb : torch::Tensor(), x.requires_grad() ? wb : torch::Tensor()});
+  ctx->saved_data["x_fp32"] = x.scalar_type() == torch::kFloat32;
+  ctx->saved_data["x_sizes"] = x.sizes().vec();
+  return y;
+}
+
+torch::autograd::variable_list bf16_linear_backward(torch::autograd::AutogradContext* ctx,
+                                                    const torch::Tensor& grad, bool with_bias) {
+  const auto saved = ctx->get_saved_variables();
+  const auto& xb = saved[0];
+  const auto& wb = saved[1];
+  const auto x_sizes = ctx->saved_data["x_sizes"].toIntVector();
+  const int64_t in = x_sizes.back(), out = grad.size(-1);
+  auto g = grad.to(torch::kBFloat16).reshape({-1, out});
+  torch::Tensor dx, dweight;
+  if (ctx->needs_input_grad(0)) {
+    if (ctx->saved_data["x_fp32"].toBool()) {
+      dx = torch::empty({g.size(0), in}, g.options().dtype(torch::kFloat32));
+      cpu::mm_bf16_into_f32(g, wb, dx, /*accumulate=*/false);
+    } else {
+      dx = torch::mm(g, wb);
+    }
+    dx = dx.view(x_sizes);
+  }
+  if (ctx->needs_input_grad(1)) {
+    dweight = torch::empty({out, in}, g.options().dtype(torch::kFloat32));
+    cpu::mm_bf16_into_f32(g.t(), xb.reshape({-1, in}), dweight, /*accumulate=*/false);
+  }
+  if (!with_bias) return {dx, dweight};
+  torch::Tensor dbias;
+  if (ctx->needs_input_grad(2)) dbias = g.sum(0, /*keepdim=*/false, torch::kFloat32);
+  return {dx, dweight, dbias};
+}
+
+class Bf16LinearCpuFunction : public torch::autograd::Function<Bf16LinearCpuFunction> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                               const torch::Tensor& weight) {
+    return bf16_linear_forward(ctx, x, weight, torch::Tensor());
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    return bf16_linear_backward(ctx, grads[0], /*with_bias=*/false);
+  }
+};
+
+class Bf16LinearBiasCpuFunction : public torch::autograd::Function<Bf16LinearBiasCpuFunction> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                               const torch::Tensor& weight, const torch::Tensor& bias) {
+    return bf16_linear_forward(ctx, x, weight, bias);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    return bf16_linear_backward(ctx, grads[0], /*with_bias=*/true);
+  }
+};
+
+}  // namespace
+
+bool use_cpu_bf16_linear(const torch::Tensor& x, const torch::Tensor& weight,
+                         const torch::Tensor& bias) {
+  return ops_impl() != OpsImpl::kTorch && at::autocast::is_autocast_enabled(torch::kCPU) &&
+         at::autocast::get_autocast_dtype(torch::kCPU) == torch::kBFloat16 && x.device().is_cpu() &&
+         (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16) &&
+         x.dim() >= 1 && weight.device().is_cpu() && weight.scalar_type() == torch::kFloat32 &&
+         weight.dim() == 2 && x.size(-1) == weight.size(1) &&
+         (!bias.defined() || (bias.device().is_cpu() && bias.scalar_type() == torch::kFloat32 &&
+                              bias.dim() == 1 && bias.size(0) == weight.size(0)));
+}
+
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& weight,
+                     const torch::Tensor& bias) {
+  if (use_cpu_bf16_linear(x, weight, bias)) {
+    return bias.defined() ? Bf16LinearBiasCpuFunction::apply(x, weight, bias)
+                          : Bf16LinearCpuFunction::apply(x, weight);
+  }
+  return torch::linear(x, weight, bias);
+}
+
+}  // namespace aviary::ops
