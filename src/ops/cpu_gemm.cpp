@@ -3,6 +3,7 @@
 #include <dlfcn.h>
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cstdint>
 #include <initializer_list>
@@ -50,10 +51,16 @@ bool fits_int(std::initializer_list<int64_t> values) {
   return true;
 }
 
+std::atomic<bool> native_allowed{true};
+
 }  // namespace
 
 bool has_native_bf16_gemm() {
   return native_gemm() != nullptr;
+}
+
+void allow_native_bf16_gemm(bool allowed) {
+  native_allowed = allowed;
 }
 
 void mm_bf16_into_f32(const torch::Tensor& a, const torch::Tensor& b, torch::Tensor& out,
@@ -64,7 +71,7 @@ void mm_bf16_into_f32(const torch::Tensor& a, const torch::Tensor& b, torch::Ten
     if (!accumulate) out.zero_();
     return;
   }
-  const auto gemm = native_gemm();
+  const auto gemm = native_allowed ? native_gemm() : nullptr;
   const bool out_ok = out.stride(1) == 1 && (m <= 1 || out.stride(0) >= n);
   if (gemm == nullptr || !out_ok || !fits_int({m, n, k, a.numel(), b.numel(), out.numel()})) {
     auto product = torch::mm(a.to(torch::kFloat32), b.to(torch::kFloat32));

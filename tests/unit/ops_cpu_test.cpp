@@ -294,7 +294,14 @@ torch::Tensor bf16_rounded(const torch::Tensor& t) {
   return t.detach().to(torch::kBFloat16).to(torch::kFloat32);
 }
 
-TEST(CpuBf16Gemm, MatchesFp32ProductsOfTheBf16ValuesForEveryLayout) {
+// Runs the GEMM tests over MKL's mixed GEMM (where LibTorch has it) and over the fp32 fallback.
+class CpuBf16Gemm : public ::testing::TestWithParam<bool> {
+ protected:
+  void SetUp() override { ops::cpu::allow_native_bf16_gemm(GetParam()); }
+  void TearDown() override { ops::cpu::allow_native_bf16_gemm(true); }
+};
+
+TEST_P(CpuBf16Gemm, MatchesFp32ProductsOfTheBf16ValuesForEveryLayout) {
   torch::manual_seed(8);
   auto wide = torch::randn({70, 90}).to(torch::kBFloat16);
   auto a = wide.narrow(1, 3, 33);                              // [70, 33], lda 90
@@ -321,6 +328,9 @@ TEST(CpuBf16Gemm, MatchesFp32ProductsOfTheBf16ValuesForEveryLayout) {
   ops::cpu::mm_bf16_into_f32(empty_k, torch::empty({0, 5}, torch::kBFloat16), z, false);
   EXPECT_TRUE(z.eq(0).all().item<bool>());
 }
+
+INSTANTIATE_TEST_SUITE_P(NativeAndFallback, CpuBf16Gemm, ::testing::Bool(),
+                         [](const auto& info) { return info.param ? "Native" : "Fallback"; });
 
 TEST(CpuBf16Linear, ForwardIsAutocastsAndGradientsAreFp32SumsOfTheBf16Operands) {
   torch::manual_seed(9);
