@@ -21,6 +21,8 @@
 #include "aviary/io/safetensors.h"
 #include "aviary/models/aquila.h"
 #include "aviary/nn/document_mask.h"
+#include "aviary/ops/impl.h"
+#include "aviary/train/lm_loss.h"
 #include "aviary/train/model_spec.h"
 #include "aviary/train/trainer.h"
 #include "expect_error.h"
@@ -370,6 +372,47 @@ TEST(ActivationCheckpointing, WorksUnderBf16Autocast) {
   Trainer trainer(config, "test.yaml");
   auto result = trainer.run();
   EXPECT_TRUE(std::isfinite(result.last_loss));
+}
+
+// One step's loss and parameter gradients of the tiny model through the trainer's loss, in fp32 or
+// under bf16 autocast, with Aviary's CPU ops or PyTorch's (ops.impl torch).
+std::pair<double, std::vector<torch::Tensor>> lm_step(AquilaForCausalLM& model,
+                                                      const torch::Tensor& tokens, bool bf16,
+                                                      ops::OpsImpl impl) {
+  const auto saved = ops::ops_impl();
+  ops::set_ops_impl(impl);
+  model->zero_grad();
+  LmLossOptions options;
+  options.bf16 = bf16;
+  auto loss = causal_lm_loss(*model, tokens, options);
+  loss.backward();
+  ops::set_ops_impl(saved);
+  std::vector<torch::Tensor> grads;
+  for (const auto& p : model->parameters())
+    grads.push_back(p.grad().clone());
+  return {loss.item<double>(), grads};
+}
+
+// bf16 training with Aviary's CPU ops (fused linears and loss head, weight gradients summed in
+// fp32) is at least as close to the fp32 step as autocast over PyTorch's ops, parameter by
+// parameter (the FlashAttention criterion: within twice autocast's error, plus rounding slack).
+TEST(Bf16Training, AviarysCpuOpsAreAsCloseToFp32AsAutocast) {
+  auto model = tiny_model();
+  torch::manual_seed(3);
+  auto tokens = torch::randint(3, 1000, {4, 33}, torch::kInt64);
+  const auto [fp32_loss, fp32] = lm_step(model, tokens, false, ops::OpsImpl::kTorch);
+  const auto [ours_loss, ours] = lm_step(model, tokens, true, ops::OpsImpl::kAuto);
+  const auto [autocast_loss, autocast] = lm_step(model, tokens, true, ops::OpsImpl::kTorch);
+  EXPECT_LE(std::abs(ours_loss - fp32_loss), 2 * std::abs(autocast_loss - fp32_loss) + 1e-3);
+  ASSERT_EQ(ours.size(), fp32.size());
+  for (size_t i = 0; i < ours.size(); ++i) {
+    EXPECT_EQ(ours[i].scalar_type(), torch::kFloat32);
+    const double our_error = (ours[i] - fp32[i]).abs().max().item<double>();
+    const double autocast_error = (autocast[i] - fp32[i]).abs().max().item<double>();
+    const double scale = fp32[i].abs().max().item<double>();
+    EXPECT_LE(our_error, 2 * autocast_error + 1e-3 * scale)
+        << "parameter " << i << ": autocast's error " << autocast_error;
+  }
 }
 
 TEST(DocumentMask, ADocumentIsSeenAsIfItWereAlone) {
