@@ -73,7 +73,10 @@ void mm_bf16_into_f32(const torch::Tensor& a, const torch::Tensor& b, torch::Ten
   }
   const auto gemm = native_allowed ? native_gemm() : nullptr;
   const bool out_ok = out.stride(1) == 1 && (m <= 1 || out.stride(0) >= n);
-  if (gemm == nullptr || !out_ok || !fits_int({m, n, k, a.numel(), b.numel(), out.numel()})) {
+  const Operand oa = operand(a), ob = operand(b);
+  const int64_t ldc = std::max<int64_t>(out.stride(0), n);
+  // MKL's LP64 interface takes sizes and leading dimensions as int.
+  if (gemm == nullptr || !out_ok || !fits_int({m, n, k, oa.ld, ob.ld, ldc})) {
     auto product = torch::mm(a.to(torch::kFloat32), b.to(torch::kFloat32));
     if (accumulate) {
       out.add_(product);
@@ -82,8 +85,6 @@ void mm_bf16_into_f32(const torch::Tensor& a, const torch::Tensor& b, torch::Ten
     }
     return;
   }
-  const Operand oa = operand(a), ob = operand(b);
-  const int64_t ldc = std::max<int64_t>(out.stride(0), n);
   gemm(kRowMajor, oa.trans, ob.trans, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k),
        1.0f, reinterpret_cast<const uint16_t*>(oa.t.data_ptr()), static_cast<int>(oa.ld),
        reinterpret_cast<const uint16_t*>(ob.t.data_ptr()), static_cast<int>(ob.ld),
