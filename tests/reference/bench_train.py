@@ -13,11 +13,19 @@ state. AdamW is the fused CPU kernel when this torch has one, else the foreach o
 says which). After --warmup untimed steps, step time is the mean over --steps timed steps.
 
 Each case runs in its own process so that its peak RSS (ru_maxrss) is its own.
+
+With --aviary BIN it also runs `BIN bench train` for each case, alternating with the reference
+--pairs times, and prints every pair's ratio and their median: on a shared VM either side's
+speed drifts by 10% or more within minutes, so only back-to-back pairs compare.
+
+    ~/.cache/aviary/venv/bin/python tests/reference/bench_train.py --threads 2 \
+        --cases aquila-100m --dtype bf16 --aviary build/aviary --pairs 5
 """
 import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -84,6 +92,59 @@ def run_case(args):
             "peak_rss_mb": peak, "optimizer": f"torch AdamW {kind}"}
 
 
+def run_reference(args, case):
+    """One case of the reference in a child process (its own peak RSS)."""
+    seq_len, micro_batch, steps = DEFAULTS[case]
+    cmd = [sys.executable, os.path.abspath(__file__), "--case", case, "--dtype", args.dtype,
+           "--threads", str(args.threads), "--seq-len", str(args.seq_len or seq_len),
+           "--micro-batch", str(args.micro_batch or micro_batch),
+           "--steps", str(args.steps or steps), "--warmup", str(args.warmup)]
+    # The same OpenMP wait policy as the aviary binary sets for itself (tools/aviary/main.cpp):
+    # libgomp's default parks workers on slow futex wake-ups on small VMs, which would make
+    # the reference needlessly slow at 2 threads. A value set by the caller is kept.
+    env = dict(os.environ)
+    env.setdefault("OMP_WAIT_POLICY", "active")
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def run_aviary(args, case):
+    """The same case through `aviary bench train --json` (same shapes, steps and threads)."""
+    seq_len, micro_batch, steps = DEFAULTS[case]
+    cmd = [args.aviary, "bench", "train", "--cases", f"{case}:{args.dtype}", "--json",
+           "--threads", str(args.threads), "--seq-len", str(args.seq_len or seq_len),
+           "--micro-batch", str(args.micro_batch or micro_batch),
+           "--steps", str(args.steps or steps), "--warmup", str(args.warmup)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out)[0]
+
+
+def span(values, fmt):
+    return f"{min(values):{fmt}}–{max(values):{fmt}}" if len(values) > 1 else f"{values[0]:{fmt}}"
+
+
+def compare_in_pairs(args):
+    """Aviary and the reference back to back, --pairs times per case: each pair's ratio, and the
+    median of them (the figure docs/benchmarks.md reports)."""
+    print(f"| case | dtype | pairs | torch tok/s | aviary tok/s | x torch, each pair | median |"
+          f" peak RSS x torch | GEMM ceiling x torch |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for case in args.cases:
+        ours, theirs = [], []
+        for _ in range(args.pairs):
+            ours.append(run_aviary(args, case))
+            theirs.append(run_reference(args, case))
+        speed = [o["tokens_per_s"] / t["tokens_per_s"] for o, t in zip(ours, theirs)]
+        rss = [o["peak_rss_mb"] / t["peak_rss_mb"] for o, t in zip(ours, theirs)]
+        ceiling = [o["gemm_ceiling_tokens_per_s"] / t["tokens_per_s"]
+                   for o, t in zip(ours, theirs) if o.get("gemm_ceiling_tokens_per_s")]
+        print(f"| {case} | {args.dtype} | {args.pairs} |"
+              f" {span([t['tokens_per_s'] for t in theirs], '.1f')} |"
+              f" {span([o['tokens_per_s'] for o in ours], '.1f')} |"
+              f" {' '.join(f'{x:.2f}' for x in speed)} | {statistics.median(speed):.2f} |"
+              f" {span(rss, '.2f')} | {span(ceiling, '.2f') if ceiling else '-'} |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", nargs="+", default=list(DEFAULTS), choices=list(DEFAULTS))
@@ -95,25 +156,18 @@ def main():
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     ap.add_argument("--json", action="store_true", help="print the rows as a JSON list")
     ap.add_argument("--aviary-json", help="output of `aviary bench train --json` to compare with")
+    ap.add_argument("--aviary", metavar="BIN",
+                    help="also run `BIN bench train` per case, alternating with the reference")
+    ap.add_argument("--pairs", type=int, default=3, help="with --aviary: alternating pairs per case")
     ap.add_argument("--case", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.case:
         print(json.dumps(run_case(args)))
         return
-    rows = []
-    for case in args.cases:
-        seq_len, micro_batch, steps = DEFAULTS[case]
-        cmd = [sys.executable, os.path.abspath(__file__), "--case", case, "--dtype", args.dtype,
-               "--threads", str(args.threads), "--seq-len", str(args.seq_len or seq_len),
-               "--micro-batch", str(args.micro_batch or micro_batch),
-               "--steps", str(args.steps or steps), "--warmup", str(args.warmup)]
-        # The same OpenMP wait policy as the aviary binary sets for itself (tools/aviary/main.cpp):
-        # libgomp's default parks workers on slow futex wake-ups on small VMs, which would make
-        # the reference needlessly slow at 2 threads. A value set by the caller is kept.
-        env = dict(os.environ)
-        env.setdefault("OMP_WAIT_POLICY", "active")
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
+    if args.aviary:
+        compare_in_pairs(args)
+        return
+    rows = [run_reference(args, case) for case in args.cases]
     if args.json:
         print(json.dumps(rows, indent=1))
         return
