@@ -55,10 +55,6 @@ std::atomic<bool> native_allowed{true};
 
 }  // namespace
 
-bool has_native_bf16_gemm() {
-  return native_gemm() != nullptr;
-}
-
 void allow_native_bf16_gemm(bool allowed) {
   native_allowed = allowed;
 }

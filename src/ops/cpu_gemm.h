@@ -19,9 +19,6 @@ namespace aviary::ops::cpu {
 void mm_bf16_into_f32(const torch::Tensor& a, const torch::Tensor& b, torch::Tensor& out,
                       bool accumulate);
 
-// Whether MKL's mixed GEMM was found (otherwise mm_bf16_into_f32 widens to fp32).
-bool has_native_bf16_gemm();
-
 // Tests: false makes mm_bf16_into_f32 take the widening fallback even where MKL's GEMM exists, so
 // that the path a LibTorch without MKL takes is exercised too. Process-wide; true by default.
 void allow_native_bf16_gemm(bool allowed);

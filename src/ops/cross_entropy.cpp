@@ -34,18 +34,27 @@ int64_t first_bad_target(const int64_t* targets, int64_t rows, int64_t vocab,
                 "tokenizer and model.vocab_size");
 }
 
-// The loss value and the factor that turns per-row gradients into the reduction's.
-std::pair<double, double> reduce_rows(const float* loss, const int64_t* targets, int64_t rows,
-                                      int64_t ignore_index, LossReduction reduction) {
+// The factor that turns per-row values into the reduction's: 1 for a sum, 1 / count for a mean over
+// the targets that count (0 when none does: the gradients are 0 and the loss NaN, as torch's).
+double reduction_scale(const int64_t* targets, int64_t rows, int64_t ignore_index,
+                       LossReduction reduction) {
+  if (reduction == LossReduction::kSum) return 1.0;
   int64_t counted = 0;
-  double total = 0.0;  // in double, in row order: the same whatever the thread count
-  for (int64_t r = 0; r < rows; ++r) {
+  for (int64_t r = 0; r < rows; ++r)
     counted += targets[r] != ignore_index ? 1 : 0;
-    total += loss[r];
+  return counted == 0 ? 0.0 : 1.0 / static_cast<double>(counted);
+}
+
+// The reduced loss: the rows' losses summed in double and in row order (the same whatever the
+// thread count), times the reduction's scale; NaN for a mean over no target.
+double reduced_loss(const float* loss, int64_t rows, double scale, LossReduction reduction) {
+  if (reduction == LossReduction::kMean && scale == 0.0) {
+    return std::numeric_limits<double>::quiet_NaN();
   }
-  if (reduction == LossReduction::kSum) return {total, 1.0};
-  if (counted == 0) return {std::numeric_limits<double>::quiet_NaN(), 0.0};
-  return {total / static_cast<double>(counted), 1.0 / static_cast<double>(counted)};
+  double total = 0.0;
+  for (int64_t r = 0; r < rows; ++r)
+    total += loss[r];
+  return total * scale;
 }
 
 class CrossEntropyCpuFunction : public torch::autograd::Function<CrossEntropyCpuFunction> {
@@ -67,8 +76,8 @@ class CrossEntropyCpuFunction : public torch::autograd::Function<CrossEntropyCpu
     }
     cpu::cross_entropy_forward(rows, vocab, x.data_ptr<float>(), stride, tp, ignore_index,
                                loss.data_ptr<float>(), lse.data_ptr<float>());
-    const auto [value, scale] =
-        reduce_rows(loss.data_ptr<float>(), tp, rows, ignore_index, reduction);
+    const double scale = reduction_scale(tp, rows, ignore_index, reduction);
+    const double value = reduced_loss(loss.data_ptr<float>(), rows, scale, reduction);
     ctx->save_for_backward({x, t, lse});
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->saved_data["scale"] = scale;
@@ -90,14 +99,6 @@ class CrossEntropyCpuFunction : public torch::autograd::Function<CrossEntropyCpu
     return {grad, torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
-
-// The number of targets that count (not ignore_index).
-int64_t counted_targets(const int64_t* targets, int64_t rows, int64_t ignore_index) {
-  int64_t counted = 0;
-  for (int64_t r = 0; r < rows; ++r)
-    counted += targets[r] != ignore_index ? 1 : 0;
-  return counted;
-}
 
 // lm_head and the loss in one op (see linear_cross_entropy in the header). In fp32 each chunk of
 // logits becomes its own gradient in place, the operand of the fp32 gradient GEMMs. In bf16 (CPU
@@ -122,10 +123,7 @@ class LinearCrossEntropyCpuFunction
     }
     // The reduction's factor goes into the gradient as it is made, so backward only applies
     // grad_out (usually 1: nothing to do).
-    const int64_t counted = counted_targets(tp, rows, ignore_index);
-    const double reduction_scale =
-        reduction == LossReduction::kSum || counted == 0 ? 1.0 : 1.0 / static_cast<double>(counted);
-    const auto scale = static_cast<float>(reduction_scale);
+    const double scale = reduction_scale(tp, rows, ignore_index, reduction);
     // Gradient mode is off inside forward; the inputs still say whether they need one.
     const bool need_hidden = hidden.requires_grad(), need_weight = weight.requires_grad();
     const auto f32 = hidden.options().dtype(torch::kFloat32);
@@ -155,11 +153,11 @@ class LinearCrossEntropyCpuFunction
       auto grad = grad_buffer.narrow(0, 0, n);
       if (bf16) {
         cpu::cross_entropy_backward_bf16(n, vocab, lp, vocab, tp + r0, ignore_index,
-                                         lse.data_ptr<float>() + r0, scale,
+                                         lse.data_ptr<float>() + r0, static_cast<float>(scale),
                                          reinterpret_cast<uint16_t*>(grad.data_ptr()), vocab);
       } else {
         cpu::cross_entropy_backward_inplace(n, vocab, lp, vocab, tp + r0, ignore_index,
-                                            lse.data_ptr<float>() + r0, scale);
+                                            lse.data_ptr<float>() + r0, static_cast<float>(scale));
       }
       if (need_hidden) {
         auto rows_out = dhidden.narrow(0, r0, n);
@@ -179,8 +177,7 @@ class LinearCrossEntropyCpuFunction
         }
       }
     }
-    const double value =
-        reduce_rows(loss.data_ptr<float>(), tp, rows, ignore_index, reduction).first;
+    const double value = reduced_loss(loss.data_ptr<float>(), rows, scale, reduction);
     ctx->saved_data["dhidden"] = dhidden;
     ctx->saved_data["dweight"] = dweight;
     return torch::full({}, value, f32);
@@ -223,24 +220,27 @@ int64_t linear_cross_entropy_chunk_rows(int64_t rows, int64_t vocab) {
                              std::max<int64_t>(1, rows));
 }
 
-torch::Tensor linear_cross_entropy(const torch::Tensor& hidden, const torch::Tensor& weight,
-                                   const torch::Tensor& targets, int64_t ignore_index,
-                                   LossReduction reduction) {
+bool fused_linear_cross_entropy(const torch::Tensor& hidden, const torch::Tensor& weight,
+                                const torch::Tensor& targets) {
   const bool shapes_fit = hidden.dim() == 2 && weight.dim() == 2 &&
                           weight.size(1) == hidden.size(1) && weight.size(0) > 0 &&
                           targets.dim() == 1 && targets.size(0) == hidden.size(0) &&
                           targets.device().is_cpu() && !c10::isFloatingType(targets.scalar_type());
-  if (shapes_fit && use_cpu_bf16_linear(hidden, weight)) {
+  if (!shapes_fit) return false;
+  if (at::autocast::is_autocast_enabled(torch::kCPU)) return use_cpu_bf16_linear(hidden, weight);
+  return use_cpu_loops(hidden) && use_cpu_loops(weight);
+}
+
+torch::Tensor linear_cross_entropy(const torch::Tensor& hidden, const torch::Tensor& weight,
+                                   const torch::Tensor& targets, int64_t ignore_index,
+                                   LossReduction reduction) {
+  if (fused_linear_cross_entropy(hidden, weight, targets)) {
+    const bool bf16 = at::autocast::is_autocast_enabled(torch::kCPU);
     return LinearCrossEntropyCpuFunction::apply(hidden, weight, targets, ignore_index, reduction,
-                                                /*bf16=*/true);
+                                                bf16);
   }
-  if (shapes_fit && use_cpu_loops(hidden) && use_cpu_loops(weight) &&
-      !at::autocast::is_autocast_enabled(torch::kCPU)) {
-    return LinearCrossEntropyCpuFunction::apply(hidden, weight, targets, ignore_index, reduction,
-                                                /*bf16=*/false);
-  }
-  torch::Tensor logits = torch::matmul(hidden, weight.t());
-  return cross_entropy(logits.to(torch::kFloat32), targets, ignore_index, reduction);
+  return cross_entropy(torch::matmul(hidden, weight.t()).to(torch::kFloat32), targets, ignore_index,
+                       reduction);
 }
 
 torch::Tensor cross_entropy(const torch::Tensor& logits, const torch::Tensor& targets,

@@ -3,8 +3,6 @@
 #include "aviary/nn/document_mask.h"
 #include "aviary/ops/autocast.h"
 #include "aviary/ops/cross_entropy.h"
-#include "aviary/ops/impl.h"
-#include "aviary/ops/linear.h"
 
 namespace aviary {
 
@@ -49,8 +47,7 @@ torch::Tensor causal_lm_loss(AquilaForCausalLMImpl& model, const torch::Tensor& 
     // bf16 autocast over fp32 weights on CPU).
     ops::AutocastGuard autocast(device.type(), options.bf16);
     auto flat_hidden = hidden.reshape({-1, width});
-    if (options.bf16 ? ops::use_cpu_bf16_linear(flat_hidden, head.weight)
-                     : ops::use_cpu_loops(flat_hidden)) {
+    if (ops::fused_linear_cross_entropy(flat_hidden, head.weight, flat_targets)) {
       return normalized(
           ops::linear_cross_entropy(flat_hidden, head.weight, flat_targets, kIgnore, reduction));
     }

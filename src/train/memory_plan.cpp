@@ -222,6 +222,13 @@ int64_t loss_head_chunk_bytes(const MemoryPlanInputs& in, int64_t vocab, int64_t
   return (kF32 + kBF16) * chunk + kBF16 * (n + vocab) * hidden;
 }
 
+// Cross-entropy's backward over [N, vocab] fp32 logits (the loss head without lm_head fused in):
+// nll_loss's gradient and log_softmax's, next to the saved log-probabilities; the fused CPU
+// cross-entropy writes the logits' gradient alone.
+int64_t cross_entropy_backward_bytes(const MemoryPlanInputs& in, int64_t vocab) {
+  return (fused_cpu_ops(in) ? 1 : 2) * kF32 * in.micro_batch * in.seq_len * vocab;
+}
+
 // Peak bytes of forward + backward beyond parameters, gradients and optimizer state.
 //
 // Saved tensors of one block (per token, read off autograd for ATen's ops on the CPU path, which
@@ -326,7 +333,7 @@ void lora_activation_terms(const Shapes& s, const MemoryPlanInputs& in, Activati
   t.head = kF32 * n * (h + 1 + v) + kI64 * n + (bf16 && lm_head_fp32 ? kBF16 * v * h : 0) +
            (fused_cpu_ops(in) ? kF32 * n : 0);
   t.head_backward = bf16 ? kBF16 * n * h + kF32 * n * h : kF32 * n * h;
-  t.ce_backward = (fused_cpu_ops(in) ? 1 : 2) * kF32 * n * v;
+  t.ce_backward = cross_entropy_backward_bytes(in, v);
   if (fused_loss_head(in, lm_head_fp32)) {
     // The fused loss head keeps only its input's gradient (lm_head is frozen), and one chunk of
     // logits while it runs.
@@ -380,9 +387,7 @@ ActivationTerms activation_terms(const Shapes& s, const MemoryPlanInputs& in) {
   t.head = kF32 * n * (h + 1 + v) + normalised + (bf16 ? kBF16 : kF32) * n * h + kI64 * n;
   if (bf16) t.head += kBF16 * v * h;
   if (fused_cpu_ops(in)) t.head += kF32 * n;
-  // Cross-entropy backward: nll_loss's gradient and log_softmax's both [N, vocab] fp32, next to
-  // the saved log-probabilities; the fused one writes the logits' gradient alone.
-  t.ce_backward = (fused_cpu_ops(in) ? 1 : 2) * kF32 * n * v;
+  t.ce_backward = cross_entropy_backward_bytes(in, v);
   // lm_head backward, after the log-probabilities are gone. fp32: the logits' gradient (their
   // size), the input's gradient and the weight's gradient in transit to AccumulateGrad. bf16: the
   // matmul's bf16 gradients next to the logits' bf16 gradient and the saved bf16 weight, then
@@ -405,24 +410,27 @@ ActivationTerms activation_terms(const Shapes& s, const MemoryPlanInputs& in) {
   // [hidden, inter] in transit; bf16: that one's fp32 cast, after the bf16 weight copy is
   // released), or at the product's backward (down_proj's input gradient has replaced its saved
   // input, and the gradients of silu(gate) and up, [N, inter] each, are added).
-  // With Aviary's CPU ops, bf16 linears (ops::linear) write the weight gradient in fp32 straight
-  // from the GEMM, next to the bf16 cast of the incoming gradient and the input's gradient.
-  t.layer_backward = bf16 ? kF32 * n * h + std::max({2 * kBF16 * n * i - kBF16 * h * i,
-                                                     kBF16 * n * i + kF32 * h * i,
-                                                     kBF16 * n * h + kBF16 * n * i + kBF16 * h * i})
-                          : kF32 * n * h + std::max(2 * kF32 * n * i, kF32 * n * i + kF32 * h * i);
-  // The same where the block's weight gradients are fresh rather than added to .grad (fsdp frees
-  // them after each block's reduce-scatter): down_proj's stays, next to the product's backward.
-  t.layer_backward_fresh =
-      bf16 ? kF32 * n * h +
-                 std::max({2 * kBF16 * n * i + kBF16 * h * i, kBF16 * n * i + kF32 * h * i,
-                           kBF16 * n * h + kBF16 * n * i + kBF16 * h * i})
-           : kF32 * n * h + 2 * kF32 * n * i + kF32 * h * i;
-  if (bf16 && fused_cpu_ops(in)) {
+  // bf16 with Aviary's CPU ops (the middle case): the linears (ops::linear) write the weight
+  // gradient in fp32 straight from the GEMM, next to the bf16 cast of the incoming gradient and
+  // the input's gradient, with no bf16 weight gradient.
+  // layer_backward_fresh is the same where the block's weight gradients are fresh rather than
+  // added to .grad (fsdp frees them after each block's reduce-scatter): down_proj's stays, next to
+  // the product's backward.
+  if (!bf16) {
+    t.layer_backward = kF32 * n * h + std::max(2 * kF32 * n * i, kF32 * n * i + kF32 * h * i);
+    t.layer_backward_fresh = kF32 * n * h + 2 * kF32 * n * i + kF32 * h * i;
+  } else if (fused_cpu_ops(in)) {
     t.layer_backward = kF32 * n * h + std::max(2 * kBF16 * n * i - kBF16 * h * i,
                                                kBF16 * n * h + kBF16 * n * i + kF32 * h * i);
     t.layer_backward_fresh = kF32 * n * h + std::max(2 * kBF16 * n * i + kF32 * h * i,
                                                      kBF16 * n * h + kBF16 * n * i + kF32 * h * i);
+  } else {
+    t.layer_backward =
+        kF32 * n * h + std::max({2 * kBF16 * n * i - kBF16 * h * i, kBF16 * n * i + kF32 * h * i,
+                                 kBF16 * n * h + kBF16 * n * i + kBF16 * h * i});
+    t.layer_backward_fresh =
+        kF32 * n * h + std::max({2 * kBF16 * n * i + kBF16 * h * i, kBF16 * n * i + kF32 * h * i,
+                                 kBF16 * n * h + kBF16 * n * i + kBF16 * h * i});
   }
   if (bf16 && !fused_head) t.head_forward_transient = kBF16 * n * v;
   // A block's forward without gradients (the checkpointed forward): the temporaries of

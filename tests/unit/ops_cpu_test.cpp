@@ -3,6 +3,7 @@
 // bf16 autocast linear and loss head over awkward shapes and layouts, the approximate exp,
 // independence from the thread count, and ops.impl torch keeping the reference.
 #include <cmath>
+#include <initializer_list>
 #include <limits>
 #include <string>
 
@@ -239,17 +240,30 @@ TEST(CpuCrossEntropy, ATargetOutsideTheVocabularyNamesItsRow) {
   }
 }
 
+// A loss head's inputs: hidden [rows, width] and weight [vocab, width] needing gradients, random
+// targets with the given rows ignored (-100).
+struct LossHeadInputs {
+  torch::Tensor hidden, weight, targets;
+};
+
+LossHeadInputs loss_head_inputs(int64_t rows, int64_t width, int64_t vocab,
+                                std::initializer_list<int64_t> ignored) {
+  LossHeadInputs in;
+  in.hidden = torch::randn({rows, width}).requires_grad_(true);
+  in.weight = (torch::randn({vocab, width}) * 0.5).requires_grad_(true);
+  in.targets = torch::randint(0, vocab, {rows}, torch::kInt64);
+  for (int64_t r : ignored)
+    in.targets[r] = -100;
+  return in;
+}
+
 // lm_head + loss in one op: against matmul + the reference, over one chunk of logits and over
 // several (a vocabulary of 300k makes chunks of 6 rows), with ignored rows, both reductions, a
 // frozen weight and no gradients at all.
 TEST(CpuLinearCrossEntropy, LossAndGradientsMatchMatmulThenTheReference) {
   torch::manual_seed(6);
   for (int64_t vocab : {50, 300001}) {
-    const int64_t rows = 9, width = 8;
-    auto hidden = torch::randn({rows, width}).requires_grad_(true);
-    auto weight = (torch::randn({vocab, width}) * 0.5).requires_grad_(true);
-    auto targets = torch::randint(0, vocab, {rows}, torch::kInt64);
-    targets[4] = -100;
+    const auto [hidden, weight, targets] = loss_head_inputs(9, 8, vocab, {4});
     for (auto reduction : {ops::LossReduction::kMean, ops::LossReduction::kSum}) {
       auto loss = ops::linear_cross_entropy(hidden, weight, targets, -100, reduction);
       EXPECT_TRUE(made_by(loss, "LinearCrossEntropyCpuFunction"));
@@ -385,12 +399,7 @@ TEST(CpuLinearCrossEntropy, Bf16AutocastIsFp32MathsOnTheBf16Operands) {
   torch::manual_seed(10);
   // 300001 columns: about 24 rows per chunk, so 50 rows take three chunks.
   for (int64_t vocab : {50, 300001}) {
-    const int64_t rows = 50, width = 16;
-    auto hidden = torch::randn({rows, width}).requires_grad_(true);
-    auto weight = (torch::randn({vocab, width}) * 0.5).requires_grad_(true);
-    auto targets = torch::randint(0, vocab, {rows}, torch::kInt64);
-    targets[4] = -100;
-    targets[30] = -100;
+    const auto [hidden, weight, targets] = loss_head_inputs(50, 16, vocab, {4, 30});
     torch::Tensor loss;
     {
       ops::AutocastGuard autocast(torch::kCPU, true);

@@ -36,6 +36,12 @@ torch::Tensor linear_cross_entropy(const torch::Tensor& hidden, const torch::Ten
                                    const torch::Tensor& targets, int64_t ignore_index = -100,
                                    LossReduction reduction = LossReduction::kMean);
 
+// Whether linear_cross_entropy(hidden, weight, targets) runs as the fused CPU op (fp32, or under
+// CPU bf16 autocast over an fp32 weight) rather than the reference; a caller that would otherwise
+// make the logits itself (train/lm_loss.cpp) asks this first.
+bool fused_linear_cross_entropy(const torch::Tensor& hidden, const torch::Tensor& weight,
+                                const torch::Tensor& targets);
+
 // Rows of logits per chunk of the fused linear_cross_entropy (for the memory plan): about 28 MB
 // of them, below the 32 MB above which the aviary binary's malloc maps fresh pages
 // (tools/aviary/main.cpp), so one step's buffer is reused by the next instead of being faulted
