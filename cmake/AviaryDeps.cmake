@@ -7,6 +7,10 @@ find_package(yaml-cpp REQUIRED)
 find_package(CLI11 REQUIRED)
 pkg_check_modules(SENTENCEPIECE REQUIRED IMPORTED_TARGET sentencepiece)
 pkg_check_modules(RE2 REQUIRED IMPORTED_TARGET re2)
+# OpenMP: ATen's at::parallel_for (Aviary's CPU loops and attention) is inline, and runs in
+# parallel only where it is compiled with OpenMP; without it every loop runs on one thread. The
+# process keeps one libgomp.so.1: the LibTorch wheel's own (same soname) where it is loaded first.
+find_package(OpenMP REQUIRED COMPONENTS CXX)
 if(NOT TARGET yaml-cpp AND TARGET yaml-cpp::yaml-cpp)
   add_library(yaml-cpp ALIAS yaml-cpp::yaml-cpp)
 endif()

@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <initializer_list>
 
+#include "aviary/ops/autocast.h"
+
 namespace aviary::ops::cpu {
 namespace {
 
@@ -22,6 +24,27 @@ GemmBf16F32 native_gemm() {
   // and a link-time reference would then keep libaviary from loading at all.
   static const auto fn =
       reinterpret_cast<GemmBf16F32>(dlsym(RTLD_DEFAULT, "cblas_gemm_bf16bf16f32"));
+  return fn;
+}
+
+// Fortran BLAS sgemm (column-major, arguments by reference), as MKL exports it.
+using SgemmFortran = void (*)(const char* trans_a, const char* trans_b, const int* m, const int* n,
+                              const int* k, const float* alpha, const float* a, const int* lda,
+                              const float* b, const int* ldb, const float* beta, float* c,
+                              const int* ldc);
+
+SgemmFortran native_sgemm() {
+  static const auto fn = reinterpret_cast<SgemmFortran>(dlsym(RTLD_DEFAULT, "sgemm_"));
+  return fn;
+}
+
+// MKL_Set_Num_Threads_Local (the C entry; the lower-case symbol is the Fortran one, by pointer):
+// sets this thread's MKL thread count, returns the previous one (0: the global setting).
+using SetLocalThreads = int (*)(int);
+
+SetLocalThreads set_local_threads() {
+  static const auto fn =
+      reinterpret_cast<SetLocalThreads>(dlsym(RTLD_DEFAULT, "MKL_Set_Num_Threads_Local"));
   return fn;
 }
 
@@ -53,7 +76,69 @@ bool fits_int(std::initializer_list<int64_t> values) {
 
 std::atomic<bool> native_allowed{true};
 
+// A [rows, cols] view of raw row-major memory, or of the transpose of what is stored.
+torch::Tensor view_of(const void* data, int64_t rows, int64_t cols, int64_t ld, bool trans,
+                      torch::ScalarType dtype) {
+  auto* p = const_cast<void*>(data);  // read only: the view is never written through
+  const auto options = torch::TensorOptions().dtype(dtype);
+  if (trans) return torch::from_blob(p, {cols, rows}, {ld, 1}, options).t();
+  return torch::from_blob(p, {rows, cols}, {ld, 1}, options);
+}
+
+// C = alpha * a @ b + beta * C through ATen, for fp32 a and b views.
+void gemm_aten(int64_t m, int64_t n, float alpha, const torch::Tensor& a, const torch::Tensor& b,
+               float beta, float* c, int64_t ldc) {
+  const ops::AutocastGuard fp32(torch::kCPU, false);  // an fp32 product, even inside autocast
+  auto out = torch::from_blob(c, {m, n}, {ldc, 1}, torch::TensorOptions().dtype(torch::kFloat32));
+  if (beta == 0.0f) {
+    out.copy_(torch::mm(a, b).mul_(alpha));  // beta == 0: C's old contents (even NaN) ignored
+  } else {
+    out.mul_(beta).add_(torch::mm(a, b), alpha);
+  }
+}
+
 }  // namespace
+
+void gemm_f32(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+              bool trans_a, const float* b, int64_t ldb, bool trans_b, float beta, float* c,
+              int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  const auto sgemm = native_allowed ? native_sgemm() : nullptr;
+  if (sgemm != nullptr && k > 0 && fits_int({m, n, k, lda, ldb, ldc})) {
+    // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: the operands swap.
+    const int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(k);
+    const int ldai = static_cast<int>(ldb), ldbi = static_cast<int>(lda);
+    const int ldci = static_cast<int>(ldc);
+    sgemm(trans_b ? "T" : "N", trans_a ? "T" : "N", &mi, &ni, &ki, &alpha, b, &ldai, a, &ldbi,
+          &beta, c, &ldci);
+    return;
+  }
+  gemm_aten(m, n, alpha, view_of(a, m, k, lda, trans_a, torch::kFloat32),
+            view_of(b, k, n, ldb, trans_b, torch::kFloat32), beta, c, ldc);
+}
+
+void gemm_bf16_f32(int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a, int64_t lda,
+                   bool trans_a, const uint16_t* b, int64_t ldb, bool trans_b, float beta, float* c,
+                   int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  const auto gemm = native_allowed ? native_gemm() : nullptr;
+  if (gemm != nullptr && k > 0 && fits_int({m, n, k, lda, ldb, ldc})) {
+    gemm(kRowMajor, trans_a ? kTrans : kNoTrans, trans_b ? kTrans : kNoTrans, static_cast<int>(m),
+         static_cast<int>(n), static_cast<int>(k), alpha, a, static_cast<int>(lda), b,
+         static_cast<int>(ldb), beta, c, static_cast<int>(ldc));
+    return;
+  }
+  gemm_aten(m, n, alpha, view_of(a, m, k, lda, trans_a, torch::kBFloat16).to(torch::kFloat32),
+            view_of(b, k, n, ldb, trans_b, torch::kBFloat16).to(torch::kFloat32), beta, c, ldc);
+}
+
+SerialGemmScope::SerialGemmScope() {
+  if (const auto set = set_local_threads()) previous_ = set(1);
+}
+
+SerialGemmScope::~SerialGemmScope() {
+  if (const auto set = set_local_threads()) set(previous_);
+}
 
 void allow_native_bf16_gemm(bool allowed) {
   native_allowed = allowed;
@@ -67,12 +152,9 @@ void mm_bf16_into_f32(const torch::Tensor& a, const torch::Tensor& b, torch::Ten
     if (!accumulate) out.zero_();
     return;
   }
-  const auto gemm = native_allowed ? native_gemm() : nullptr;
   const bool out_ok = out.stride(1) == 1 && (m <= 1 || out.stride(0) >= n);
-  const Operand oa = operand(a), ob = operand(b);
-  const int64_t ldc = std::max<int64_t>(out.stride(0), n);
-  // MKL's LP64 interface takes sizes and leading dimensions as int.
-  if (gemm == nullptr || !out_ok || !fits_int({m, n, k, oa.ld, ob.ld, ldc})) {
+  if (!out_ok) {
+    const ops::AutocastGuard fp32(torch::kCPU, false);  // an fp32 product, even inside autocast
     auto product = torch::mm(a.to(torch::kFloat32), b.to(torch::kFloat32));
     if (accumulate) {
       out.add_(product);
@@ -81,10 +163,11 @@ void mm_bf16_into_f32(const torch::Tensor& a, const torch::Tensor& b, torch::Ten
     }
     return;
   }
-  gemm(kRowMajor, oa.trans, ob.trans, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k),
-       1.0f, reinterpret_cast<const uint16_t*>(oa.t.data_ptr()), static_cast<int>(oa.ld),
-       reinterpret_cast<const uint16_t*>(ob.t.data_ptr()), static_cast<int>(ob.ld),
-       accumulate ? 1.0f : 0.0f, out.data_ptr<float>(), static_cast<int>(ldc));
+  const Operand oa = operand(a), ob = operand(b);
+  gemm_bf16_f32(m, n, k, 1.0f, reinterpret_cast<const uint16_t*>(oa.t.data_ptr()), oa.ld,
+                oa.trans == kTrans, reinterpret_cast<const uint16_t*>(ob.t.data_ptr()), ob.ld,
+                ob.trans == kTrans, accumulate ? 1.0f : 0.0f, out.data_ptr<float>(),
+                std::max<int64_t>(out.stride(0), n));
 }
 
 }  // namespace aviary::ops::cpu

@@ -9,6 +9,8 @@
 // operands and runs an fp32 product, which gives the same sums (up to their order) more slowly.
 #pragma once
 
+#include <cstdint>
+
 #include <torch/types.h>
 
 namespace aviary::ops::cpu {
@@ -19,8 +21,37 @@ namespace aviary::ops::cpu {
 void mm_bf16_into_f32(const torch::Tensor& a, const torch::Tensor& b, torch::Tensor& out,
                       bool accumulate);
 
-// Tests: false makes mm_bf16_into_f32 take the widening fallback even where MKL's GEMM exists, so
-// that the path a LibTorch without MKL takes is exercised too. Process-wide; true by default.
+// Row-major C [m, n] = alpha * op(A) @ op(B) + beta * C on raw memory, for kernels that run many
+// small products inside at::parallel_for (attention). op(A) is A [m, k] with leading dimension
+// lda, or with trans_a the transpose of A stored [k, m]; likewise B [k, n], or [n, k] with
+// trans_b. beta == 0 ignores C's contents. MKL's sgemm / cblas_gemm_bf16bf16f32 where LibTorch
+// exports them (inside a parallel region they run on the calling thread), else ATen's mm on views
+// of the same memory.
+void gemm_f32(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+              bool trans_a, const float* b, int64_t ldb, bool trans_b, float beta, float* c,
+              int64_t ldc);
+// The same for bf16 A and B (raw bits), products summed in fp32 into fp32 C.
+void gemm_bf16_f32(int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a, int64_t lda,
+                   bool trans_a, const uint16_t* b, int64_t ldb, bool trans_b, float beta, float* c,
+                   int64_t ldc);
+
+// MKL's GEMMs on this thread only, for the scope's life: inside at::parallel_for, where each task's
+// small products should run on the task's thread instead of each starting a team of their own on
+// top of the pool's. Restores the thread's previous setting. No-op without MKL.
+class SerialGemmScope {
+ public:
+  SerialGemmScope();
+  ~SerialGemmScope();
+  SerialGemmScope(const SerialGemmScope&) = delete;
+  SerialGemmScope& operator=(const SerialGemmScope&) = delete;
+
+ private:
+  int previous_ = 0;
+};
+
+// Tests: false makes mm_bf16_into_f32, gemm_f32 and gemm_bf16_f32 take their ATen fallback even
+// where MKL's GEMMs exist, so that the path a LibTorch without MKL takes is exercised too.
+// Process-wide; true by default.
 void allow_native_bf16_gemm(bool allowed);
 
 }  // namespace aviary::ops::cpu

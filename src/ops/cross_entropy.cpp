@@ -5,6 +5,7 @@
 #include <torch/nn/functional/loss.h>
 
 #include <algorithm>
+#include <atomic>
 #include <limits>
 #include <utility>
 
@@ -13,6 +14,7 @@
 #include "aviary/ops/linear.h"
 #include "cpu_gemm.h"
 #include "cpu_loops.h"
+#include "loss_head_chunks.h"
 
 namespace aviary::ops {
 namespace {
@@ -214,9 +216,17 @@ torch::Tensor cross_entropy_reference(const torch::Tensor& logits, const torch::
   return F::cross_entropy(logits, targets, options);
 }
 
+namespace {
+constexpr int64_t kChunkFloats = int64_t{16} << 20;
+std::atomic<int64_t> chunk_floats{kChunkFloats};
+}  // namespace
+
+void set_loss_head_chunk_floats(int64_t floats) {
+  chunk_floats = floats > 0 ? floats : kChunkFloats;
+}
+
 int64_t linear_cross_entropy_chunk_rows(int64_t rows, int64_t vocab) {
-  constexpr int64_t kChunkFloats = int64_t{7} << 20;
-  return std::clamp<int64_t>(kChunkFloats / std::max<int64_t>(1, vocab), 1,
+  return std::clamp<int64_t>(chunk_floats.load() / std::max<int64_t>(1, vocab), 1,
                              std::max<int64_t>(1, rows));
 }
 

@@ -237,9 +237,10 @@ int64_t cross_entropy_backward_bytes(const MemoryPlanInputs& in, int64_t vocab) 
 //   q/k/v_proj        their input (the norm's output; one tensor for the three)
 //   rope              nothing: cos / sin need no gradient, so x * cos keeps only cos
 //   SDPA              q and k after rope, v, the output and logsumexp (heads floats): the CPU
-//                     flash kernel (and CUDA's flash / memory-efficient ones) keep no [L, L]
-//                     probabilities. Its output is laid out [B, L, heads, d], so o_proj's
-//                     input (transpose + reshape) is a view of it, not a copy
+//                     flash kernel, Aviary's CPU attention (the default on CPU) and CUDA's flash
+//                     / memory-efficient kernels keep no [L, L] probabilities. Its output is laid
+//                     out [B, L, heads, d], so o_proj's input (transpose + reshape) is a view of
+//                     it, not a copy
 //   residual h        saved by post_attention_layernorm, with its normalised h and rstd
 //   gate/up_proj      their input (the norm's output)
 //   SwiGLU            gate's output (for silu), silu(gate) and up (for the product), and the

@@ -12,6 +12,7 @@
 #include <torch/torch.h>
 
 #include "aviary/core/error.h"
+#include "aviary/ops/attention.h"
 #include "aviary/ops/autocast.h"
 #include "aviary/ops/cross_entropy.h"
 #include "aviary/ops/embedding.h"
@@ -22,6 +23,7 @@
 #include "aviary/ops/swiglu.h"
 #include "ops/cpu_gemm.h"
 #include "ops/cpu_loops.h"
+#include "ops/loss_head_chunks.h"
 
 namespace aviary {
 namespace {
@@ -257,11 +259,21 @@ LossHeadInputs loss_head_inputs(int64_t rows, int64_t width, int64_t vocab,
   return in;
 }
 
+// A chunk budget of 6 rows of a 300001-word vocabulary for the test's life, so that small inputs
+// take several chunks.
+class SmallLossHeadChunks {
+ public:
+  SmallLossHeadChunks() { ops::set_loss_head_chunk_floats(6 * 300001); }
+  ~SmallLossHeadChunks() { ops::set_loss_head_chunk_floats(0); }
+};
+
 // lm_head + loss in one op: against matmul + the reference, over one chunk of logits and over
 // several (a vocabulary of 300k makes chunks of 6 rows), with ignored rows, both reductions, a
 // frozen weight and no gradients at all.
 TEST(CpuLinearCrossEntropy, LossAndGradientsMatchMatmulThenTheReference) {
   torch::manual_seed(6);
+  const SmallLossHeadChunks chunks;
+  ASSERT_EQ(ops::linear_cross_entropy_chunk_rows(9, 300001), 6);
   for (int64_t vocab : {50, 300001}) {
     const auto [hidden, weight, targets] = loss_head_inputs(9, 8, vocab, {4});
     for (auto reduction : {ops::LossReduction::kMean, ops::LossReduction::kSum}) {
@@ -397,7 +409,8 @@ TEST(CpuBf16Linear, ForwardIsAutocastsAndGradientsAreFp32SumsOfTheBf16Operands) 
 
 TEST(CpuLinearCrossEntropy, Bf16AutocastIsFp32MathsOnTheBf16Operands) {
   torch::manual_seed(10);
-  // 300001 columns: about 24 rows per chunk, so 50 rows take three chunks.
+  // 300001 columns: 6 rows per chunk, so 50 rows take nine chunks.
+  const SmallLossHeadChunks chunks;
   for (int64_t vocab : {50, 300001}) {
     const auto [hidden, weight, targets] = loss_head_inputs(50, 16, vocab, {4, 30});
     torch::Tensor loss;
@@ -436,6 +449,104 @@ TEST(CpuLinearCrossEntropy, Bf16AutocastIsFp32MathsOnTheBf16Operands) {
   EXPECT_LT(max_rel(dh, torch::autograd::grad({ref}, {hb})[0]), 1e-2);
 }
 
+// Aviary's CPU attention against SDPA's math in double, over MKL's GEMMs and the ATen fallback.
+class CpuAttention : public ::testing::TestWithParam<bool> {
+ protected:
+  void SetUp() override { ops::cpu::allow_native_bf16_gemm(GetParam()); }
+  void TearDown() override { ops::cpu::allow_native_bf16_gemm(true); }
+};
+
+// [B, H, T, D] views of [B, T, H, D] tensors, as the attention block makes them.
+torch::Tensor heads_view(int64_t b, int64_t t, int64_t h, int64_t d, torch::ScalarType dtype) {
+  return torch::randn({b, t, h, d}).to(dtype).transpose(1, 2).requires_grad_(true);
+}
+
+// out and the gradients of q, k, v for grad, from ATen's SDPA in double (the math path); causal
+// aligns the queries with the end of the keys.
+std::vector<torch::Tensor> sdpa_double(const torch::Tensor& q, const torch::Tensor& k,
+                                       const torch::Tensor& v, const torch::Tensor& grad,
+                                       bool causal) {
+  auto qd = q.detach().to(torch::kDouble).requires_grad_(true);
+  auto kd = k.detach().to(torch::kDouble).requires_grad_(true);
+  auto vd = v.detach().to(torch::kDouble).requires_grad_(true);
+  std::optional<torch::Tensor> mask;
+  const int64_t tq = q.size(2), tk = k.size(2);
+  if (causal) mask = torch::ones({tq, tk}, torch::kBool).tril(tk - tq);
+  auto out = at::scaled_dot_product_attention(qd, kd, vd, mask, 0.0, false,
+                                              1.0 / std::sqrt(double(q.size(3))), true);
+  auto g = torch::autograd::grad({out}, {qd, kd, vd}, {grad.to(torch::kDouble)});
+  return {out, g[0], g[1], g[2]};
+}
+
+TEST_P(CpuAttention, Fp32MatchesSdpaInDoubleForCausalOffsetAndFullMasksWithGqa) {
+  torch::manual_seed(11);
+  struct Case {
+    int64_t tq, tk;
+    bool causal;
+  };
+  // 150 queries: two full blocks of 64 and a partial one; 70 of 130: the last queries.
+  for (const Case c :
+       {Case{150, 150, true}, Case{70, 130, true}, Case{33, 90, false}, Case{1, 40, true}}) {
+    auto q = heads_view(2, c.tq, 6, 16, torch::kFloat32);
+    auto k = heads_view(2, c.tk, 2, 16, torch::kFloat32);
+    auto v = heads_view(2, c.tk, 2, 16, torch::kFloat32);
+    auto out = ops::attention(q, k, v, std::nullopt, c.causal);
+    ASSERT_TRUE(made_by(out, "AttentionCpuFunction"));
+    auto grad = torch::randn_like(out);
+    auto got = torch::autograd::grad({out}, {q, k, v}, {grad});
+    auto want = sdpa_double(q, k, v, grad, c.causal);
+    const std::string where = std::to_string(c.tq) + "x" + std::to_string(c.tk);
+    EXPECT_LT(max_rel(out, want[0]), 2e-6) << where;
+    for (size_t i = 0; i < got.size(); ++i)
+      EXPECT_LT(max_rel(got[i], want[i + 1]), 1e-5) << where << " gradient " << i;
+  }
+}
+
+TEST_P(CpuAttention, Bf16IsFp32MathsOnBf16OperandsUnderAutocastAndAlone) {
+  torch::manual_seed(12);
+  auto q = heads_view(2, 100, 4, 32, torch::kFloat32);
+  auto k = heads_view(2, 100, 2, 32, torch::kFloat32);
+  auto v = heads_view(2, 100, 2, 32, torch::kFloat32);
+  torch::Tensor out;
+  {
+    ops::AutocastGuard autocast(torch::kCPU, true);
+    out = ops::attention(q, k, v, std::nullopt, true);
+  }
+  ASSERT_TRUE(made_by(out, "AttentionCpuFunction"));
+  EXPECT_EQ(out.scalar_type(), torch::kBFloat16);
+  auto grad = torch::randn(out.sizes()).to(torch::kBFloat16);
+  auto got = torch::autograd::grad({out}, {q, k, v}, {grad});
+  EXPECT_EQ(got[0].scalar_type(), torch::kFloat32);  // through autocast's casts
+  auto want = sdpa_double(bf16_rounded(q), bf16_rounded(k), bf16_rounded(v), grad, true);
+  // Rounding: the probabilities and dS to bf16 as GEMM operands, the outputs once.
+  EXPECT_LT(max_rel(out, want[0]), 1e-2);
+  for (size_t i = 0; i < got.size(); ++i)
+    EXPECT_LT(max_rel(got[i], want[i + 1]), 2e-2) << "gradient " << i;
+  // A bf16 model without autocast: bf16 in, bf16 gradients out.
+  auto qh = q.detach().to(torch::kBFloat16).requires_grad_(true);
+  auto kh = k.detach().to(torch::kBFloat16), vh = v.detach().to(torch::kBFloat16);
+  auto outh = ops::attention(qh, kh, vh, std::nullopt, true);
+  ASSERT_TRUE(made_by(outh, "AttentionCpuFunction"));
+  EXPECT_TRUE(torch::equal(outh, out));
+  auto dqh = torch::autograd::grad({outh}, {qh}, {grad})[0];
+  EXPECT_EQ(dqh.scalar_type(), torch::kBFloat16);
+  EXPECT_LT(max_rel(dqh, want[1]), 2e-2);
+}
+
+INSTANTIATE_TEST_SUITE_P(NativeAndFallback, CpuAttention, ::testing::Bool(),
+                         [](const auto& info) { return info.param ? "Native" : "Fallback"; });
+
+TEST(CpuAttentionDispatch, MasksOpsImplTorchAndOtherDtypesTakeSdpa) {
+  auto q = heads_view(1, 8, 2, 8, torch::kFloat32);
+  auto k = heads_view(1, 8, 2, 8, torch::kFloat32);
+  auto mask = torch::ones({1, 1, 8, 8}, torch::kBool).tril();
+  EXPECT_FALSE(made_by(ops::attention(q, k, k, mask, false), "AttentionCpuFunction"));
+  auto qd = q.detach().to(torch::kDouble);
+  EXPECT_FALSE(made_by(ops::attention(qd, qd, qd, std::nullopt, true), "AttentionCpuFunction"));
+  ImplGuard torch_impl(ops::OpsImpl::kTorch);
+  EXPECT_FALSE(made_by(ops::attention(q, k, k, std::nullopt, true), "AttentionCpuFunction"));
+}
+
 TEST(CpuEmbedding, LookupAndGradientMatchTheReferenceWithRepeatedIds) {
   torch::manual_seed(5);
   // 70 columns: one full 64-column block and a ragged one; ids repeat and skip rows.
@@ -464,6 +575,7 @@ TEST(CpuLoops, ResultsDoNotDependOnTheThreadCount) {
   auto weight = torch::randn({515}).requires_grad_(true);
   auto ids = torch::randint(0, 300, {700}, torch::kInt64);  // embedding rows of gate
   auto rows_grad = torch::randn({700, 515});
+  auto q = heads_view(2, 90, 4, 16, torch::kFloat32), k = heads_view(2, 90, 2, 16, torch::kFloat32);
   auto run = [&](int threads) {
     ThreadsGuard guard(threads);
     auto loss = ops::cross_entropy(logits, targets);
@@ -473,7 +585,9 @@ TEST(CpuLoops, ResultsDoNotDependOnTheThreadCount) {
     auto y = ops::rms_norm(gate, weight, 1e-5);
     auto dw = torch::autograd::grad({y.sum()}, {weight})[0];
     auto de = torch::autograd::grad({ops::embedding(gate, ids)}, {gate}, {rows_grad})[0];
-    return std::vector<torch::Tensor>{loss, dl, out, dg, y, dw, de};
+    auto att = ops::attention(q, k, k, std::nullopt, true);
+    auto datt = torch::autograd::grad({att.square().sum()}, {q, k});
+    return std::vector<torch::Tensor>{loss, dl, out, dg, y, dw, de, att, datt[0], datt[1]};
   };
   auto one = run(1), two = run(2);
   for (size_t i = 0; i < one.size(); ++i)

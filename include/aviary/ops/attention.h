@@ -10,6 +10,10 @@ namespace aviary::ops {
 // q: [B, H, Tq, D]; k, v: [B, KVH, Tk, D] with H a multiple of KVH (K/V are never repeated in
 // memory). `mask`: optional bool [B, 1, Tq, Tk], true = may attend. Without a mask, `causal`
 // aligns the query block with the end of the keys (queries are the last Tq positions).
+// On CPU without a mask, fp32 and bf16 inputs (bf16 autocast casts fp32 ones first, as it does for
+// SDPA) run Aviary's attention (src/ops/cpu_attention.h: blocks of queries over BLAS GEMMs, the
+// probabilities recomputed in backward), unless ops.impl is torch; everything else runs ATen's
+// scaled_dot_product_attention.
 torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                         const std::optional<torch::Tensor>& mask, bool causal);
 

@@ -22,7 +22,7 @@ torch::Tensor cross_entropy(const torch::Tensor& logits, const torch::Tensor& ta
 
 // cross_entropy(hidden @ weight^T, targets): the loss head of a language model (lm_head, then
 // the loss) without its [rows, vocab] logits. hidden: [rows, width]; weight: [vocab, width]. On CPU
-// the logits are made a chunk of rows at a time (about 28 MB) and turned into their gradient at
+// the logits are made a chunk of rows at a time (about 64 MB) and turned into their gradient at
 // once, so the forward leaves only the gradients of hidden and weight (the latter only when weight
 // requires one) for backward to scale by grad_out:
 //   fp32            fp32 GEMMs throughout;
@@ -42,10 +42,10 @@ torch::Tensor linear_cross_entropy(const torch::Tensor& hidden, const torch::Ten
 bool fused_linear_cross_entropy(const torch::Tensor& hidden, const torch::Tensor& weight,
                                 const torch::Tensor& targets);
 
-// Rows of logits per chunk of the fused linear_cross_entropy (for the memory plan): about 28 MB
-// of them, below the 32 MB above which the aviary binary's malloc maps fresh pages
-// (tools/aviary/main.cpp), so one step's buffer is reused by the next instead of being faulted
-// in again, and still some 200 rows at a time for the GEMMs of a 32k vocabulary.
+// Rows of logits per chunk of the fused linear_cross_entropy (for the memory plan): about 64 MB
+// of fp32 logits, 512 rows of a 32k vocabulary. Fewer, larger chunks make longer GEMMs and fewer
+// passes of the weight gradient's accumulation over [vocab, width]; measured on a 100M model's
+// step (2-core Xeon), 64 MB was 3% faster than 28 MB and as fast as one 128 MB chunk.
 int64_t linear_cross_entropy_chunk_rows(int64_t rows, int64_t vocab);
 
 // The ATen reference (the oracle of the fused loop's tests).

@@ -12,10 +12,11 @@
 //           PyTorch's op otherwise.
 //
 // On CPU, fp32 tensors take Aviary's fused CPU loops (SwiGLU, rotary embedding, cross-entropy,
-// the embedding's gradient: one pass where ATen's composition makes several) unless the setting
-// is torch, and so do bf16 SwiGLU and rotary embedding, and under bf16 autocast the linears and
-// the loss head (ops/linear.h, ops/cross_entropy.h); other dtypes take the ATen reference, which is
-// also the oracle both the loops and the CUDA kernels are tested against (docs/kernels.md).
+// the embedding's gradient: one pass where ATen's composition makes several; attention without a
+// mask) unless the setting is torch, and so do bf16 SwiGLU, rotary embedding and attention, and
+// under bf16 autocast the linears and the loss head (ops/linear.h, ops/cross_entropy.h); other
+// dtypes take the ATen reference, which is also the oracle both the loops and the CUDA kernels are
+// tested against (docs/kernels.md).
 //
 // The setting is process-wide (set_ops_impl): the trainer applies the config's `ops` section, and
 // the CLI's --ops-impl flag does the same for generate, chat, eval and bench.
