@@ -585,9 +585,20 @@ TEST(CpuLoops, ResultsDoNotDependOnTheThreadCount) {
     auto y = ops::rms_norm(gate, weight, 1e-5);
     auto dw = torch::autograd::grad({y.sum()}, {weight})[0];
     auto de = torch::autograd::grad({ops::embedding(gate, ids)}, {gate}, {rows_grad})[0];
+    const double squares = ops::cpu::sum_of_squares(gate.data_ptr<float>(), gate.numel());
     auto att = ops::attention(q, k, k, std::nullopt, true);
     auto datt = torch::autograd::grad({att.square().sum()}, {q, k});
-    return std::vector<torch::Tensor>{loss, dl, out, dg, y, dw, de, att, datt[0], datt[1]};
+    return std::vector<torch::Tensor>{loss,
+                                      dl,
+                                      out,
+                                      dg,
+                                      y,
+                                      dw,
+                                      de,
+                                      att,
+                                      datt[0],
+                                      datt[1],
+                                      torch::tensor(squares, torch::kFloat64)};
   };
   auto one = run(1), two = run(2);
   for (size_t i = 0; i < one.size(); ++i)

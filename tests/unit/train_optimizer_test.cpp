@@ -246,6 +246,32 @@ TEST(ClipGradNorm, ReturnsPreClipNormAndScalesLikeTorch) {
   EXPECT_EQ(clip_grad_norm({none}, 1.0), 0.0);
 }
 
+// Many blocks of Aviary's loop, a non-contiguous gradient (ATen's path) and tiny ones: the norm to
+// 1e-7 of the exact one (fp32 lanes, blocks summed in double), and the norm and scaled gradients
+// of torch::nn::utils::clip_grad_norm_ within its own fp32 accumulation's error (2e-6 here).
+TEST(ClipGradNorm, MatchesTorchsClipGradNormOnLargeAndStridedGradients) {
+  torch::manual_seed(3);
+  std::vector<torch::Tensor> ours, theirs;
+  for (auto grad : {torch::randn({300007}), torch::randn({40, 70}).t(), torch::randn({3})}) {
+    auto p = torch::zeros(grad.sizes()).requires_grad_();
+    p.mutable_grad() = grad.clone();
+    ours.push_back(p);
+    auto q = torch::zeros(grad.sizes()).requires_grad_();
+    q.mutable_grad() = grad.clone();
+    theirs.push_back(q);
+  }
+  double exact = 0.0;
+  for (const auto& p : ours)
+    exact += p.grad().to(torch::kFloat64).pow(2).sum().item<double>();
+  exact = std::sqrt(exact);
+  const double norm = clip_grad_norm(ours, 10.0);
+  const double want = torch::nn::utils::clip_grad_norm_(theirs, 10.0);
+  EXPECT_NEAR(norm / exact, 1.0, 1e-7);
+  EXPECT_NEAR(norm / want, 1.0, 1e-5);
+  for (size_t i = 0; i < ours.size(); ++i)
+    EXPECT_TRUE(torch::allclose(ours[i].grad(), theirs[i].grad(), 1e-5, 1e-9)) << "param " << i;
+}
+
 TEST(ClipGradNorm, NonFiniteNormIsReturnedAndGradientsUntouched) {
   auto a = torch::zeros({2}).requires_grad_();
   auto b = torch::zeros({2}).requires_grad_();

@@ -1,0 +1,15 @@
+#include "aviary/ops/squared_norm.h"
+
+#include "aviary/ops/impl.h"
+#include "cpu_loops.h"
+
+namespace aviary::ops {
+
+double squared_norm(const torch::Tensor& t) {
+  if (use_cpu_loops(t) && t.is_contiguous()) {
+    return cpu::sum_of_squares(t.data_ptr<float>(), t.numel());
+  }
+  return t.detach().to(torch::kFloat64).pow(2).sum().item<double>();
+}
+
+}  // namespace aviary::ops
