@@ -7,6 +7,9 @@
 // It calls MKL's cblas_gemm_bf16bf16f32 (AMX or AVX-512 BF16 where the CPU has them), which the
 // x86-64 LibTorch wheels export from libtorch_cpu; where that symbol is absent it widens both
 // operands and runs an fp32 product, which gives the same sums (up to their order) more slowly.
+//
+// Below it, the same product and MKL's sgemm on raw pointers (gemm_bf16_f32, gemm_f32) for the CPU
+// attention's many small GEMMs, with SerialGemmScope to keep each on its task's thread.
 #pragma once
 
 #include <cstdint>
