@@ -329,22 +329,6 @@ template void rope(int64_t, int64_t, int64_t, int64_t, const float*, HeadStrides
 template void rope(int64_t, int64_t, int64_t, int64_t, const uint16_t*, HeadStrides, const float*,
                    const float*, TableStrides, bool, uint16_t*, HeadStrides);
 
-namespace {
-
-AVIARY_CPU_CLONES float block_sum_of_squares(const float* __restrict x, int64_t n) {
-  float acc[kLanes] = {};
-  int64_t c = 0;
-  for (; c + kLanes <= n; c += kLanes) {
-    for (int l = 0; l < kLanes; ++l)
-      acc[l] += x[c + l] * x[c + l];
-  }
-  for (; c < n; ++c)
-    acc[0] += x[c] * x[c];
-  return sum_lanes(acc);
-}
-
-}  // namespace
-
 double sum_of_squares(const float* x, int64_t n) {
   const int64_t blocks = (n + kChunkElements - 1) / kChunkElements;
   std::vector<double> partial(static_cast<size_t>(blocks));
@@ -352,7 +336,7 @@ double sum_of_squares(const float* x, int64_t n) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t first = b * kChunkElements;
       partial[static_cast<size_t>(b)] =
-          block_sum_of_squares(x + first, std::min(kChunkElements, n - first));
+          row_dot(x + first, x + first, std::min(kChunkElements, n - first));
     }
   });
   double total = 0.0;
