@@ -18,12 +18,16 @@ namespace {
 // and wastes little of the causal triangle (62.5% of the full square at 256 tokens, against 50%).
 constexpr int64_t kQueryBlock = 64;
 
-// Row r of x [.., len]: probabilities of its first `visible` scores in place, zeros after them,
-// and its log-sum-exp. visible >= 1.
-AVIARY_CPU_CLONES void softmax_row(float* __restrict x, int64_t visible, int64_t len, float* lse) {
-  float m = -std::numeric_limits<float>::infinity();
-  for (int64_t c = 0; c < visible; ++c)
-    m = x[c] > m ? x[c] : m;
+// Keys per chunk of the backward: a chunk's K, V, dK and dV rows (4 x 512 x d floats) and a
+// block's P and dS (2 x 64 x 512) fit in a core's L2 at d = 64-128.
+constexpr int64_t kKeyChunk = 512;
+
+// Row x [.., len] of scores: exp(x - max) in place over its first `visible` entries, zeros after
+// them, and its log-sum-exp. Returns 1 / sum, the factor that normalises the row: the caller
+// applies it to the dim-wide output row (fp32) or as it rounds the row to bf16, not in a third pass
+// over the scores. visible >= 1.
+AVIARY_CPU_CLONES float softmax_row(float* __restrict x, int64_t visible, int64_t len, float* lse) {
+  const float m = max_body(x, visible);
   // An all -inf row (only from -inf inputs) gives NaN, as softmax does.
   float acc[kLanes] = {};
   int64_t c = 0;
@@ -37,13 +41,17 @@ AVIARY_CPU_CLONES void softmax_row(float* __restrict x, int64_t visible, int64_t
     x[c] = exp_poly(x[c] - m);
     acc[0] += x[c];
   }
-  const float sum = sum_lanes(acc);
-  const float inv = 1.0f / sum;
-  for (c = 0; c < visible; ++c)
-    x[c] *= inv;
   for (c = visible; c < len; ++c)
     x[c] = 0.0f;
+  const float sum = sum_lanes(acc);
   *lse = m + std::log(sum);
+  return 1.0f / sum;
+}
+
+// x *= scale.
+AVIARY_CPU_CLONES void scale_row(float* __restrict x, int64_t n, float scale) {
+  for (int64_t c = 0; c < n; ++c)
+    x[c] *= scale;
 }
 
 // The forward's probabilities again from its log-sum-exp: x = exp(x - lse), zeros after `visible`.
@@ -61,20 +69,6 @@ AVIARY_CPU_CLONES void score_grad_row(const float* __restrict p, float* __restri
     dp[c] = p[c] * (dp[c] - delta);
 }
 
-template <typename T>
-inline __attribute__((always_inline)) float dot_body(const T* __restrict a, const T* __restrict b,
-                                                     int64_t n) {
-  float acc[kLanes] = {};
-  int64_t c = 0;
-  for (; c + kLanes <= n; c += kLanes) {
-    for (int l = 0; l < kLanes; ++l)
-      acc[l] += load(a, c + l) * load(b, c + l);
-  }
-  for (; c < n; ++c)
-    acc[0] += load(a, c) * load(b, c);
-  return sum_lanes(acc);
-}
-
 AVIARY_CPU_CLONES float dot_row(const float* a, const float* b, int64_t n) {
   return dot_body(a, b, n);
 }
@@ -87,6 +81,13 @@ AVIARY_CPU_CLONES float dot_row(const uint16_t* a, const uint16_t* b, int64_t n)
 AVIARY_CPU_CLONES void store_row(const float* __restrict x, int64_t n, uint16_t* __restrict out) {
   for (int64_t c = 0; c < n; ++c)
     store(out, c, x[c]);
+}
+
+// bf16(x * scale): a softmax row normalised as it becomes the GEMM's operand.
+AVIARY_CPU_CLONES void store_row_scaled(const float* __restrict x, int64_t n, float scale,
+                                        uint16_t* __restrict out) {
+  for (int64_t c = 0; c < n; ++c)
+    store(out, c, x[c] * scale);
 }
 
 void store_row(const float* x, int64_t n, float* out) {
@@ -133,6 +134,7 @@ void attention_forward(const AttentionShape& s, const T* q, HeadStrides qs, cons
     std::vector<float> scores(static_cast<size_t>(kQueryBlock * s.keys));
     std::vector<T> probs(bf16 ? static_cast<size_t>(kQueryBlock * s.keys) : 0);
     std::vector<float> rows_out(bf16 ? static_cast<size_t>(kQueryBlock * s.dim) : 0);
+    std::vector<float> inv_sum(kQueryBlock);
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t b = task / s.heads, h = task % s.heads, g = h / group;
       const T* qh = q + b * qs.b + h * qs.h;
@@ -146,17 +148,23 @@ void attention_forward(const AttentionShape& s, const T* q, HeadStrides qs, cons
         gemm(blk.rows, blk.keys, s.dim, s.scale, qh + first * qs.t, qs.t, false, kh, ks.t, true,
              0.0f, sc, blk.keys);
         for (int64_t r = 0; r < blk.rows; ++r) {
-          softmax_row(sc + r * blk.keys, visible_keys(s, blk, r), blk.keys, lse_h + first + r);
+          inv_sum[r] =
+              softmax_row(sc + r * blk.keys, visible_keys(s, blk, r), blk.keys, lse_h + first + r);
         }
         if constexpr (bf16) {
-          store_row(sc, blk.rows * blk.keys, probs.data());
+          for (int64_t r = 0; r < blk.rows; ++r) {
+            store_row_scaled(sc + r * blk.keys, blk.keys, inv_sum[r], probs.data() + r * blk.keys);
+          }
           gemm(blk.rows, s.dim, blk.keys, 1.0f, probs.data(), blk.keys, false, vh, vs.t, false,
                0.0f, rows_out.data(), s.dim);
           for (int64_t r = 0; r < blk.rows; ++r)
             store_row(rows_out.data() + r * s.dim, s.dim, oh + (first + r) * os.t);
         } else {
+          // O = (exp(S - max) V) / sum: the normalisation on dim-wide rows instead of key-wide.
           gemm(blk.rows, s.dim, blk.keys, 1.0f, sc, blk.keys, false, vh, vs.t, false, 0.0f,
                oh + first * os.t, os.t);
+          for (int64_t r = 0; r < blk.rows; ++r)
+            scale_row(oh + (first + r) * os.t, s.dim, inv_sum[r]);
         }
       }
     }
@@ -170,17 +178,19 @@ void attention_backward(const AttentionShape& s, const T* q, HeadStrides qs, con
                         T* dk, HeadStrides dks, T* dv, HeadStrides dvs) {
   constexpr bool bf16 = std::is_same_v<T, uint16_t>;
   const int64_t group = s.heads / s.kv_heads;
-  const auto block_elems = static_cast<size_t>(kQueryBlock * s.keys);
+  const int64_t chunk_keys = std::min(kKeyChunk, s.keys);
+  const auto block_elems = static_cast<size_t>(kQueryBlock * chunk_keys);
   // One task per (batch, KV head): it owns that head's dk and dv, summed over its query heads in
   // fp32 in a fixed order.
   at::parallel_for(0, s.batch * s.kv_heads, 1, [&](int64_t t0, int64_t t1) {
     const SerialGemmScope serial;
     std::vector<float> probs(block_elems), dscores(block_elems);
     std::vector<T> probs_t(bf16 ? block_elems : 0), dscores_t(bf16 ? block_elems : 0);
-    std::vector<float> dq_rows(bf16 ? static_cast<size_t>(kQueryBlock * s.dim) : 0);
+    // bf16: a head's dq summed over the key chunks in fp32, rounded once at the end.
+    std::vector<float> dq_sum(bf16 ? static_cast<size_t>(s.queries * s.dim) : 0);
     std::vector<float> dk_sum(static_cast<size_t>(s.keys * s.dim));
     std::vector<float> dv_sum(static_cast<size_t>(s.keys * s.dim));
-    std::vector<float> delta(kQueryBlock);
+    std::vector<float> delta(static_cast<size_t>(s.queries));
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t b = task / s.kv_heads, g = task % s.kv_heads;
       const T* kh = k + b * ks.b + g * ks.h;
@@ -193,49 +203,61 @@ void attention_backward(const AttentionShape& s, const T* q, HeadStrides qs, con
         const T* doh = dout + b * dos.b + h * dos.h;
         T* dqh = dq + b * dqs.b + h * dqs.h;
         const float* lse_h = lse + (b * s.heads + h) * s.queries;
-        for (int64_t first = 0; first < s.queries; first += kQueryBlock) {
-          const Block blk = query_block(s, first);
-          const T* qb = qh + first * qs.t;
-          const T* dob = doh + first * dos.t;
-          float* p = probs.data();
-          float* ds = dscores.data();
-          gemm(blk.rows, blk.keys, s.dim, s.scale, qb, qs.t, false, kh, ks.t, true, 0.0f, p,
-               blk.keys);
-          for (int64_t r = 0; r < blk.rows; ++r) {
-            probs_row(p + r * blk.keys, visible_keys(s, blk, r), blk.keys, lse_h[first + r]);
-            delta[r] = dot_row(dob + r * dos.t, oh + (first + r) * os.t, s.dim);
-          }
-          // dP = dO V^T, then dS = P (dP - delta) in its place.
-          gemm(blk.rows, blk.keys, s.dim, 1.0f, dob, dos.t, false, vh, vs.t, true, 0.0f, ds,
-               blk.keys);
-          for (int64_t r = 0; r < blk.rows; ++r)
-            score_grad_row(p + r * blk.keys, ds + r * blk.keys, blk.keys, delta[r]);
-          // The GEMMs' operands: P and dS themselves, or rounded once to bf16.
-          const T* p_op = nullptr;
-          const T* ds_op = nullptr;
-          if constexpr (bf16) {
-            store_row(p, blk.rows * blk.keys, probs_t.data());
-            store_row(ds, blk.rows * blk.keys, dscores_t.data());
-            p_op = probs_t.data();
-            ds_op = dscores_t.data();
-          } else {
-            p_op = p;
-            ds_op = ds;
-          }
-          // dQ = scale dS K; dK += scale dS^T Q; dV += P^T dO.
-          if constexpr (bf16) {
-            gemm(blk.rows, s.dim, blk.keys, s.scale, ds_op, blk.keys, false, kh, ks.t, false, 0.0f,
-                 dq_rows.data(), s.dim);
+        for (int64_t r = 0; r < s.queries; ++r)
+          delta[r] = dot_row(doh + r * dos.t, oh + r * os.t, s.dim);
+        // Keys in chunks, so that a chunk's K, V, dK and dV rows and a block's P and dS stay in
+        // L2 however long the sequence. Every query sees key 0 (queries <= keys), so each block
+        // meets the first chunk first and its dq starts there.
+        for (int64_t c0 = 0; c0 < s.keys; c0 += chunk_keys) {
+          const T* kc = kh + c0 * ks.t;
+          const T* vc = vh + c0 * vs.t;
+          float* dkc = dk_sum.data() + c0 * s.dim;
+          float* dvc = dv_sum.data() + c0 * s.dim;
+          for (int64_t first = 0; first < s.queries; first += kQueryBlock) {
+            const Block blk = query_block(s, first);
+            if (blk.keys <= c0) continue;  // (causal) the block sees no key of this chunk
+            const int64_t n = std::min(chunk_keys, blk.keys - c0);
+            const T* qb = qh + first * qs.t;
+            const T* dob = doh + first * dos.t;
+            float* p = probs.data();
+            float* ds = dscores.data();
+            gemm(blk.rows, n, s.dim, s.scale, qb, qs.t, false, kc, ks.t, true, 0.0f, p, n);
+            for (int64_t r = 0; r < blk.rows; ++r) {
+              const int64_t seen = std::clamp<int64_t>(visible_keys(s, blk, r) - c0, 0, n);
+              probs_row(p + r * n, seen, n, lse_h[first + r]);
+            }
+            // dP = dO V^T, then dS = P (dP - delta) in its place.
+            gemm(blk.rows, n, s.dim, 1.0f, dob, dos.t, false, vc, vs.t, true, 0.0f, ds, n);
             for (int64_t r = 0; r < blk.rows; ++r)
-              store_row(dq_rows.data() + r * s.dim, s.dim, dqh + (first + r) * dqs.t);
-          } else {
-            gemm(blk.rows, s.dim, blk.keys, s.scale, ds_op, blk.keys, false, kh, ks.t, false, 0.0f,
-                 dqh + first * dqs.t, dqs.t);
+              score_grad_row(p + r * n, ds + r * n, n, delta[first + r]);
+            // The GEMMs' operands: P and dS themselves, or rounded once to bf16.
+            const T* p_op = nullptr;
+            const T* ds_op = nullptr;
+            if constexpr (bf16) {
+              store_row(p, blk.rows * n, probs_t.data());
+              store_row(ds, blk.rows * n, dscores_t.data());
+              p_op = probs_t.data();
+              ds_op = dscores_t.data();
+            } else {
+              p_op = p;
+              ds_op = ds;
+            }
+            // dQ (+)= scale dS K; dK += scale dS^T Q; dV += P^T dO.
+            const float dq_beta = c0 == 0 ? 0.0f : 1.0f;
+            if constexpr (bf16) {
+              gemm(blk.rows, s.dim, n, s.scale, ds_op, n, false, kc, ks.t, false, dq_beta,
+                   dq_sum.data() + first * s.dim, s.dim);
+            } else {
+              gemm(blk.rows, s.dim, n, s.scale, ds_op, n, false, kc, ks.t, false, dq_beta,
+                   dqh + first * dqs.t, dqs.t);
+            }
+            gemm(n, s.dim, blk.rows, s.scale, ds_op, n, true, qb, qs.t, false, 1.0f, dkc, s.dim);
+            gemm(n, s.dim, blk.rows, 1.0f, p_op, n, true, dob, dos.t, false, 1.0f, dvc, s.dim);
           }
-          gemm(blk.keys, s.dim, blk.rows, s.scale, ds_op, blk.keys, true, qb, qs.t, false, 1.0f,
-               dk_sum.data(), s.dim);
-          gemm(blk.keys, s.dim, blk.rows, 1.0f, p_op, blk.keys, true, dob, dos.t, false, 1.0f,
-               dv_sum.data(), s.dim);
+        }
+        if constexpr (bf16) {
+          for (int64_t r = 0; r < s.queries; ++r)
+            store_row(dq_sum.data() + r * s.dim, s.dim, dqh + r * dqs.t);
         }
       }
       T* dkh = dk + b * dks.b + g * dks.h;

@@ -20,15 +20,7 @@ int64_t grain_for(int64_t row_elements) {
 }
 
 AVIARY_CPU_CLONES float row_dot(const float* __restrict a, const float* __restrict b, int64_t n) {
-  float acc[kLanes] = {};
-  int64_t c = 0;
-  for (; c + kLanes <= n; c += kLanes) {
-    for (int l = 0; l < kLanes; ++l)
-      acc[l] += a[c + l] * b[c + l];
-  }
-  for (; c < n; ++c)
-    acc[0] += a[c] * b[c];
-  return sum_lanes(acc);
+  return dot_body(a, b, n);
 }
 
 AVIARY_CPU_CLONES void rms_norm_forward_rows(int64_t r0, int64_t r1, int64_t cols, const float* x,
@@ -204,20 +196,7 @@ AVIARY_CPU_CLONES void rope_rows(int64_t i0, int64_t i1, int64_t heads, int64_t 
 }
 
 AVIARY_CPU_CLONES float row_max(const float* __restrict x, int64_t n) {
-  float acc[kLanes];
-  for (float& a : acc)
-    a = -std::numeric_limits<float>::infinity();
-  int64_t c = 0;
-  for (; c + kLanes <= n; c += kLanes) {
-    for (int l = 0; l < kLanes; ++l)
-      acc[l] = x[c + l] > acc[l] ? x[c + l] : acc[l];
-  }
-  for (; c < n; ++c)
-    acc[0] = x[c] > acc[0] ? x[c] : acc[0];
-  float m = acc[0];
-  for (int l = 1; l < kLanes; ++l)
-    m = acc[l] > m ? acc[l] : m;
-  return m;
+  return max_body(x, n);
 }
 
 AVIARY_CPU_CLONES float row_sum_exp(const float* __restrict x, int64_t n, float shift) {

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 // One clone per instruction set, chosen by the loader (ifunc): AVX-512, AVX2 + FMA, baseline.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -52,6 +53,26 @@ inline __attribute__((always_inline)) float sum_lanes(float (&acc)[kLanes]) {
   return acc[0];
 }
 
+// The largest of x[0, n), -inf for n = 0. One running maximum per lane: a single `m = x > m ? x :
+// m` chain does not vectorise (GCC may not reorder a float max without -ffast-math) and costs a
+// compare-and-select latency per element.
+inline __attribute__((always_inline)) float max_body(const float* __restrict x, int64_t n) {
+  float acc[kLanes];
+  for (float& a : acc)
+    a = -std::numeric_limits<float>::infinity();
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes) {
+    for (int l = 0; l < kLanes; ++l)
+      acc[l] = x[c + l] > acc[l] ? x[c + l] : acc[l];
+  }
+  for (; c < n; ++c)
+    acc[0] = x[c] > acc[0] ? x[c] : acc[0];
+  float m = acc[0];
+  for (int l = 1; l < kLanes; ++l)
+    m = acc[l] > m ? acc[l] : m;
+  return m;
+}
+
 // Elements as the loops see them: fp32 as is, bf16 (raw uint16_t bits) widened to fp32 on load and
 // rounded to nearest even on store, exactly as c10::BFloat16 converts (NaN stays NaN). Written
 // with integer ops and selects so that the loops still vectorise. A loop taking both is an
@@ -77,6 +98,22 @@ inline __attribute__((always_inline)) void store(uint16_t* p, int64_t i, float v
   std::memcpy(&bits, &v, sizeof(bits));
   const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
   p[i] = static_cast<uint16_t>(v != v ? 0x7fc0u : rounded);
+}
+
+// sum of a[i] * b[i] over [0, n), in kLanes running sums (fixed order whatever the instruction
+// set) for fp32 or bf16 elements.
+template <typename T>
+inline __attribute__((always_inline)) float dot_body(const T* __restrict a, const T* __restrict b,
+                                                     int64_t n) {
+  float acc[kLanes] = {};
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes) {
+    for (int l = 0; l < kLanes; ++l)
+      acc[l] += load(a, c + l) * load(b, c + l);
+  }
+  for (; c < n; ++c)
+    acc[0] += load(a, c) * load(b, c);
+  return sum_lanes(acc);
 }
 
 }  // namespace aviary::ops::cpu

@@ -483,13 +483,17 @@ TEST_P(CpuAttention, Fp32MatchesSdpaInDoubleForCausalOffsetAndFullMasksWithGqa) 
   struct Case {
     int64_t tq, tk;
     bool causal;
+    int64_t batch = 2, heads = 6, kv_heads = 2;
   };
-  // 150 queries: two full blocks of 64 and a partial one; 70 of 130: the last queries.
-  for (const Case c :
-       {Case{150, 150, true}, Case{70, 130, true}, Case{33, 90, false}, Case{1, 40, true}}) {
-    auto q = heads_view(2, c.tq, 6, 16, torch::kFloat32);
-    auto k = heads_view(2, c.tk, 2, 16, torch::kFloat32);
-    auto v = heads_view(2, c.tk, 2, 16, torch::kFloat32);
+  // 150 queries: two full blocks of 64 and a partial one; 70 of 130: the last queries. Past 512
+  // keys the backward takes the keys in chunks: 1100 is two full chunks and a partial one, and
+  // 300 of 1030 starts its first block in the second chunk's range.
+  for (const Case c : {Case{150, 150, true}, Case{70, 130, true}, Case{33, 90, false},
+                       Case{1, 40, true}, Case{1100, 1100, true, 1, 2, 1},
+                       Case{300, 1030, true, 1, 2, 1}, Case{40, 600, false, 1, 2, 2}}) {
+    auto q = heads_view(c.batch, c.tq, c.heads, 16, torch::kFloat32);
+    auto k = heads_view(c.batch, c.tk, c.kv_heads, 16, torch::kFloat32);
+    auto v = heads_view(c.batch, c.tk, c.kv_heads, 16, torch::kFloat32);
     auto out = ops::attention(q, k, v, std::nullopt, c.causal);
     ASSERT_TRUE(made_by(out, "AttentionCpuFunction"));
     auto grad = torch::randn_like(out);
@@ -504,33 +508,36 @@ TEST_P(CpuAttention, Fp32MatchesSdpaInDoubleForCausalOffsetAndFullMasksWithGqa) 
 
 TEST_P(CpuAttention, Bf16IsFp32MathsOnBf16OperandsUnderAutocastAndAlone) {
   torch::manual_seed(12);
-  auto q = heads_view(2, 100, 4, 32, torch::kFloat32);
-  auto k = heads_view(2, 100, 2, 32, torch::kFloat32);
-  auto v = heads_view(2, 100, 2, 32, torch::kFloat32);
-  torch::Tensor out;
-  {
-    ops::AutocastGuard autocast(torch::kCPU, true);
-    out = ops::attention(q, k, v, std::nullopt, true);
+  // 600 tokens: the backward's keys in two chunks, dq summed across them in fp32.
+  for (const auto& [batch, tokens] : {std::pair<int64_t, int64_t>{2, 100}, {1, 600}}) {
+    auto q = heads_view(batch, tokens, 4, 32, torch::kFloat32);
+    auto k = heads_view(batch, tokens, 2, 32, torch::kFloat32);
+    auto v = heads_view(batch, tokens, 2, 32, torch::kFloat32);
+    torch::Tensor out;
+    {
+      ops::AutocastGuard autocast(torch::kCPU, true);
+      out = ops::attention(q, k, v, std::nullopt, true);
+    }
+    ASSERT_TRUE(made_by(out, "AttentionCpuFunction"));
+    EXPECT_EQ(out.scalar_type(), torch::kBFloat16);
+    auto grad = torch::randn(out.sizes()).to(torch::kBFloat16);
+    auto got = torch::autograd::grad({out}, {q, k, v}, {grad});
+    EXPECT_EQ(got[0].scalar_type(), torch::kFloat32);  // through autocast's casts
+    auto want = sdpa_double(bf16_rounded(q), bf16_rounded(k), bf16_rounded(v), grad, true);
+    // Rounding: the probabilities and dS to bf16 as GEMM operands, the outputs once.
+    EXPECT_LT(max_rel(out, want[0]), 1e-2);
+    for (size_t i = 0; i < got.size(); ++i)
+      EXPECT_LT(max_rel(got[i], want[i + 1]), 2e-2) << tokens << " tokens, gradient " << i;
+    // A bf16 model without autocast: bf16 in, bf16 gradients out.
+    auto qh = q.detach().to(torch::kBFloat16).requires_grad_(true);
+    auto kh = k.detach().to(torch::kBFloat16), vh = v.detach().to(torch::kBFloat16);
+    auto outh = ops::attention(qh, kh, vh, std::nullopt, true);
+    ASSERT_TRUE(made_by(outh, "AttentionCpuFunction"));
+    EXPECT_TRUE(torch::equal(outh, out));
+    auto dqh = torch::autograd::grad({outh}, {qh}, {grad})[0];
+    EXPECT_EQ(dqh.scalar_type(), torch::kBFloat16);
+    EXPECT_LT(max_rel(dqh, want[1]), 2e-2);
   }
-  ASSERT_TRUE(made_by(out, "AttentionCpuFunction"));
-  EXPECT_EQ(out.scalar_type(), torch::kBFloat16);
-  auto grad = torch::randn(out.sizes()).to(torch::kBFloat16);
-  auto got = torch::autograd::grad({out}, {q, k, v}, {grad});
-  EXPECT_EQ(got[0].scalar_type(), torch::kFloat32);  // through autocast's casts
-  auto want = sdpa_double(bf16_rounded(q), bf16_rounded(k), bf16_rounded(v), grad, true);
-  // Rounding: the probabilities and dS to bf16 as GEMM operands, the outputs once.
-  EXPECT_LT(max_rel(out, want[0]), 1e-2);
-  for (size_t i = 0; i < got.size(); ++i)
-    EXPECT_LT(max_rel(got[i], want[i + 1]), 2e-2) << "gradient " << i;
-  // A bf16 model without autocast: bf16 in, bf16 gradients out.
-  auto qh = q.detach().to(torch::kBFloat16).requires_grad_(true);
-  auto kh = k.detach().to(torch::kBFloat16), vh = v.detach().to(torch::kBFloat16);
-  auto outh = ops::attention(qh, kh, vh, std::nullopt, true);
-  ASSERT_TRUE(made_by(outh, "AttentionCpuFunction"));
-  EXPECT_TRUE(torch::equal(outh, out));
-  auto dqh = torch::autograd::grad({outh}, {qh}, {grad})[0];
-  EXPECT_EQ(dqh.scalar_type(), torch::kBFloat16);
-  EXPECT_LT(max_rel(dqh, want[1]), 2e-2);
 }
 
 INSTANTIATE_TEST_SUITE_P(NativeAndFallback, CpuAttention, ::testing::Bool(),
