@@ -3,9 +3,11 @@
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/variable.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "aviary/core/error.h"
+#include "aviary/ops/squared_norm.h"
 
 namespace aviary::dist {
 
@@ -203,11 +205,18 @@ void DataParallel::finish_gradient_sync() {
 double clip_grad_norm_across_ranks(Comm& comm, const std::vector<torch::Tensor>& counted,
                                    const std::vector<torch::Tensor>& held, double max_norm) {
   torch::NoGradGuard no_grad;
-  // Squares summed in fp64 on the gradients' device; one host sync for the whole set.
   auto local =
       torch::zeros({1}, torch::TensorOptions().dtype(torch::kFloat64).device(comm.device()));
-  for (const auto& g : counted)
-    local += g.to(torch::kFloat64).pow(2).sum().to(local.device());
+  const bool on_cpu = std::all_of(counted.begin(), counted.end(),
+                                  [](const torch::Tensor& g) { return g.device().is_cpu(); });
+  if (on_cpu) {
+    // One pass per gradient with no copy, as the single-process clip_grad_norm.
+    local.fill_(ops::squared_norm(counted));
+  } else {
+    // Squares summed in fp64 on the gradients' device; one host sync for the whole set.
+    for (const auto& g : counted)
+      local += g.to(torch::kFloat64).pow(2).sum().to(local.device());
+  }
   comm.all_reduce(local, ReduceOp::kSum);
   const double norm = std::sqrt(local.item<double>());
   if (!std::isfinite(norm) || max_norm <= 0) return norm;

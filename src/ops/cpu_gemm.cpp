@@ -140,7 +140,7 @@ SerialGemmScope::~SerialGemmScope() {
   if (const auto set = set_local_threads()) set(previous_);
 }
 
-void allow_native_bf16_gemm(bool allowed) {
+void allow_native_gemm(bool allowed) {
   native_allowed = allowed;
 }
 

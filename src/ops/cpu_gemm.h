@@ -55,6 +55,6 @@ class SerialGemmScope {
 // Tests: false makes mm_bf16_into_f32, gemm_f32 and gemm_bf16_f32 take their ATen fallback even
 // where MKL's GEMMs exist, so that the path a LibTorch without MKL takes is exercised too.
 // Process-wide; true by default.
-void allow_native_bf16_gemm(bool allowed);
+void allow_native_gemm(bool allowed);
 
 }  // namespace aviary::ops::cpu

@@ -12,4 +12,11 @@ double squared_norm(const torch::Tensor& t) {
   return t.detach().to(torch::kFloat64).pow(2).sum().item<double>();
 }
 
+double squared_norm(const std::vector<torch::Tensor>& tensors) {
+  double total = 0.0;
+  for (const auto& t : tensors)
+    total += squared_norm(t);
+  return total;
+}
+
 }  // namespace aviary::ops

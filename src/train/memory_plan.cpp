@@ -595,11 +595,12 @@ MemoryPlan plan_memory(const AquilaConfig& config, const MemoryPlanInputs& in) {
     for (int64_t r = 0; r < in.world; ++r) {
       const auto rank = static_cast<size_t>(r);
       const int64_t after = kF32 * (zero2 ? owners.owned[rank] : params);
-      // clip_grad_norm_across_ranks squares in fp64: a copy of each counted gradient and its
-      // square, 16 bytes per element of the largest. ddp / zero1: rank 0 counts them all;
-      // zero2: each owner its own.
-      const int64_t clip =
-          16 * (zero2 ? owners.largest[rank] : (r == 0 ? largest_param : int64_t{0}));
+      // clip_grad_norm_across_ranks squares in fp64 on CUDA (or with ops.impl torch): a copy of
+      // each counted gradient and its square, 16 bytes per element of the largest; the CPU loop
+      // copies nothing. ddp / zero1: rank 0 counts them all; zero2: each owner its own.
+      const int64_t clip = fused_cpu_ops(in) ? 0
+                                             : 16 * (zero2 ? owners.largest[rank]
+                                                           : (r == 0 ? largest_param : int64_t{0}));
       const int64_t sync = sharded ? kF32 * buckets.largest : 0;
       const int64_t moments = 2 * kF32 * (sharded ? owners.owned[rank] : params);
       const int64_t peak = plan.weights + moments +

@@ -4,8 +4,9 @@
     ~/.cache/aviary/venv/bin/python tests/reference/bench_train.py --threads 2 \
         --aviary-json aviary.json          # aviary.json from `aviary bench train --json`
 
-Cases: `tiny` (the config of tests/fixtures/tiny-llama) and `aquila-100m` (hidden 768, 12 layers,
-12 heads, 4 KV heads, intermediate 2048, vocab 32000, untied), both randomly initialised, built
+Cases: `tiny` (the config of tests/fixtures/tiny-llama), `aquila-100m` (hidden 768, 12 layers,
+12 heads, 4 KV heads, intermediate 2048, vocab 32000, untied; 256 tokens x 4) and `aquila-100m-2k`
+(the same model at 2048 tokens x 1, Aquila's pretraining context), all randomly initialised, built
 with train_model.py. One step = forward + cross-entropy + backward over one micro-batch of random
 tokens [micro_batch, seq_len], clip_grad_norm_(1.0), AdamW step, zero_grad. `--dtype bf16` runs
 forward and loss under torch.autocast(cpu, bfloat16) with fp32 master weights and optimizer
@@ -36,7 +37,7 @@ AQUILA_100M = {"vocab_size": 32000, "hidden_size": 768, "intermediate_size": 204
                "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 4,
                "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
 # Per-case defaults: seq_len, micro_batch, timed steps.
-DEFAULTS = {"tiny": (128, 8, 20), "aquila-100m": (256, 4, 4)}
+DEFAULTS = {"tiny": (128, 8, 20), "aquila-100m": (256, 4, 4), "aquila-100m-2k": (2048, 1, 3)}
 
 
 def make_optimizer(params, lr=1e-4):
@@ -150,9 +151,9 @@ def main():
     ap.add_argument("--cases", nargs="+", default=list(DEFAULTS), choices=list(DEFAULTS))
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--seq-len", type=int, help="default: tiny 128, aquila-100m 256")
-    ap.add_argument("--micro-batch", type=int, help="default: tiny 8, aquila-100m 4")
-    ap.add_argument("--steps", type=int, help="timed steps; default: tiny 20, aquila-100m 4")
+    ap.add_argument("--seq-len", type=int, help="default: tiny 128, aquila-100m 256, aquila-100m-2k 2048")
+    ap.add_argument("--micro-batch", type=int, help="default: tiny 8, aquila-100m 4, aquila-100m-2k 1")
+    ap.add_argument("--steps", type=int, help="timed steps; default: tiny 20, aquila-100m 4, aquila-100m-2k 3")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     ap.add_argument("--json", action="store_true", help="print the rows as a JSON list")
     ap.add_argument("--aviary-json", help="output of `aviary bench train --json` to compare with")

@@ -323,8 +323,8 @@ torch::Tensor bf16_rounded(const torch::Tensor& t) {
 // Runs the GEMM tests over MKL's mixed GEMM (where LibTorch has it) and over the fp32 fallback.
 class CpuBf16Gemm : public ::testing::TestWithParam<bool> {
  protected:
-  void SetUp() override { ops::cpu::allow_native_bf16_gemm(GetParam()); }
-  void TearDown() override { ops::cpu::allow_native_bf16_gemm(true); }
+  void SetUp() override { ops::cpu::allow_native_gemm(GetParam()); }
+  void TearDown() override { ops::cpu::allow_native_gemm(true); }
 };
 
 TEST_P(CpuBf16Gemm, MatchesFp32ProductsOfTheBf16ValuesForEveryLayout) {
@@ -452,8 +452,8 @@ TEST(CpuLinearCrossEntropy, Bf16AutocastIsFp32MathsOnTheBf16Operands) {
 // Aviary's CPU attention against SDPA's math in double, over MKL's GEMMs and the ATen fallback.
 class CpuAttention : public ::testing::TestWithParam<bool> {
  protected:
-  void SetUp() override { ops::cpu::allow_native_bf16_gemm(GetParam()); }
-  void TearDown() override { ops::cpu::allow_native_bf16_gemm(true); }
+  void SetUp() override { ops::cpu::allow_native_gemm(GetParam()); }
+  void TearDown() override { ops::cpu::allow_native_gemm(true); }
 };
 
 // [B, H, T, D] views of [B, T, H, D] tensors, as the attention block makes them.

@@ -3,6 +3,8 @@
 
 #include <torch/types.h>
 
+#include <vector>
+
 namespace aviary::ops {
 
 // sum(t^2) in double. Contiguous fp32 CPU tensors take one pass of Aviary's loop
@@ -10,5 +12,8 @@ namespace aviary::ops {
 // any thread count) unless ops.impl is torch; others (and CUDA tensors, with a host sync) ATen's
 // sum in fp64.
 double squared_norm(const torch::Tensor& t);
+
+// The sum of squared_norm over `tensors`, in double and in their order.
+double squared_norm(const std::vector<torch::Tensor>& tensors);
 
 }  // namespace aviary::ops
