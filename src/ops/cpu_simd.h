@@ -53,23 +53,30 @@ inline __attribute__((always_inline)) float sum_lanes(float (&acc)[kLanes]) {
   return acc[0];
 }
 
-// The largest of x[0, n), -inf for n = 0. One running maximum per lane: a single `m = x > m ? x :
-// m` chain does not vectorise (GCC may not reorder a float max without -ffast-math) and costs a
-// compare-and-select latency per element.
+// The largest of x[0, n), -inf for n = 0. One running maximum per lane, kept in a GCC vector
+// (lowered to one AVX-512 register, two AVX2 or four SSE ones): written as an array of 16 floats,
+// GCC neither vectorises the select nor a single `m = x > m ? x : m` chain (it may not reorder a
+// float max without -ffast-math), and 16 scalar maxss chains ran the attention's softmax at a
+// quarter of its speed. Lane l takes elements l, l + 16, ...; NaNs are skipped as by the scalar
+// select.
 inline __attribute__((always_inline)) float max_body(const float* __restrict x, int64_t n) {
-  float acc[kLanes];
-  for (float& a : acc)
-    a = -std::numeric_limits<float>::infinity();
+  using Lanes = float __attribute__((vector_size(kLanes * sizeof(float))));
+  Lanes acc;
+  for (int l = 0; l < kLanes; ++l)
+    acc[l] = -std::numeric_limits<float>::infinity();
   int64_t c = 0;
   for (; c + kLanes <= n; c += kLanes) {
-    for (int l = 0; l < kLanes; ++l)
-      acc[l] = x[c + l] > acc[l] ? x[c + l] : acc[l];
+    Lanes v;
+    std::memcpy(&v, x + c, sizeof(v));
+    acc = v > acc ? v : acc;
   }
+  float lanes[kLanes];
+  std::memcpy(lanes, &acc, sizeof(lanes));
   for (; c < n; ++c)
-    acc[0] = x[c] > acc[0] ? x[c] : acc[0];
-  float m = acc[0];
+    lanes[0] = x[c] > lanes[0] ? x[c] : lanes[0];
+  float m = lanes[0];
   for (int l = 1; l < kLanes; ++l)
-    m = acc[l] > m ? acc[l] : m;
+    m = lanes[l] > m ? lanes[l] : m;
   return m;
 }
 
