@@ -129,43 +129,49 @@ void attention_forward(const AttentionShape& s, const T* q, HeadStrides qs, cons
                        float* lse) {
   constexpr bool bf16 = std::is_same_v<T, uint16_t>;
   const int64_t group = s.heads / s.kv_heads;
-  at::parallel_for(0, s.batch * s.heads, 1, [&](int64_t t0, int64_t t1) {
+  const int64_t blocks = (s.queries + kQueryBlock - 1) / kQueryBlock;
+  // One task per (batch, head, query block): the forward's blocks are independent, so batch-1
+  // prefill with few heads still has work for every thread. A head's blocks are taken from both
+  // ends in turn (0, n-1, 1, n-2, ...): under the causal mask a block's cost grows with its index,
+  // and a thread's contiguous range of tasks then holds cheap and dear blocks alike.
+  at::parallel_for(0, s.batch * s.heads * blocks, 1, [&](int64_t t0, int64_t t1) {
     const SerialGemmScope serial;
     std::vector<float> scores(static_cast<size_t>(kQueryBlock * s.keys));
     std::vector<T> probs(bf16 ? static_cast<size_t>(kQueryBlock * s.keys) : 0);
     std::vector<float> rows_out(bf16 ? static_cast<size_t>(kQueryBlock * s.dim) : 0);
     std::vector<float> inv_sum(kQueryBlock);
     for (int64_t task = t0; task < t1; ++task) {
-      const int64_t b = task / s.heads, h = task % s.heads, g = h / group;
+      const int64_t head_task = task / blocks, turn = task % blocks;
+      const int64_t block = turn % 2 == 0 ? turn / 2 : blocks - 1 - turn / 2;
+      const int64_t b = head_task / s.heads, h = head_task % s.heads, g = h / group;
       const T* qh = q + b * qs.b + h * qs.h;
       const T* kh = k + b * ks.b + g * ks.h;
       const T* vh = v + b * vs.b + g * vs.h;
       T* oh = out + b * os.b + h * os.h;
-      float* lse_h = lse + task * s.queries;
-      for (int64_t first = 0; first < s.queries; first += kQueryBlock) {
-        const Block blk = query_block(s, first);
-        float* sc = scores.data();
-        gemm(blk.rows, blk.keys, s.dim, s.scale, qh + first * qs.t, qs.t, false, kh, ks.t, true,
-             0.0f, sc, blk.keys);
+      float* lse_h = lse + head_task * s.queries;
+      const int64_t first = block * kQueryBlock;
+      const Block blk = query_block(s, first);
+      float* sc = scores.data();
+      gemm(blk.rows, blk.keys, s.dim, s.scale, qh + first * qs.t, qs.t, false, kh, ks.t, true, 0.0f,
+           sc, blk.keys);
+      for (int64_t r = 0; r < blk.rows; ++r) {
+        inv_sum[r] =
+            softmax_row(sc + r * blk.keys, visible_keys(s, blk, r), blk.keys, lse_h + first + r);
+      }
+      if constexpr (bf16) {
         for (int64_t r = 0; r < blk.rows; ++r) {
-          inv_sum[r] =
-              softmax_row(sc + r * blk.keys, visible_keys(s, blk, r), blk.keys, lse_h + first + r);
+          store_row_scaled(sc + r * blk.keys, blk.keys, inv_sum[r], probs.data() + r * blk.keys);
         }
-        if constexpr (bf16) {
-          for (int64_t r = 0; r < blk.rows; ++r) {
-            store_row_scaled(sc + r * blk.keys, blk.keys, inv_sum[r], probs.data() + r * blk.keys);
-          }
-          gemm(blk.rows, s.dim, blk.keys, 1.0f, probs.data(), blk.keys, false, vh, vs.t, false,
-               0.0f, rows_out.data(), s.dim);
-          for (int64_t r = 0; r < blk.rows; ++r)
-            store_row(rows_out.data() + r * s.dim, s.dim, oh + (first + r) * os.t);
-        } else {
-          // O = (exp(S - max) V) / sum: the normalisation on dim-wide rows instead of key-wide.
-          gemm(blk.rows, s.dim, blk.keys, 1.0f, sc, blk.keys, false, vh, vs.t, false, 0.0f,
-               oh + first * os.t, os.t);
-          for (int64_t r = 0; r < blk.rows; ++r)
-            scale_row(oh + (first + r) * os.t, s.dim, inv_sum[r]);
-        }
+        gemm(blk.rows, s.dim, blk.keys, 1.0f, probs.data(), blk.keys, false, vh, vs.t, false, 0.0f,
+             rows_out.data(), s.dim);
+        for (int64_t r = 0; r < blk.rows; ++r)
+          store_row(rows_out.data() + r * s.dim, s.dim, oh + (first + r) * os.t);
+      } else {
+        // O = (exp(S - max) V) / sum: the normalisation on dim-wide rows instead of key-wide.
+        gemm(blk.rows, s.dim, blk.keys, 1.0f, sc, blk.keys, false, vh, vs.t, false, 0.0f,
+             oh + first * os.t, os.t);
+        for (int64_t r = 0; r < blk.rows; ++r)
+          scale_row(oh + (first + r) * os.t, s.dim, inv_sum[r]);
       }
     }
   });

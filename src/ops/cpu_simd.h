@@ -1,6 +1,6 @@
-// The scalar building blocks of Aviary's CPU loops (cpu_loops.cpp, cpu_attention.cpp), written so
-// that GCC vectorises the loops that use them: a branch-free exp, fixed-order lane sums, and fp32 /
-// bf16 loads and stores. Private to src/ops.
+// The building blocks of Aviary's CPU loops (cpu_loops.cpp, cpu_attention.cpp), written so that
+// GCC vectorises the loops that use them: a branch-free exp, fixed-order lane sums, a row's max and
+// dot product in 16 lanes, and fp32 / bf16 loads and stores. Private to src/ops.
 #pragma once
 
 #include <cstdint>

@@ -120,7 +120,10 @@ TEST(AttentionReference, ExactForwardMatchesATenDouble) {
     const auto [o_ref, lse_ref] = reference_fixed(p, AttentionRefPrecision::kExact);
     const auto [o_aten, lse_aten] = aten_attention(q, k, v, p.softmax_scale, s.causal);
     EXPECT_LT(max_abs(o_ref - o_aten), 1e-12) << "sq " << s.sq << " sk " << s.sk;
-    EXPECT_LT(max_abs(lse_ref - lse_aten), 1e-12) << "sq " << s.sq << " sk " << s.sk;
+    // 1e-8, not 1e-12: ATen's double logsumexp is not reproducible across processes on a loaded
+    // machine. Measured: 5 of 30 processes gave 3.330271487250827 for a row where the rest (and
+    // this reference, every time) give 3.3302714882925493.
+    EXPECT_LT(max_abs(lse_ref - lse_aten), 1e-8) << "sq " << s.sq << " sk " << s.sk;
 
     // The buffer-writing form rounds the same values once to the dtype.
     attention_forward_reference(p);
