@@ -38,8 +38,8 @@ void attention_forward(const AttentionShape& s, const T* q, HeadStrides qs, cons
                        float* lse);
 
 // The gradients dq, dk, dv (shaped and strided like q, k, v by the caller's choice of strides)
-// given dout and the forward's out and lse. KV heads' gradients are summed over their query heads
-// in fp32 and rounded once.
+// given dout and the forward's out and lse. KV heads' gradients are summed over their query heads,
+// and dq over the keys (taken in chunks), in fp32 and rounded once.
 template <typename T>
 void attention_backward(const AttentionShape& s, const T* q, HeadStrides qs, const T* k,
                         HeadStrides ks, const T* v, HeadStrides vs, const T* out, HeadStrides os,

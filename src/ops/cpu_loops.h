@@ -45,8 +45,9 @@ void swiglu_backward(int64_t rows, int64_t cols, const T* grad, int64_t grad_str
 
 // The sum of x[i]^2 over n contiguous floats, in double: fixed blocks of 16384 elements, each
 // summed in fp32 lanes and added in order in double, so that the result does not depend on the
-// thread count. Gradient clipping's norm (train/optimizer.cpp), one pass at memory bandwidth where
-// ATen's norm accumulates each element in double.
+// thread count. Gradient clipping's norm (ops::squared_norm, for clip_grad_norm and its
+// distributed form), one pass at memory bandwidth where ATen's norm accumulates each element in
+// double.
 double sum_of_squares(const float* x, int64_t n);
 
 // The embedding table's gradient: dweight [vocab, cols] (contiguous) is zeroed, then row ids[r]
