@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The main job: set up Aviary, then train the quickstart model (an ~8M-parameter Aquila-architecture
+# The main job: set up Aviary, then train the quickstart model (a 5.4M-parameter Aquila-architecture
 # decoder) on the bundled bilingual corpus and generate text from the trained checkpoint.
 #
-#   tools/quickstart.sh              # everything, ~10 minutes of training on 2 CPU cores
+#   tools/quickstart.sh              # everything, about 2.5 minutes of training on 2 CPU cores
 #   AVIARY_QUICKSTART_STEPS=50 tools/quickstart.sh   # a shorter run (smoke test)
 #
 # Outputs go to runs/quickstart/ (recreated on each run): tokenizer.model, data/corpus.{bin,idx,

@@ -2,7 +2,11 @@
 
 #include <cmath>
 
+#include <fmt/format.h>
+
+#include "aviary/core/error.h"
 #include "aviary/nn/checkpoint.h"
+#include "aviary/nn/init.h"
 #include "aviary/ops/rope.h"
 
 namespace aviary {
@@ -101,30 +105,31 @@ nn::KVCache AquilaForCausalLMImpl::make_cache(int64_t batch, int64_t capacity) c
 
 void AquilaForCausalLMImpl::init_weights(double std, uint64_t seed) {
   torch::NoGradGuard no_grad;
-  auto params = named_parameters();
-  for_each_initial_weight(std, seed, [&](const std::string& name, const torch::Tensor& values) {
-    params[name].copy_(values);
-  });
+  for (auto& item : named_parameters()) {
+    auto values = torch::empty({item.value().numel()}, torch::kFloat32);
+    initial_values(item.key(), 0, std, seed, values);
+    item.value().copy_(values.view(item.value().sizes()));
+  }
 }
 
-void AquilaForCausalLMImpl::for_each_initial_weight(
-    double std, uint64_t seed,
-    const std::function<void(const std::string&, const torch::Tensor&)>& sink) const {
-  torch::NoGradGuard no_grad;
-  auto gen = at::detail::createCPUGenerator(seed);
-  const double residual_std = std / std::sqrt(2.0 * config_.num_hidden_layers);
-  for (const auto& item : named_parameters()) {
-    const std::string& name = item.key();
-    const torch::Tensor& p = item.value();
-    if (p.dim() == 1) {
-      sink(name, torch::ones(p.sizes(), torch::kFloat32));
-      continue;
-    }
-    const bool residual =
-        name.find("o_proj") != std::string::npos || name.find("down_proj") != std::string::npos;
-    // Drawn on CPU in fp32 with an explicit generator: identical weights on every device/dtype.
-    sink(name, at::normal(0.0, residual ? residual_std : std, p.sizes(), gen));
+void AquilaForCausalLMImpl::initial_values(const std::string& name, int64_t offset, double std,
+                                           uint64_t seed, torch::Tensor& out) const {
+  const auto params = named_parameters();
+  const torch::Tensor* param = params.find(name);
+  if (param == nullptr || offset < 0 || offset + out.numel() > param->numel()) {
+    throw Error(ErrorKind::kInternal,
+                fmt::format("no initial values for elements [{}, {}) of parameter '{}'", offset,
+                            offset + out.numel(), name));
   }
+  if (param->dim() == 1) {  // norm weights
+    out.fill_(1.0);
+    return;
+  }
+  const bool residual =
+      name.find("o_proj") != std::string::npos || name.find("down_proj") != std::string::npos;
+  const double scale = residual ? std / std::sqrt(2.0 * config_.num_hidden_layers) : std;
+  // Drawn on CPU in fp32: identical weights on every device, dtype and world size.
+  nn::fill_normal(out, seed, nn::init_stream(name), offset, 0.0, scale);
 }
 
 }  // namespace aviary

@@ -1,5 +1,6 @@
 #include "aviary/train/model_spec.h"
 
+#include <algorithm>
 #include <filesystem>
 #include <map>
 
@@ -118,12 +119,16 @@ void fill_initial_runs(const CausalLMSpec& spec, uint64_t seed,
     return run.owner.narrow(0, run.owner_offset, run.numel);
   };
   if (spec.init_from.empty()) {
-    model->for_each_initial_weight(
-        spec.init_std, seed, [&](const std::string& name, const torch::Tensor& values) {
-          const auto& run = run_of(name);
-          if (run.numel == 0) return;
-          destination(run).copy_(values.reshape({-1}).narrow(0, run.offset, run.numel));
-        });
+    // Counter-based draws: each run is drawn alone, a bounded slice at a time.
+    constexpr int64_t kSlice = int64_t{1} << 24;  // 64 MB of fp32
+    for (const auto& run : runs) {
+      for (int64_t done = 0; done < run.numel; done += kSlice) {
+        const int64_t count = std::min(kSlice, run.numel - done);
+        auto values = torch::empty({count}, torch::kFloat32);
+        model->initial_values(run.name, run.offset + done, spec.init_std, seed, values);
+        destination(run).narrow(0, done, count).copy_(values);
+      }
+    }
     return;
   }
   auto reader = WeightReader::open(spec.init_from_path);

@@ -3,7 +3,6 @@
 // the HF state dict and import/export is a plain copy.
 #pragma once
 
-#include <functional>
 #include <string>
 
 #include <torch/nn/module.h>
@@ -42,14 +41,14 @@ class AquilaForCausalLMImpl : public torch::nn::Module {
 
   nn::KVCache make_cache(int64_t batch, int64_t capacity) const;
   // Standard init: normal(0, std) for matrices and embeddings, residual output projections
-  // (o_proj, down_proj) scaled by 1/sqrt(2 * layers), norms at 1.
+  // (o_proj, down_proj) scaled by 1/sqrt(2 * layers), norms at 1. The values come from
+  // nn::fill_normal (counter-based): they depend on the seed and each parameter's name only.
   void init_weights(double std, uint64_t seed);
-  // The same values, drawn one parameter at a time: `sink(name, values)` gets each parameter's
-  // initial values (fp32, on CPU) in registration order. FSDP's rank-local start keeps only its
-  // shard of each, so the whole model never exists at once.
-  void for_each_initial_weight(
-      double std, uint64_t seed,
-      const std::function<void(const std::string& name, const torch::Tensor& values)>& sink) const;
+  // Elements [offset, offset + out.numel()) of parameter `name`'s flattened standard-init values,
+  // into `out` (fp32, contiguous, on CPU): the same numbers init_weights gives that slice. FSDP's
+  // rank-local start draws only its own runs with it, so the whole model never exists at once.
+  void initial_values(const std::string& name, int64_t offset, double std, uint64_t seed,
+                      torch::Tensor& out) const;
   // Per-block activation checkpointing for training (see nn/checkpoint.h). It applies to forward
   // calls with gradients on and no KV cache; inference is unaffected.
   void set_activation_checkpointing(bool enabled) { checkpoint_blocks_ = enabled; }

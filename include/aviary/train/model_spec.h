@@ -55,9 +55,9 @@ AquilaForCausalLM build_causal_lm(const CausalLMSpec& spec, const torch::TensorO
 //    a few bytes each, for FSDP to shard;
 //  - fill_initial_runs: each run (this rank's part of a parameter inside its shard) filled with
 //    exactly the values build_causal_lm would have given that part: read from init_from (only
-//    the run's bytes, except FlagAI q/k, permuted whole), or drawn by the standard init (every
-//    parameter is drawn in order, one at a time, and the run kept). Peak extra memory: one
-//    parameter.
+//    the run's bytes, except FlagAI q/k, permuted whole), or drawn by the standard init (only
+//    the run's elements: the draw is counter-based, nn/init.h). Peak extra memory: one
+//    parameter read from init_from, or 64 MB drawn.
 AquilaForCausalLM build_causal_lm_skeleton(const CausalLMSpec& spec,
                                            const torch::TensorOptions& options);
 void fill_initial_runs(const CausalLMSpec& spec, uint64_t seed,
