@@ -6,10 +6,11 @@ summary. Standard library only: it runs under the device machine's python3."""
 
 import datetime
 import fnmatch
+import glob
 import json
 import os
 import sys
-import xml.etree.ElementTree as ET
+import traceback
 
 OUT = os.environ["OUT"]
 WORK = os.environ["WORK"]
@@ -34,27 +35,10 @@ def gtest_match(name, pattern):
         fnmatch.fnmatchcase(name, n) for n in neg)
 
 
-def junit_tests(path):
-    """ctest --output-junit: [{name, status: pass|fail|skip, seconds}]."""
-    try:
-        root = ET.parse(path).getroot()
-    except (OSError, ET.ParseError):
-        return None
-    tests = []
-    for case in root.iter("testcase"):
-        status = "pass"
-        if case.find("failure") is not None or case.find("error") is not None:
-            status = "fail"
-        elif case.find("skipped") is not None or case.get("status") in ("notrun", "disabled"):
-            status = "skip"
-        tests.append({"name": case.get("name"), "status": status,
-                      "seconds": float(case.get("time") or 0)})
-    return tests
-
-
-def gtest_json_tests(name):
+def gtest_json_tests(name, data=None):
     """gtest --gtest_output=json: [{name, status, seconds}]."""
-    data = load_json(name)
+    if data is None:
+        data = load_json(name)
     if data is None:
         return None
     tests = []
@@ -97,6 +81,20 @@ def verdict(tests, pattern, what):
     return True, f"{what}: {len(passed)} passed"
 
 
+def suite_tests():
+    """The fallback's per-suite runs (gpu_suite_N.json), merged; None if there are none."""
+    tests = None
+    for path in sorted(glob.glob(os.path.join(WORK, "gpu_suite_*.json"))):
+        part = gtest_json_tests(os.path.basename(path))
+        if part is not None:
+            tests = (tests or []) + part
+    return tests
+
+
+def mean(values):
+    return sum(values) / len(values) if values else None
+
+
 def train_figures():
     out = {}
     for impl in ("torch", "aviary"):
@@ -104,18 +102,27 @@ def train_figures():
         rows = []
         try:
             with open(os.path.join(run, "metrics.jsonl")) as f:
-                rows = [json.loads(line) for line in f if line.strip()]
+                for line in f:
+                    try:
+                        rows.append(json.loads(line))
+                    except ValueError:
+                        pass  # a line cut short by a killed run
         except OSError:
             continue
-        train = [r for r in rows if r.get("type") == "train"]
+        train = [r for r in rows if isinstance(r, dict) and r.get("type") == "train"]
         if not train:
             continue
-        timed = [r for r in train if r["step"] > 5] or train
+        # A diverged step logs its loss as null: keep it visible, out of the means.
+        timed = [r for r in train if (r.get("step") or 0) > 5] or train
+        losses = [r.get("loss") for r in train]
         fig = {"steps": len(train),
-               "losses": [round(r["loss"], 5) for r in train],
-               "final_loss": train[-1]["loss"],
-               "tokens_per_s": sum(r["tokens_per_s"] for r in timed) / len(timed),
-               "step_time_s": sum(r["step_time_s"] for r in timed) / len(timed)}
+               "losses": [round(x, 5) if isinstance(x, (int, float)) else None for x in losses],
+               "final_loss": losses[-1],
+               "non_finite_losses": sum(not isinstance(x, (int, float)) for x in losses),
+               "tokens_per_s": mean([r["tokens_per_s"] for r in timed
+                                     if isinstance(r.get("tokens_per_s"), (int, float))]),
+               "step_time_s": mean([r["step_time_s"] for r in timed
+                                    if isinstance(r.get("step_time_s"), (int, float))])}
         try:
             with open(os.path.join(run, "wall_ms.txt")) as f:
                 fig["wall_s"] = int(f.read().strip()) / 1000.0
@@ -123,11 +130,35 @@ def train_figures():
             pass
         out[impl] = fig
     if "torch" in out and "aviary" in out:
-        a, t = out["aviary"]["losses"], out["torch"]["losses"]
-        out["max_loss_diff"] = max(abs(x - y) for x, y in zip(a, t)) if a and t else None
-        out["aviary_over_torch_tokens_per_s"] = (
-            out["aviary"]["tokens_per_s"] / out["torch"]["tokens_per_s"])
+        pairs = list(zip(out["aviary"]["losses"], out["torch"]["losses"]))
+        if pairs and all(x is not None and y is not None for x, y in pairs):
+            out["max_loss_diff"] = max(abs(x - y) for x, y in pairs)
+        else:
+            out["max_loss_diff"] = None  # a run had fewer steps or a non-finite loss
+        a, t = out["aviary"]["tokens_per_s"], out["torch"]["tokens_per_s"]
+        out["aviary_over_torch_tokens_per_s"] = a / t if a and t else None
     return out
+
+
+def guarded(what, compute, default):
+    """compute(), or `default` with the error printed: one bad input must not cost the report."""
+    try:
+        return compute()
+    except Exception:  # noqa: BLE001 -- the report must be written whatever went wrong
+        print(f"gpu_check_report: {what} failed:\n{traceback.format_exc()}", file=sys.stderr)
+        return default
+
+
+def tree_state():
+    """tools/gpu_prepare.sh's record of the tree it ran in: HEAD and `git status --short`."""
+    try:
+        with open(os.path.join(ROOT, os.environ.get("DEBS", ".gpu"), "tree.txt")) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    head = lines[0].strip() if lines else ""
+    changes = [line for line in lines[1:] if line.strip()]
+    return {"head": head, "changes": changes}
 
 
 def main():
@@ -143,12 +174,14 @@ def main():
     status = {s["name"]: s["status"] for s in stages}
     env = load_json("env.json", {})
     registry = load_json("registry.json", [])
-    gpu_tests = gtest_json_tests("gpu_tests.json")
-    if gpu_tests is None:  # the ctest fallback
-        gpu_tests = junit_tests(os.path.join(WORK, "gpu_tests.xml"))
-    op_tests = gtest_json_tests("op_tests.json")
-    nccl = gtest_json_tests("nccl_step.json")
+    gpu_tests = guarded("gpu tests", lambda: gtest_json_tests("gpu_tests.json"), None)
+    if gpu_tests is None:  # the per-suite fallback
+        gpu_tests = guarded("gpu tests, per suite", suite_tests, None)
+    op_tests = guarded("op tests", lambda: gtest_json_tests("op_tests.json"), None)
+    nccl = guarded("nccl step", lambda: gtest_json_tests("nccl_step.json"), None)
     bench = load_json("bench.json")
+    if not (isinstance(bench, dict) and "ceilings" in bench and "rows" in bench):
+        bench = None
     sanitizer = []
     try:
         with open(os.path.join(WORK, "sanitizer.tsv")) as f:
@@ -157,7 +190,14 @@ def main():
                 sanitizer.append({"kernel": kernel, "tool": tool, "status": result})
     except OSError:
         pass
-    train = train_figures()
+    train = guarded("train figures", train_figures, {})
+    commit = os.environ.get("GPU_CHECK_COMMIT", "unknown")
+    tree = guarded("tree state", tree_state, None)
+    tree_warning = None  # set when the tree checked is not the commit recorded
+    if tree is not None and (tree["changes"] or tree["head"] != commit):
+        tree_warning = (f"the tree was prepared at {tree['head'] or '?'} with "
+                        f"{len(tree['changes'])} uncommitted change(s), checked as {commit}: "
+                        "commit first, then run tools/gpu_prepare.sh and the check")
 
     figures = {
         "env": env,
@@ -180,7 +220,6 @@ def main():
     kernels = record.setdefault("kernels", {})
     sm = env.get("sm")
     gpu = env.get("gpu")
-    commit = os.environ.get("GPU_CHECK_COMMIT", "unknown")
     today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
     validation = []
     for k in registry:
@@ -197,16 +236,20 @@ def main():
                         verdict(op_tests, k["op_tests"], "op tests")):
             decided.append(ok)
             reasons.append(why)
-        runs = [s for s in sanitizer if s["kernel"] == name]
+        # Both tools must have run and passed; a run that timed out or could not use the device
+        # decides nothing (an interrupted stage leaves some runs missing).
+        runs = {s["tool"]: s["status"] for s in sanitizer if s["kernel"] == name}
         if status.get("sanitizer") == "unavailable":
             decided.append(None)
             reasons.append("compute-sanitizer: not available")
-        elif not runs:
+        else:
+            for tool in ("memcheck", "racecheck"):
+                result = runs.get(tool, "not run")
+                decided.append({"pass": True, "fail": False}.get(result))
+                reasons.append(f"compute-sanitizer {tool}: {result}")
+        if tree_warning:
             decided.append(None)
-            reasons.append("compute-sanitizer: not run")
-        for s in runs:
-            decided.append(s["status"] == "pass")
-            reasons.append(f"compute-sanitizer {s['tool']}: {s['status']}")
+            reasons.append(tree_warning)
         entries = kernels.get(name, [])
         if sm and False in decided:
             result = "removed" if any(e.get("sm") == sm for e in entries) else "failed"
@@ -230,6 +273,7 @@ def main():
 
     report = {
         "commit": commit,
+        "tree": tree,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "env": env,
         "stages": stages,
@@ -264,14 +308,21 @@ def main():
             print(f"  bench {r['op']} {r['pass']} {r['shape']} {r['dtype']}: {r['ms']:.3f} ms, "
                   f"{fig}, {r['pct_of_ceiling']:.0f}% of {r['ceiling']}, {r['speedup']:.2f}x vs "
                   f"{r['baseline']}")
+    def fmt(value, spec, scale=1.0):
+        return format(value * scale, spec) if isinstance(value, (int, float)) else "n/a"
+
     for impl in ("torch", "aviary"):
         if impl in train:
             t = train[impl]
-            print(f"  train ops.impl={impl}: {t['tokens_per_s']:.0f} tok/s, "
-                  f"{t['step_time_s'] * 1e3:.1f} ms/step, final loss {t['final_loss']:.4f}")
+            print(f"  train ops.impl={impl}: {fmt(t['tokens_per_s'], '.0f')} tok/s, "
+                  f"{fmt(t['step_time_s'], '.1f', 1e3)} ms/step, "
+                  f"final loss {fmt(t['final_loss'], '.4f')}, "
+                  f"{t['non_finite_losses']} non-finite loss(es)")
     if "max_loss_diff" in train:
-        print(f"  train: max |loss(aviary) - loss(torch)| = {train['max_loss_diff']:.3g}, "
-              f"tokens/s ratio {train['aviary_over_torch_tokens_per_s']:.3f}")
+        print(f"  train: max |loss(aviary) - loss(torch)| = {fmt(train['max_loss_diff'], '.3g')}, "
+              f"tokens/s ratio {fmt(train['aviary_over_torch_tokens_per_s'], '.3f')}")
+    if tree_warning:
+        print(f"  WARNING: {tree_warning}")
     for v in validation:
         print(f"  kernel {v['kernel']}: {v['result']} -- " + "; ".join(v["reasons"]))
     print(f"  wrote {OUT}/gpu_report.json and {OUT}/validated.json")

@@ -5,8 +5,9 @@
 #   tools/gpu_prepare.sh        # then: run tools/gpu_check.sh on the device with carry [".gpu"]
 #
 # .gpu/ gets one .deb per package (the -dev packages of tools/setup.sh and the runtime libraries
-# they need that a stock CUDA image lacks, plus pkgconf for pkg_check_modules) and
-# .gpu/packages.txt listing "name version file". tools/gpu_check.sh unpacks them with dpkg -x
+# they need that a stock CUDA image lacks, plus pkgconf for pkg_check_modules),
+# .gpu/packages.txt listing "name version file", and .gpu/tree.txt (HEAD and `git status`).
+# Run it last, after committing: the device check is of the tree as it is then. tools/gpu_check.sh unpacks them with dpkg -x
 # into a prefix under /tmp, never into /. Open MPI is left out: the device check builds with
 # AVIARY_MPI=OFF (NCCL is the GPU engine). Idempotent: files already there are kept.
 set -euo pipefail
@@ -86,5 +87,11 @@ log "packages (${#packages[@]}): ${packages[*]}"
 for f in "$OUT_DIR"/*.deb; do
   grep -q " $(basename "$f")\$" "$OUT_DIR/packages.txt" || { log "removing stale $f"; rm -f "$f"; }
 done
+# The tree these packages travel with: the report warns, and validates nothing, when the commit
+# checked is not HEAD or the tree has uncommitted changes (they would be checked, not the commit).
+{
+  git rev-parse HEAD 2>/dev/null || echo unknown
+  git status --short --untracked-files=normal 2>/dev/null | grep -v " $OUT_DIR/" || true
+} >"$OUT_DIR/tree.txt"
 log "$(grep -vc '^#' "$OUT_DIR/packages.txt") packages, $(du -sh "$OUT_DIR" | cut -f1) in $OUT_DIR"
 log "next: the device call, with carry [\"$OUT_DIR\"]: tools/gpu_check.sh (docs/kernels.md)"

@@ -4,9 +4,18 @@
 #include <torch/autograd.h>
 
 #include <cmath>
+#include <string>
 
 #include "aviary/ops/impl.h"
 #include "cpu_attention.h"
+#include "kernel_dispatch.h"
+
+#if AVIARY_OPS_KERNELS
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "aviary/kernels/attention.h"
+#endif
 
 namespace aviary::ops {
 namespace {
@@ -35,6 +44,15 @@ cpu::AttentionShape shape_of(const torch::Tensor& q, const torch::Tensor& k, boo
   return s;
 }
 
+// What both attention functions keep for backward, as flash attention does: q, k, v, the output
+// and the log-sum-exp of each row, with the mask and scale.
+void save_for_backward(torch::autograd::AutogradContext* ctx, torch::autograd::variable_list saved,
+                       bool causal, double scale) {
+  ctx->save_for_backward(saved);
+  ctx->saved_data["causal"] = causal;
+  ctx->saved_data["scale"] = scale;
+}
+
 // Aviary's CPU attention (cpu_attention.h) as an autograd op. It keeps what flash attention keeps:
 // q, k, v, the output and the log-sum-exp of each row.
 class AttentionCpuFunction : public torch::autograd::Function<AttentionCpuFunction> {
@@ -56,9 +74,7 @@ class AttentionCpuFunction : public torch::autograd::Function<AttentionCpuFuncti
                              head_strides(k), v.data_ptr<float>(), head_strides(v),
                              out.data_ptr<float>(), head_strides(out), lse.data_ptr<float>());
     }
-    ctx->save_for_backward({q, k, v, out, lse});
-    ctx->saved_data["causal"] = causal;
-    ctx->saved_data["scale"] = scale;
+    save_for_backward(ctx, {q, k, v, out, lse}, causal, scale);
     return out;
   }
 
@@ -117,6 +133,150 @@ std::optional<torch::ScalarType> cpu_attention_dtype(const torch::Tensor& q, con
   return std::nullopt;
 }
 
+#if AVIARY_OPS_KERNELS
+
+// ---- CUDA: Aviary's FlashAttention-2 kernels (kernels/attention_*.cu)
+
+// The dtype the kernels run in for these inputs, or nullopt for SDPA: bf16 or f16 CUDA tensors
+// of one dtype (under CUDA autocast, the autocast dtype: fp32 inputs are cast first, as autocast
+// does for SDPA), head dims 64 and 128, shapes within the launchers' limits. A causal call needs
+// Tq <= Tk (SDPA's bottom-right mask leaves rows with no key NaN; the kernel gives them 0).
+std::optional<torch::ScalarType> kernel_attention_dtype(const torch::Tensor& q,
+                                                        const torch::Tensor& k,
+                                                        const torch::Tensor& v, bool causal) {
+  if (!q.is_cuda() || k.device() != q.device() || v.device() != q.device()) return std::nullopt;
+  const bool shapes_fit = q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes() &&
+                          k.size(0) == q.size(0) && k.size(3) == q.size(3) &&
+                          (q.size(3) == 64 || q.size(3) == 128) && k.size(1) > 0 &&
+                          q.size(1) % k.size(1) == 0 && q.size(0) <= 65535 && q.size(1) <= 65535 &&
+                          q.numel() > 0 && k.numel() > 0 && q.size(2) < (int64_t{1} << 30) &&
+                          k.size(2) < (int64_t{1} << 30) && (!causal || q.size(2) <= k.size(2));
+  if (!shapes_fit || q.scalar_type() != k.scalar_type() || q.scalar_type() != v.scalar_type()) {
+    return std::nullopt;
+  }
+  torch::ScalarType dtype = q.scalar_type();
+  if (at::autocast::is_autocast_enabled(torch::kCUDA)) {
+    const auto cast = at::autocast::get_autocast_dtype(torch::kCUDA);
+    if (dtype == torch::kFloat32 || dtype == cast) dtype = cast;
+  }
+  if (dtype != torch::kBFloat16 && dtype != torch::kFloat16) return std::nullopt;
+  return dtype;
+}
+
+// The kernels' layout: head_dim contiguous, every stride a multiple of 8 elements (16-byte rows)
+// and a 16-byte aligned pointer. The model's [B, T, H, D] projections viewed as [B, H, T, D]
+// already are; anything else is copied.
+torch::Tensor kernel_layout(const torch::Tensor& t) {
+  const bool fits = t.stride(3) == 1 && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 &&
+                    t.stride(2) % 8 == 0 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  return fits ? t : t.contiguous();
+}
+
+// [B, H, T, D] strides into the kernels' (batch, row, head) triple.
+struct KernelStrides {
+  int64_t batch, row, head;
+};
+
+KernelStrides kernel_strides(const torch::Tensor& t) {
+  return {t.stride(0), t.stride(2), t.stride(1)};
+}
+
+class AttentionCudaFunction : public torch::autograd::Function<AttentionCudaFunction> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& q_in,
+                               const torch::Tensor& k_in, const torch::Tensor& v_in, bool causal,
+                               double scale) {
+    const c10::cuda::CUDAGuard guard(q_in.device());
+    auto q = kernel_layout(q_in), k = kernel_layout(k_in), v = kernel_layout(v_in);
+    const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), D = q.size(3);
+    // [B, Tq, H, D] in memory, as the CPU path: the caller's transpose + reshape is a view.
+    auto out = torch::empty({B, Tq, H, D}, q.options()).transpose(1, 2);
+    auto lse = torch::empty({B, H, Tq}, q.options().dtype(torch::kFloat32));
+    kernels::AttentionForwardParams p;
+    kernel_dtype(q.scalar_type(), &p.dtype);
+    p.q = q.data_ptr();
+    p.k = k.data_ptr();
+    p.v = v.data_ptr();
+    p.o = out.data_ptr();
+    p.lse = lse.data_ptr<float>();
+    p.batch = B;
+    p.seqlen_q = Tq;
+    p.seqlen_k = k.size(2);
+    p.heads_q = H;
+    p.heads_kv = k.size(1);
+    p.head_dim = D;
+    const auto sq = kernel_strides(q), sk = kernel_strides(k), sv = kernel_strides(v),
+               so = kernel_strides(out);
+    p.q_batch_stride = sq.batch, p.q_row_stride = sq.row, p.q_head_stride = sq.head;
+    p.k_batch_stride = sk.batch, p.k_row_stride = sk.row, p.k_head_stride = sk.head;
+    p.v_batch_stride = sv.batch, p.v_row_stride = sv.row, p.v_head_stride = sv.head;
+    p.o_batch_stride = so.batch, p.o_row_stride = so.row, p.o_head_stride = so.head;
+    p.lse_batch_stride = H * Tq;
+    p.lse_head_stride = Tq;
+    p.softmax_scale = static_cast<float>(scale);
+    p.causal = causal;
+    const cudaError_t err =
+        kernels::attention_forward(p, at::cuda::getCurrentCUDAStream(q.device().index()).stream());
+    if (err != cudaSuccess) throw_kernel_error(err, "kernels::attention_forward", "ops.attention");
+    save_for_backward(ctx, {q, k, v, out, lse}, causal, scale);
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto &q = saved[0], &k = saved[1], &v = saved[2], &out = saved[3], &lse = saved[4];
+    const c10::cuda::CUDAGuard guard(q.device());
+    auto dout = kernel_layout(grads[0].to(q.scalar_type()));
+    // empty_like keeps q's, k's and v's strides: multiples of 8, as the kernels need.
+    auto dq = torch::empty_like(q), dk = torch::empty_like(k), dv = torch::empty_like(v);
+    kernels::AttentionBackwardParams p;
+    kernel_dtype(q.scalar_type(), &p.dtype);
+    p.q = q.data_ptr();
+    p.k = k.data_ptr();
+    p.v = v.data_ptr();
+    p.o = out.data_ptr();
+    p.dout = dout.data_ptr();
+    p.lse = lse.data_ptr<float>();
+    p.dq = dq.data_ptr();
+    p.dk = dk.data_ptr();
+    p.dv = dv.data_ptr();
+    p.batch = q.size(0);
+    p.seqlen_q = q.size(2);
+    p.seqlen_k = k.size(2);
+    p.heads_q = q.size(1);
+    p.heads_kv = k.size(1);
+    p.head_dim = q.size(3);
+    const auto sq = kernel_strides(q), sk = kernel_strides(k), sv = kernel_strides(v),
+               so = kernel_strides(out), sdo = kernel_strides(dout), sdq = kernel_strides(dq),
+               sdk = kernel_strides(dk), sdv = kernel_strides(dv);
+    p.q_batch_stride = sq.batch, p.q_row_stride = sq.row, p.q_head_stride = sq.head;
+    p.k_batch_stride = sk.batch, p.k_row_stride = sk.row, p.k_head_stride = sk.head;
+    p.v_batch_stride = sv.batch, p.v_row_stride = sv.row, p.v_head_stride = sv.head;
+    p.o_batch_stride = so.batch, p.o_row_stride = so.row, p.o_head_stride = so.head;
+    p.do_batch_stride = sdo.batch, p.do_row_stride = sdo.row, p.do_head_stride = sdo.head;
+    p.dq_batch_stride = sdq.batch, p.dq_row_stride = sdq.row, p.dq_head_stride = sdq.head;
+    p.dk_batch_stride = sdk.batch, p.dk_row_stride = sdk.row, p.dk_head_stride = sdk.head;
+    p.dv_batch_stride = sdv.batch, p.dv_row_stride = sdv.row, p.dv_head_stride = sdv.head;
+    p.lse_batch_stride = lse.stride(0);
+    p.lse_head_stride = lse.stride(1);
+    p.softmax_scale = static_cast<float>(ctx->saved_data["scale"].toDouble());
+    p.causal = ctx->saved_data["causal"].toBool();
+    const size_t bytes = kernels::attention_backward_workspace_bytes(p);
+    // fp32 elements, rounded up: the caching allocator's blocks are 512-byte aligned.
+    auto workspace =
+        torch::empty({static_cast<int64_t>((bytes + 3) / 4)}, q.options().dtype(torch::kFloat32));
+    p.workspace = bytes > 0 ? workspace.data_ptr() : nullptr;
+    p.workspace_bytes = bytes;
+    const cudaError_t err =
+        kernels::attention_backward(p, at::cuda::getCurrentCUDAStream(q.device().index()).stream());
+    if (err != cudaSuccess) throw_kernel_error(err, "kernels::attention_backward", "ops.attention");
+    return {dq, dk, dv, torch::Tensor(), torch::Tensor()};
+  }
+};
+
+#endif  // AVIARY_OPS_KERNELS
+
 }  // namespace
 
 torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
@@ -132,6 +292,14 @@ torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const to
   if (const auto dtype = cpu_attention_dtype(q, k, v, masked)) {
     return AttentionCpuFunction::apply(q.to(*dtype), k.to(*dtype), v.to(*dtype), masked, scale);
   }
+#if AVIARY_OPS_KERNELS
+  if (q.is_cuda()) {
+    const auto dtype = kernel_attention_dtype(q, k, v, masked);
+    if (dtype && use_kernel(Op::kAttention, q.device())) {
+      return AttentionCudaFunction::apply(q.to(*dtype), k.to(*dtype), v.to(*dtype), masked, scale);
+    }
+  }
+#endif
   if (!masked) return at::scaled_dot_product_attention(q, k, v, {}, 0.0, false, scale, gqa);
   if (tq == tk) return at::scaled_dot_product_attention(q, k, v, {}, 0.0, true, scale, gqa);
   // SDPA's is_causal aligns to the top-left corner; queries here are the last tq keys.

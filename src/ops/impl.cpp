@@ -7,16 +7,10 @@
 #include "aviary/build_info.h"
 #include "aviary/core/error.h"
 #include "aviary/ops/validated_kernels.h"
+#include "kernel_dispatch.h"
 
 #ifdef AVIARY_TORCH_CUDA
 #include <ATen/cuda/CUDAContext.h>
-#endif
-
-// Kernels run only where they are compiled (nvcc) and LibTorch has CUDA tensors to give them.
-#if AVIARY_CUDA_BUILT && defined(AVIARY_TORCH_CUDA)
-#define AVIARY_OPS_KERNELS 1
-#else
-#define AVIARY_OPS_KERNELS 0
 #endif
 
 namespace aviary::ops {
@@ -87,6 +81,10 @@ const char* op_name(Op op) {
   switch (op) {
     case Op::kRmsNorm:
       return "rms_norm";
+    case Op::kAttention:
+      return "attention";
+    case Op::kSwiGlu:
+      return "swiglu";
   }
   return "unknown";
 }
@@ -96,7 +94,12 @@ const char* op_name(Op op) {
 // this table (`aviary bench kernels --list --json`) to decide what passed.
 const std::vector<KernelInfo>& kernel_registry() {
   static const std::vector<KernelInfo> registry = {
-      {Op::kRmsNorm, "rmsnorm_forward", "*RmsNorm*Kernel*-*Backward*", "OpsRmsNormCuda.*"},
+      // Forward and backward (the fused residual add is not used by ops/).
+      {Op::kRmsNorm, "rmsnorm", "*RmsNorm*Kernel*-*Residual*", "OpsRmsNormCuda.*"},
+      // Forward and backward together: training needs both, and the op takes both or neither.
+      {Op::kAttention, "attention", "*AttentionForwardKernelTest*:*AttentionBackwardKernelTest*",
+       "OpsAttentionCuda.*"},
+      {Op::kSwiGlu, "swiglu", "*SwiGlu*Kernel*", "OpsSwiGluCuda.*"},
   };
   return registry;
 }

@@ -4,21 +4,16 @@
 
 #include <torch/autograd.h>
 
-#include "aviary/build_info.h"
-#include "aviary/core/error.h"
 #include "aviary/ops/impl.h"
 #include "cpu_loops.h"
+#include "kernel_dispatch.h"
 #include "tensor_rows.h"
 
-#if AVIARY_CUDA_BUILT && defined(AVIARY_TORCH_CUDA)
+#if AVIARY_OPS_KERNELS
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/autograd.h>
 
 #include "aviary/kernels/rmsnorm.h"
-#define AVIARY_RMSNORM_KERNEL 1
-#else
-#define AVIARY_RMSNORM_KERNEL 0
 #endif
 
 namespace aviary::ops {
@@ -75,23 +70,7 @@ bool rms_norm_cpu_applies(const torch::Tensor& x, const torch::Tensor& weight) {
          weight.dim() == 1 && x.dim() >= 1 && weight.size(0) == x.size(-1) && x.numel() > 0;
 }
 
-#if AVIARY_RMSNORM_KERNEL
-
-bool kernel_dtype(torch::ScalarType t, kernels::DType* out) {
-  switch (t) {
-    case torch::kFloat32:
-      *out = kernels::DType::f32;
-      return true;
-    case torch::kFloat16:
-      *out = kernels::DType::f16;
-      return true;
-    case torch::kBFloat16:
-      *out = kernels::DType::bf16;
-      return true;
-    default:
-      return false;
-  }
-}
+#if AVIARY_OPS_KERNELS
 
 // The forward kernel takes x, weight and y of one dtype, the last dimension contiguous.
 bool kernel_supports(const torch::Tensor& x, const torch::Tensor& weight) {
@@ -101,28 +80,23 @@ bool kernel_supports(const torch::Tensor& x, const torch::Tensor& weight) {
          x.scalar_type() == weight.scalar_type() && kernel_dtype(x.scalar_type(), &dtype);
 }
 
-[[noreturn]] void throw_kernel_error(cudaError_t err, const char* launcher) {
-  throw Error(ErrorKind::kInternal,
-              std::string(launcher) + " failed: " + cudaGetErrorString(err) + " at " +
-                  kernels::last_error_site(),
-              "ops.rms_norm",
-              "set ops.impl: torch (or --ops-impl torch) to run PyTorch's op instead, and report "
-              "this with the GPU's name");
-}
-
-torch::Tensor rms_norm_kernel_forward(const torch::Tensor& x, const torch::Tensor& weight,
-                                      double eps) {
+// y and the fp32 rstd of each row (for the backward kernel).
+std::pair<torch::Tensor, torch::Tensor> rms_norm_kernel_forward(const torch::Tensor& x,
+                                                                const torch::Tensor& weight,
+                                                                double eps) {
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t cols = x.size(-1);
   // A view when the leading dimensions collapse into one row stride; a copy otherwise.
   auto x2 = as_rows(x);
   auto w = weight.contiguous();
   auto y = torch::empty({x2.size(0), cols}, x.options());
+  auto rstd = torch::empty({x2.size(0)}, x.options().dtype(torch::kFloat32));
   kernels::RmsNormForwardParams p;
   kernel_dtype(x.scalar_type(), &p.dtype);
   p.x = x2.data_ptr();
   p.weight = w.data_ptr();
   p.y = y.data_ptr();
+  p.rstd = rstd.data_ptr<float>();
   p.rows = x2.size(0);
   p.cols = cols;
   p.x_row_stride = row_stride(x2);
@@ -130,16 +104,52 @@ torch::Tensor rms_norm_kernel_forward(const torch::Tensor& x, const torch::Tenso
   p.eps = static_cast<float>(eps);
   const cudaError_t err =
       kernels::rmsnorm_forward(p, at::cuda::getCurrentCUDAStream(x.device().index()).stream());
-  if (err != cudaSuccess) throw_kernel_error(err, "kernels::rmsnorm_forward");
-  return y.view(x.sizes());
+  if (err != cudaSuccess) throw_kernel_error(err, "kernels::rmsnorm_forward", "ops.rms_norm");
+  return {y.view(x.sizes()), rstd};
 }
 
-// The gradient of the reference, by autograd over its ATen ops. A backward kernel drops in here
-// (taking the rstd the forward kernel can save) once it exists and is validated.
-std::pair<torch::Tensor, torch::Tensor> rms_norm_backward(const torch::Tensor& grad_y,
-                                                          const torch::Tensor& x,
-                                                          const torch::Tensor& weight, double eps,
-                                                          bool need_x, bool need_weight) {
+// The backward kernel (one row pass, then a fixed-order sum of per-block dweight partials): dx
+// and dweight from x, weight, dy and the forward's rstd.
+std::pair<torch::Tensor, torch::Tensor> rms_norm_kernel_backward(const torch::Tensor& grad_y,
+                                                                 const torch::Tensor& x,
+                                                                 const torch::Tensor& weight,
+                                                                 const torch::Tensor& rstd) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto x2 = as_rows(x);
+  auto dy = as_rows(grad_y.to(x.scalar_type()));
+  auto w = weight.contiguous();
+  auto dx = torch::empty({x2.size(0), x2.size(1)}, x.options());
+  auto dw = torch::empty({x2.size(1)}, weight.options());
+  kernels::RmsNormBackwardParams p;
+  kernel_dtype(x.scalar_type(), &p.dtype);
+  p.x = x2.data_ptr();
+  p.weight = w.data_ptr();
+  p.dy = dy.data_ptr();
+  p.rstd = rstd.data_ptr<float>();
+  p.dx = dx.data_ptr();
+  p.dweight = dw.data_ptr();
+  p.rows = x2.size(0);
+  p.cols = x2.size(1);
+  p.x_row_stride = row_stride(x2);
+  p.dy_row_stride = row_stride(dy);
+  p.dx_row_stride = x2.size(1);
+  const size_t bytes = kernels::rmsnorm_backward_workspace_bytes(p);
+  auto workspace =
+      torch::empty({static_cast<int64_t>((bytes + 3) / 4)}, x.options().dtype(torch::kFloat32));
+  p.workspace = bytes > 0 ? workspace.data_ptr() : nullptr;
+  const cudaError_t err =
+      kernels::rmsnorm_backward(p, at::cuda::getCurrentCUDAStream(x.device().index()).stream());
+  if (err != cudaSuccess) throw_kernel_error(err, "kernels::rmsnorm_backward", "ops.rms_norm");
+  return {dx.view(x.sizes()), dw};
+}
+
+// The gradient of the reference, by autograd over its ATen ops: for rows wider than the backward
+// kernel takes.
+std::pair<torch::Tensor, torch::Tensor> rms_norm_reference_backward(const torch::Tensor& grad_y,
+                                                                    const torch::Tensor& x,
+                                                                    const torch::Tensor& weight,
+                                                                    double eps, bool need_x,
+                                                                    bool need_weight) {
   torch::AutoGradMode enable(true);
   auto xr = x.detach().requires_grad_(need_x);
   auto wr = weight.detach().requires_grad_(need_weight);
@@ -157,9 +167,10 @@ class RmsNormFunction : public torch::autograd::Function<RmsNormFunction> {
  public:
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
                                const torch::Tensor& weight, double eps) {
-    ctx->save_for_backward({x, weight});
+    auto [y, rstd] = rms_norm_kernel_forward(x, weight, eps);
+    ctx->save_for_backward({x, weight, rstd});
     ctx->saved_data["eps"] = eps;
-    return rms_norm_kernel_forward(x, weight, eps);
+    return y;
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -167,19 +178,27 @@ class RmsNormFunction : public torch::autograd::Function<RmsNormFunction> {
     const auto saved = ctx->get_saved_variables();
     const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1);
     if (!need_x && !need_w) return {torch::Tensor(), torch::Tensor(), torch::Tensor()};
-    auto [gx, gw] = rms_norm_backward(grads[0], saved[0], saved[1],
-                                      ctx->saved_data["eps"].toDouble(), need_x, need_w);
+    if (saved[0].size(-1) <= kBackwardKernelMaxCols) {
+      auto [gx, gw] = rms_norm_kernel_backward(grads[0], saved[0], saved[1], saved[2]);
+      return {need_x ? gx : torch::Tensor(), need_w ? gw : torch::Tensor(), torch::Tensor()};
+    }
+    auto [gx, gw] = rms_norm_reference_backward(grads[0], saved[0], saved[1],
+                                                ctx->saved_data["eps"].toDouble(), need_x, need_w);
     return {gx, gw, torch::Tensor()};
   }
+
+ private:
+  // The backward kernel keeps a block's fp32 dweight partial in shared memory (params.h).
+  static constexpr int64_t kBackwardKernelMaxCols = 32768;
 };
 
-#endif  // AVIARY_RMSNORM_KERNEL
+#endif  // AVIARY_OPS_KERNELS
 
 }  // namespace
 
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
   if (rms_norm_cpu_applies(x, weight)) return RmsNormCpuFunction::apply(x, weight, eps);
-#if AVIARY_RMSNORM_KERNEL
+#if AVIARY_OPS_KERNELS
   if (x.is_cuda() && kernel_supports(x, weight) && use_kernel(Op::kRmsNorm, x.device())) {
     return RmsNormFunction::apply(x, weight, eps);
   }

@@ -4,7 +4,15 @@
 
 #include "aviary/ops/impl.h"
 #include "cpu_loops.h"
+#include "kernel_dispatch.h"
 #include "tensor_rows.h"
+
+#if AVIARY_OPS_KERNELS
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "aviary/kernels/swiglu.h"
+#endif
 
 namespace aviary::ops {
 namespace {
@@ -44,6 +52,71 @@ class SwiGluCpuFunction : public torch::autograd::Function<SwiGluCpuFunction> {
   }
 };
 
+#if AVIARY_OPS_KERNELS
+
+// The same fused pass each way on CUDA (kernels/swiglu.cu): fp32 arithmetic, one rounding.
+class SwiGluCudaFunction : public torch::autograd::Function<SwiGluCudaFunction> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& gate,
+                               const torch::Tensor& up) {
+    const c10::cuda::CUDAGuard guard(gate.device());
+    auto g = as_rows(gate), u = as_rows(up);
+    auto out = torch::empty({g.size(0), g.size(1)}, gate.options());
+    kernels::SwiGluParams p;
+    kernel_dtype(gate.scalar_type(), &p.dtype);
+    p.gate = g.data_ptr();
+    p.up = u.data_ptr();
+    p.out = out.data_ptr();
+    p.rows = g.size(0);
+    p.cols = g.size(1);
+    p.gate_row_stride = row_stride(g);
+    p.up_row_stride = row_stride(u);
+    p.out_row_stride = g.size(1);
+    const cudaError_t err =
+        kernels::swiglu_forward(p, at::cuda::getCurrentCUDAStream(gate.device().index()).stream());
+    if (err != cudaSuccess) throw_kernel_error(err, "kernels::swiglu_forward", "ops.swiglu");
+    ctx->save_for_backward({gate, up});
+    return out.view(gate.sizes());
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const c10::cuda::CUDAGuard guard(saved[0].device());
+    auto g = as_rows(saved[0]), u = as_rows(saved[1]);
+    auto d = as_rows(grads[0].to(saved[0].scalar_type()));
+    auto dgate = torch::empty({g.size(0), g.size(1)}, saved[0].options());
+    auto dup = torch::empty_like(dgate);
+    kernels::SwiGluParams p;
+    kernel_dtype(g.scalar_type(), &p.dtype);
+    p.gate = g.data_ptr();
+    p.up = u.data_ptr();
+    p.dout = d.data_ptr();
+    p.dgate = dgate.data_ptr();
+    p.dup = dup.data_ptr();
+    p.rows = g.size(0);
+    p.cols = g.size(1);
+    p.gate_row_stride = row_stride(g);
+    p.up_row_stride = row_stride(u);
+    p.dout_row_stride = row_stride(d);
+    p.dgate_row_stride = g.size(1);
+    p.dup_row_stride = g.size(1);
+    const cudaError_t err =
+        kernels::swiglu_backward(p, at::cuda::getCurrentCUDAStream(g.device().index()).stream());
+    if (err != cudaSuccess) throw_kernel_error(err, "kernels::swiglu_backward", "ops.swiglu");
+    return {dgate.view(saved[0].sizes()), dup.view(saved[1].sizes())};
+  }
+};
+
+bool swiglu_kernel_applies(const torch::Tensor& gate, const torch::Tensor& up) {
+  kernels::DType dtype;
+  return gate.is_cuda() && up.device() == gate.device() && up.scalar_type() == gate.scalar_type() &&
+         gate.sizes() == up.sizes() && gate.dim() >= 1 && gate.numel() > 0 &&
+         kernel_dtype(gate.scalar_type(), &dtype) && use_kernel(Op::kSwiGlu, gate.device());
+}
+
+#endif  // AVIARY_OPS_KERNELS
+
 }  // namespace
 
 torch::Tensor swiglu_reference(const torch::Tensor& gate, const torch::Tensor& up) {
@@ -55,6 +128,9 @@ torch::Tensor swiglu(const torch::Tensor& gate, const torch::Tensor& up) {
       up.device().is_cpu() && gate.sizes() == up.sizes() && gate.dim() >= 1 && gate.numel() > 0) {
     return SwiGluCpuFunction::apply(gate, up);
   }
+#if AVIARY_OPS_KERNELS
+  if (swiglu_kernel_applies(gate, up)) return SwiGluCudaFunction::apply(gate, up);
+#endif
   return swiglu_reference(gate, up);
 }
 

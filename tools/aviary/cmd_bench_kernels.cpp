@@ -176,6 +176,7 @@ void attention_cases(const Context& c, std::vector<BenchCase>& out) {
   fwd.shape = shape;
   fwd.bytes = io;
   fwd.flops = fwd_flops;
+  fwd.op_id = ops::Op::kAttention;
   fwd.ours = [=] { return ops::attention(q, k, v, std::nullopt, true); };
   fwd.baseline_name = baseline_name;
   fwd.baseline = [=] { return baseline(q, k, v); };
@@ -320,9 +321,15 @@ torch::ScalarType bench_dtype(const std::string& name) {
 std::string describe_path(const BenchCase& b, const torch::Device& device,
                           torch::ScalarType dtype) {
   if (!device.is_cuda()) {
-    // ops/impl.h: fp32 CPU tensors take Aviary's fused loops where an op has one.
-    const bool fused = dtype == torch::kFloat32 && (b.op == "rms_norm" || b.op == "rope");
-    return fused ? "aviary: fused CPU loop" : "ATen reference";
+    // ops/impl.h: fp32 CPU tensors take Aviary's fused loops where an op has one (RoPE in bf16
+    // only with fp32 tables, which this bench does not build), and attention runs Aviary's own
+    // in fp32 and bf16.
+    const bool fp32 = dtype == torch::kFloat32;
+    if (fp32 && (b.op == "rms_norm" || b.op == "rope")) return "aviary: fused CPU loop";
+    if (b.op == "attention" && (fp32 || dtype == torch::kBFloat16)) {
+      return "aviary: CPU attention (cpu_attention.h)";
+    }
+    return "ATen reference";
   }
   if (!b.op_id) return "ATen (no Aviary kernel for " + b.op + " yet)";
   try {

@@ -50,14 +50,14 @@ struct OpsConfig {
 };
 
 // The ops that have (or will have) a kernel family. Names are the record's and bench's.
-enum class Op { kRmsNorm };
+enum class Op { kRmsNorm, kAttention, kSwiGlu };
 
-const char* op_name(Op op);  // "rms_norm"
+const char* op_name(Op op);  // "rms_norm", "attention", "swiglu"
 
 // One kernel family that ops/ dispatches to.
 struct KernelInfo {
   Op op;
-  const char* kernel;     // name in kernels/validated.json, e.g. "rmsnorm_forward"
+  const char* kernel;     // name in kernels/validated.json, e.g. "rmsnorm"
   const char* gpu_tests;  // gtest filter over aviary_gpu_tests (label gpu) that proves it
   const char* op_tests;   // gtest filter over aviary_unit_tests: the op on CUDA vs its reference
 };
@@ -76,7 +76,7 @@ struct KernelValidation {
 };
 
 // kernels/validated.json:
-//   {"about": "...", "kernels": {"rmsnorm_forward": [{"gpu": ..., "sm": 90, "date": ...,
+//   {"about": "...", "kernels": {"rmsnorm": [{"gpu": ..., "sm": 90, "date": ...,
 //    "commit": ..., "test": ...}, ...], ...}}
 class ValidationRecord {
  public:

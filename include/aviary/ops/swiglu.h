@@ -1,7 +1,8 @@
 // SwiGLU's gating product, silu(gate) * up (LLaMA's MLP between gate/up_proj and down_proj). On
 // fp32 and bf16 CPU tensors it is one fused pass each way (src/ops/cpu_loops.h, in fp32, bf16
-// rounded once) that keeps only gate and up for backward; otherwise the ATen reference,
-// torch::silu(gate) * up.
+// rounded once) that keeps only gate and up for backward. On CUDA (fp32, bf16, f16) the same
+// fused pass runs as Aviary's kernel (kernels/swiglu.h) where ops::use_kernel(Op::kSwiGlu) says
+// so. Otherwise the ATen reference, torch::silu(gate) * up.
 #pragma once
 
 #include <torch/types.h>
