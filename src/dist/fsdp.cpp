@@ -167,9 +167,7 @@ void FullyShardedDataParallel::release(size_t u) {
 void FullyShardedDataParallel::reduce_gradients(size_t u) {
   // Complete the previous unit's reduce-scatter first (it has had this block's backward to run),
   // so that only one unit's flat gradients exist at a time rather than the whole model's.
-  for (size_t other = 0; other < units_.size(); ++other) {
-    if (other != u) finish_reduce(other);
-  }
+  finish_reduces();
   UnitState& unit = *units_[u];
   torch::NoGradGuard no_grad;
   for (auto& s : unit.segments) {
@@ -185,6 +183,7 @@ void FullyShardedDataParallel::reduce_gradients(size_t u) {
     s.reduce = comm_.reduce_scatter_async(s.reduced, flat, ReduceOp::kSum);
     gathered_bytes_ += static_cast<uint64_t>(flat.nbytes());
   }
+  reducing_.push_back(u);
 }
 
 void FullyShardedDataParallel::before_forward(nn::DecoderBlockImpl& block) {
@@ -219,8 +218,13 @@ void FullyShardedDataParallel::after_backward() {
   for (size_t u = 0; u < units_.size(); ++u) {
     if (!units_[u]->unit.block) reduce_gradients(u);
   }
-  for (size_t u = 0; u < units_.size(); ++u)
+  finish_reduces();
+}
+
+void FullyShardedDataParallel::finish_reduces() {
+  for (size_t u : reducing_)
     finish_reduce(u);
+  reducing_.clear();
 }
 
 void FullyShardedDataParallel::finish_reduce(size_t u) {

@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <string>
+#include <utility>
 
 #include "aviary/ops/impl.h"
 #include "cpu_attention.h"
@@ -48,7 +49,7 @@ cpu::AttentionShape shape_of(const torch::Tensor& q, const torch::Tensor& k, boo
 // and the log-sum-exp of each row, with the mask and scale.
 void save_for_backward(torch::autograd::AutogradContext* ctx, torch::autograd::variable_list saved,
                        bool causal, double scale) {
-  ctx->save_for_backward(saved);
+  ctx->save_for_backward(std::move(saved));
   ctx->saved_data["causal"] = causal;
   ctx->saved_data["scale"] = scale;
 }
@@ -156,8 +157,10 @@ std::optional<torch::ScalarType> kernel_attention_dtype(const torch::Tensor& q,
   }
   torch::ScalarType dtype = q.scalar_type();
   if (at::autocast::is_autocast_enabled(torch::kCUDA)) {
-    const auto cast = at::autocast::get_autocast_dtype(torch::kCUDA);
-    if (dtype == torch::kFloat32 || dtype == cast) dtype = cast;
+    // As autocast does for SDPA: every floating input but double runs in the autocast dtype.
+    if (dtype == torch::kFloat32 || dtype == torch::kBFloat16 || dtype == torch::kFloat16) {
+      dtype = at::autocast::get_autocast_dtype(torch::kCUDA);
+    }
   }
   if (dtype != torch::kBFloat16 && dtype != torch::kFloat16) return std::nullopt;
   return dtype;
@@ -169,7 +172,8 @@ std::optional<torch::ScalarType> kernel_attention_dtype(const torch::Tensor& q,
 torch::Tensor kernel_layout(const torch::Tensor& t) {
   const bool fits = t.stride(3) == 1 && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 &&
                     t.stride(2) % 8 == 0 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-  return fits ? t : t.contiguous();
+  // clone, not contiguous(): a contiguous view at an odd offset would come back as it is.
+  return fits ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
 // [B, H, T, D] strides into the kernels' (batch, row, head) triple.

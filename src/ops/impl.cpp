@@ -96,10 +96,11 @@ const std::vector<KernelInfo>& kernel_registry() {
   static const std::vector<KernelInfo> registry = {
       // Forward and backward (the fused residual add is not used by ops/).
       {Op::kRmsNorm, "rmsnorm", "*RmsNorm*Kernel*-*Residual*", "OpsRmsNormCuda.*"},
+      {Op::kSwiGlu, "swiglu", "*SwiGlu*Kernel*", "OpsSwiGluCuda.*"},
       // Forward and backward together: training needs both, and the op takes both or neither.
+      // Last: its sanitizer runs are the longest.
       {Op::kAttention, "attention", "*AttentionForwardKernelTest*:*AttentionBackwardKernelTest*",
        "OpsAttentionCuda.*"},
-      {Op::kSwiGlu, "swiglu", "*SwiGlu*Kernel*", "OpsSwiGluCuda.*"},
   };
   return registry;
 }

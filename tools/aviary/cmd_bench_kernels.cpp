@@ -332,6 +332,9 @@ std::string describe_path(const BenchCase& b, const torch::Device& device,
     return "ATen reference";
   }
   if (!b.op_id) return "ATen (no Aviary kernel for " + b.op + " yet)";
+  if (b.op == "attention" && dtype == torch::kFloat32) {
+    return "torch: the attention kernels take bf16 and fp16 (fp32 only under autocast)";
+  }
   try {
     return ops::kernel_choice(*b.op_id, device).reason;
   } catch (const Error& e) {

@@ -112,12 +112,14 @@ class FullyShardedDataParallel : public nn::BlockHooks {
   void release(size_t unit);
   void reduce_gradients(size_t unit);
   void finish_reduce(size_t unit);  // waits for its reduce-scatters; accumulates into the shards
+  void finish_reduces();            // finish_reduce for every unit in reducing_
   size_t unit_of(nn::DecoderBlockImpl& block) const;
 
   Comm& comm_;
   Options options_;
   std::vector<std::unique_ptr<UnitState>> units_;
   std::unordered_map<const nn::DecoderBlockImpl*, size_t> by_block_;
+  std::vector<size_t> reducing_;  // units whose reduce-scatters are in flight (one at a time)
   NamedParams decay_shards_;
   NamedParams no_decay_shards_;
   uint64_t gathered_bytes_ = 0;
