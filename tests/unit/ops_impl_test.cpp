@@ -240,7 +240,7 @@ TEST(BenchKernels, CpuPrintsATableAgainstTheUnfusedSequence) {
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_TRUE(contains(r.output, "ceilings measured in this run")) << r.output;
   EXPECT_TRUE(contains(r.output, "| op | pass | shape |")) << r.output;
-  for (const char* op : {"| rms_norm |", "| rope |", "| attention |"})
+  for (const char* op : {"| rms_norm |", "| rope |", "| swiglu |", "| attention |"})
     EXPECT_TRUE(contains(r.output, op)) << op << " in " << r.output;
   EXPECT_TRUE(contains(r.output, "unfused ATen")) << r.output;
   // In fp32 every op runs Aviary's CPU path; the table says which.

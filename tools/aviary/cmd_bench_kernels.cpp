@@ -28,6 +28,7 @@
 #include "aviary/ops/impl.h"
 #include "aviary/ops/rms_norm.h"
 #include "aviary/ops/rope.h"
+#include "aviary/ops/swiglu.h"
 #include "bench_kernels.h"
 
 #ifdef AVIARY_TORCH_CUDA
@@ -73,7 +74,7 @@ std::string short_dtype(torch::ScalarType t) {
 
 // One measured case: Aviary's op and its comparison, on the same inputs.
 struct BenchCase {
-  std::string op;            // ops/ name: rms_norm, rope, attention
+  std::string op;            // ops/ name: rms_norm, rope, swiglu, attention
   std::string pass = "fwd";  // fwd | fwd+bwd
   std::string shape;         // human-readable
   double bytes = 0;          // fewest bytes moved: each input read once, each output written once
@@ -137,6 +138,36 @@ void rope_cases(const Context& c, std::vector<BenchCase>& out) {
     return x * tables.cos.unsqueeze(1) + torch::cat({-x2, x1}, -1) * tables.sin.unsqueeze(1);
   };
   out.push_back(std::move(b));
+}
+
+// SwiGLU's gating product on the two halves of a fused gate-up projection, forward and
+// forward + backward (LLaMA-7B's MLP width on CUDA).
+void swiglu_cases(const Context& c, std::vector<BenchCase>& out) {
+  const int64_t rows = c.cuda() ? 16384 : 2048, cols = c.cuda() ? 11008 : 1408;
+  auto gate_up = torch::randn({rows, 2 * cols}, c.options());
+  auto gate = gate_up.narrow(1, 0, cols), up = gate_up.narrow(1, cols, cols);
+  const double n = static_cast<double>(rows * cols);
+  BenchCase fwd;
+  fwd.op = "swiglu";
+  fwd.shape = fmt::format("{}x{} of {}x{}", rows, cols, rows, 2 * cols);
+  fwd.bytes = c.elem() * 3.0 * n;  // gate and up read, out written
+  fwd.op_id = ops::Op::kSwiGlu;
+  fwd.ours = [=] { return ops::swiglu(gate, up); };
+  fwd.baseline_name = "silu(gate) * up (ATen)";
+  fwd.baseline = [=] { return ops::swiglu_reference(gate, up); };
+  out.push_back(fwd);
+
+  auto g = gate.detach().requires_grad_(), u = up.detach().requires_grad_();
+  auto grad = torch::randn({rows, cols}, c.options());
+  auto backward = [=](const torch::Tensor& o) {
+    return torch::autograd::grad({o}, {g, u}, {grad})[0];  // dgate compared
+  };
+  BenchCase both = fwd;
+  both.pass = "fwd+bwd";
+  both.bytes = c.elem() * 8.0 * n;  // + gate, up, dout read, dgate and dup written
+  both.ours = [=] { return backward(ops::swiglu(g, u)); };
+  both.baseline = [=] { return backward(ops::swiglu_reference(g, u)); };
+  out.push_back(both);
 }
 
 // Causal self-attention with grouped-query heads, forward and forward + backward.
@@ -206,6 +237,7 @@ const std::vector<OpBench>& op_benches() {
   static const std::vector<OpBench> benches = {
       {"rms_norm", rms_norm_cases},
       {"rope", rope_cases},
+      {"swiglu", swiglu_cases},
       {"attention", attention_cases},
   };
   return benches;
@@ -326,6 +358,7 @@ std::string describe_path(const BenchCase& b, const torch::Device& device,
     // in fp32 and bf16.
     const bool fp32 = dtype == torch::kFloat32;
     if (fp32 && (b.op == "rms_norm" || b.op == "rope")) return "aviary: fused CPU loop";
+    if (b.op == "swiglu" && (fp32 || dtype == torch::kBFloat16)) return "aviary: fused CPU loop";
     if (b.op == "attention" && (fp32 || dtype == torch::kBFloat16)) {
       return "aviary: CPU attention (cpu_attention.h)";
     }
@@ -526,9 +559,9 @@ void run_kernels(const KernelBenchArgs& a) {
       "\nspeed-up = the comparison's time / Aviary's (> 1: Aviary is faster). GB/s counts each "
       "input read once and each output written once; attention FLOPs count the causal half "
       "(backward = 2.5x forward).%s\n",
-      a.cpu ? " --cpu: Aviary's path is what ops/ runs on CPU (fp32 RMSNorm and RoPE: the fused "
-              "loops of src/ops/cpu_loops.h; otherwise the ATen reference); the comparison is the "
-              "same maths as separate ATen ops."
+      a.cpu ? " --cpu: Aviary's path is what ops/ runs on CPU (the 'aviary path' column: the fused "
+              "loops of src/ops/cpu_loops.h, Aviary's CPU attention, or the ATen reference); the "
+              "comparison is the same maths as separate ATen ops."
             : "");
 }
 
@@ -546,7 +579,8 @@ void register_bench_kernels(CLI::App* bench) {
   cmd->add_flag("--list", args->list,
                 "list the kernel families, whether this build has them and whether ops.impl uses "
                 "them on this device (no timing)");
-  cmd->add_option("--ops", args->ops, "ops to run (default: all): rms_norm, rope, attention");
+  cmd->add_option("--ops", args->ops,
+                  "ops to run (default: all): rms_norm, rope, swiglu, attention");
   cmd->add_option("--dtypes", args->dtypes,
                   "fp32 | bf16 | fp16 (default: bf16 on CUDA, fp32 and bf16 on CPU)");
   cmd->add_option("--threads", args->threads, "CPU threads (0 = LibTorch default)")
