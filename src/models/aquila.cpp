@@ -103,11 +103,29 @@ nn::KVCache AquilaForCausalLMImpl::make_cache(int64_t batch, int64_t capacity) c
                      config_.head_dim(), options_);
 }
 
+namespace {
+
+// Elements [offset, offset + out.numel()) of `param`'s standard-init values (see init_weights).
+void draw_initial(const std::string& name, const torch::Tensor& param, int64_t layers,
+                  int64_t offset, double std, uint64_t seed, torch::Tensor& out) {
+  if (param.dim() == 1) {  // norm weights
+    out.fill_(1.0);
+    return;
+  }
+  const bool residual =
+      name.find("o_proj") != std::string::npos || name.find("down_proj") != std::string::npos;
+  const double scale = residual ? std / std::sqrt(2.0 * static_cast<double>(layers)) : std;
+  // Drawn on CPU in fp32: identical weights on every device, dtype and world size.
+  nn::fill_normal(out, seed, nn::init_stream(name), offset, 0.0, scale);
+}
+
+}  // namespace
+
 void AquilaForCausalLMImpl::init_weights(double std, uint64_t seed) {
   torch::NoGradGuard no_grad;
   for (auto& item : named_parameters()) {
     auto values = torch::empty({item.value().numel()}, torch::kFloat32);
-    initial_values(item.key(), 0, std, seed, values);
+    draw_initial(item.key(), item.value(), config_.num_hidden_layers, 0, std, seed, values);
     item.value().copy_(values.view(item.value().sizes()));
   }
 }
@@ -121,15 +139,7 @@ void AquilaForCausalLMImpl::initial_values(const std::string& name, int64_t offs
                 fmt::format("no initial values for elements [{}, {}) of parameter '{}'", offset,
                             offset + out.numel(), name));
   }
-  if (param->dim() == 1) {  // norm weights
-    out.fill_(1.0);
-    return;
-  }
-  const bool residual =
-      name.find("o_proj") != std::string::npos || name.find("down_proj") != std::string::npos;
-  const double scale = residual ? std / std::sqrt(2.0 * config_.num_hidden_layers) : std;
-  // Drawn on CPU in fp32: identical weights on every device, dtype and world size.
-  nn::fill_normal(out, seed, nn::init_stream(name), offset, 0.0, scale);
+  draw_initial(name, *param, config_.num_hidden_layers, offset, std, seed, out);
 }
 
 }  // namespace aviary

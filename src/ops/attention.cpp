@@ -140,8 +140,8 @@ std::optional<torch::ScalarType> cpu_attention_dtype(const torch::Tensor& q, con
 
 // The dtype the kernels run in for these inputs, or nullopt for SDPA: bf16 or f16 CUDA tensors
 // of one dtype (under CUDA autocast, the autocast dtype, to which the caller casts them, as
-// autocast does for SDPA), head dims 64 and 128, shapes within the launchers' limits. A causal call needs
-// Tq <= Tk (SDPA's bottom-right mask leaves rows with no key NaN; the kernel gives them 0).
+// autocast does for SDPA), head dims 64 and 128, shapes within the launchers' limits. A causal call
+// needs Tq <= Tk (SDPA's bottom-right mask leaves rows with no key NaN; the kernel gives them 0).
 std::optional<torch::ScalarType> kernel_attention_dtype(const torch::Tensor& q,
                                                         const torch::Tensor& k,
                                                         const torch::Tensor& v, bool causal) {
