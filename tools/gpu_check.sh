@@ -62,7 +62,7 @@ TARGETS=${GPU_CHECK_TARGETS:-aviary_cli aviary_gpu_tests}
 TEST_TARGETS=${GPU_CHECK_TEST_TARGETS:-aviary_unit_tests}
 SKIP=" ${GPU_CHECK_SKIP:-} "
 NO_GPU_OK=${GPU_CHECK_ALLOW_NO_GPU:-0}
-SAN_EXCLUDE=${GPU_CHECK_SANITIZER_EXCLUDE:-*_r64_*:*_r4801*:*_c4096_*:*_c4099_*:*_c8195_*:*_c16384*:*_c32768*:*_s1023_*:*_s1024*:*_k1000_*:*_s256_*:*_s257_*:*_s511_*:*_q200_*:*_q300_*:*varlen*:*Large*:*large*}
+SAN_EXCLUDE=${GPU_CHECK_SANITIZER_EXCLUDE:-*_r64_*:*_r4801*:*_c4096_*:*_c4099_*:*_c8195_*:*_c16384*:*_c32768*:*_s1023_*:*_s1024*:*_k1000_*:*_s256_*:*_s257_*:*_s511_*:*_q200_*:*_q300_*:*_v1023_*:*_v8195_*:*varlen*:*Large*:*large*}
 MULTIARCH=x86_64-linux-gnu
 export OUT WORK BUILD PREFIX PY ROOT DEBS NO_GPU_OK SAN_EXCLUDE MULTIARCH TARGETS TEST_TARGETS JOBS
 

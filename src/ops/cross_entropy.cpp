@@ -7,14 +7,25 @@
 #include <algorithm>
 #include <atomic>
 #include <limits>
+#include <optional>
 #include <utility>
 
 #include "aviary/core/error.h"
+#include "aviary/ops/autocast.h"
 #include "aviary/ops/impl.h"
 #include "aviary/ops/linear.h"
 #include "cpu_gemm.h"
 #include "cpu_loops.h"
+#include "kernel_dispatch.h"
 #include "loss_head_chunks.h"
+#include "tensor_rows.h"
+
+#if AVIARY_OPS_KERNELS
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "aviary/kernels/cross_entropy.h"
+#endif
 
 namespace aviary::ops {
 namespace {
@@ -206,6 +217,256 @@ class LinearCrossEntropyCpuFunction
   }
 };
 
+#if AVIARY_OPS_KERNELS
+
+// The CUDA path (kernels/cross_entropy.cu). Nothing in it waits for the device: targets are not
+// checked on the host (the data pipeline already refuses token ids outside the vocabulary; the
+// kernel gives such a row a NaN loss), and the reduction's 1 / count stays a device tensor.
+
+// Each row's factor in the gradient, [rows] fp32 on the device: 0 on ignored rows, else 1 (sum)
+// or 1 / the number of counted rows (mean); with the count, for the loss.
+struct RowWeights {
+  torch::Tensor weights;  // [rows] fp32
+  torch::Tensor count;    // int64 scalar: rows whose target is not ignore_index
+};
+
+RowWeights row_weights(const torch::Tensor& targets, int64_t ignore_index,
+                       LossReduction reduction) {
+  auto counted = targets.ne(ignore_index);
+  RowWeights w;
+  w.count = counted.sum();
+  w.weights = counted.to(torch::kFloat32);
+  // A mean over no row leaves every weight 0 (all rows are ignored), never 0 / 0.
+  if (reduction == LossReduction::kMean) w.weights.div_(w.count.clamp_min(1));
+  return w;
+}
+
+// The reduced loss, fp32 on the device: the rows' losses summed in fp64, over the count for a
+// mean (NaN when it is 0, as torch's).
+torch::Tensor reduce_rows(const torch::Tensor& loss, const RowWeights& w, LossReduction reduction) {
+  auto total = loss.sum(torch::kFloat64);
+  if (reduction == LossReduction::kMean) total = total / w.count;
+  return total.to(torch::kFloat32);
+}
+
+kernels::CrossEntropyParams cross_entropy_params(const torch::Tensor& logits,
+                                                 const torch::Tensor& targets) {
+  kernels::CrossEntropyParams p;
+  kernel_dtype(logits.scalar_type(), &p.dtype);
+  p.logits = logits.data_ptr();
+  p.targets = targets.data_ptr<int64_t>();
+  p.rows = logits.size(0);
+  p.vocab = logits.size(1);
+  p.logits_row_stride = row_stride(logits);
+  return p;
+}
+
+cudaStream_t current_stream(const torch::Tensor& t) {
+  return at::cuda::getCurrentCUDAStream(t.device().index()).stream();
+}
+
+void check_launch(cudaError_t err, const char* launcher) {
+  if (err != cudaSuccess) throw_kernel_error(err, launcher, "ops.cross_entropy");
+}
+
+// Writes loss and lse ([rows] fp32) for `logits` ([rows, vocab], unit column stride).
+void kernel_forward(const torch::Tensor& logits, const torch::Tensor& targets, int64_t ignore_index,
+                    const torch::Tensor& loss, const torch::Tensor& lse) {
+  auto p = cross_entropy_params(logits, targets);
+  p.ignore_index = ignore_index;
+  p.loss = loss.data_ptr<float>();
+  p.lse = lse.data_ptr<float>();
+  check_launch(kernels::cross_entropy_forward(p, current_stream(logits)),
+               "kernels::cross_entropy_forward");
+}
+
+// dlogits[r] = weights[r] * (softmax(logits[r]) - onehot(targets[r])); dlogits may be logits.
+void kernel_backward(const torch::Tensor& logits, const torch::Tensor& targets,
+                     int64_t ignore_index, const torch::Tensor& lse, const torch::Tensor& weights,
+                     const torch::Tensor& dlogits) {
+  auto p = cross_entropy_params(logits, targets);
+  p.ignore_index = ignore_index;
+  p.lse = lse.data_ptr<float>();
+  p.grad_loss = weights.data_ptr<float>();
+  p.dlogits = dlogits.data_ptr();
+  p.dlogits_row_stride = row_stride(dlogits);
+  check_launch(kernels::cross_entropy_backward(p, current_stream(logits)),
+               "kernels::cross_entropy_backward");
+}
+
+class CrossEntropyCudaFunction : public torch::autograd::Function<CrossEntropyCudaFunction> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& logits,
+                               const torch::Tensor& targets, int64_t ignore_index,
+                               LossReduction reduction) {
+    const c10::cuda::CUDAGuard guard(logits.device());
+    auto x = as_rows(logits);
+    auto t = targets.to(torch::kInt64).contiguous();
+    const auto f32 = logits.options().dtype(torch::kFloat32);
+    auto loss = torch::empty({x.size(0)}, f32), lse = torch::empty({x.size(0)}, f32);
+    kernel_forward(x, t, ignore_index, loss, lse);
+    auto w = row_weights(t, ignore_index, reduction);
+    ctx->save_for_backward({x, t, lse, w.weights});
+    ctx->saved_data["ignore_index"] = ignore_index;
+    return reduce_rows(loss, w, reduction);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto& x = saved[0];
+    const c10::cuda::CUDAGuard guard(x.device());
+    // grad_out stays on the device: it scales the row weights, not a host float.
+    auto weights = saved[3] * grads[0].to(torch::kFloat32);
+    auto dlogits = torch::empty({x.size(0), x.size(1)}, x.options());
+    kernel_backward(x, saved[1], ctx->saved_data["ignore_index"].toInt(), saved[2], weights,
+                    dlogits);
+    return {dlogits, torch::Tensor(), torch::Tensor(), torch::Tensor()};
+  }
+};
+
+// Elements of logits per chunk of the CUDA loss head: 128M (256 MB in bf16, 1.3k rows of a 100k
+// vocabulary), so that the chunk's GEMMs are long enough to run near cuBLAS's peak. A test's
+// set_loss_head_chunk_floats() applies here too, to make several chunks of small inputs.
+int64_t cuda_chunk_rows(int64_t rows, int64_t vocab);
+
+// lm_head and the loss in one op on CUDA, as the CPU one (LinearCrossEntropyCpuFunction): per
+// chunk of rows, cuBLAS makes the logits in the compute dtype, the kernel writes the loss and lse
+// and then turns the logits into their gradient in place, and two GEMMs take that gradient to
+// hidden's rows and into weight's. The compute dtype is autocast's (bf16 or fp16) under CUDA
+// autocast, else the inputs' own. Under autocast the logits are rounded to it, as autocast's
+// lm_head rounds them, but never held for all rows, and never in fp32; hidden's gradient comes out
+// in hidden's dtype and weight's is summed over the chunks in fp32 (mm/addmm with out_dtype fp32),
+// then given in weight's dtype.
+class LinearCrossEntropyCudaFunction
+    : public torch::autograd::Function<LinearCrossEntropyCudaFunction> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& hidden,
+                               const torch::Tensor& weight, const torch::Tensor& targets,
+                               int64_t ignore_index, LossReduction reduction,
+                               torch::ScalarType compute) {
+    const c10::cuda::CUDAGuard guard(hidden.device());
+    // The GEMMs below run in `compute` as written; autocast must not recast them.
+    AutocastGuard no_autocast(torch::kCUDA, false);
+    const int64_t rows = hidden.size(0), width = hidden.size(1), vocab = weight.size(0);
+    auto h = hidden.to(compute).contiguous();
+    auto w = weight.to(compute).contiguous();
+    auto t = targets.to(torch::kInt64).contiguous();
+    const bool need_hidden = hidden.requires_grad(), need_weight = weight.requires_grad();
+    const auto f32 = hidden.options().dtype(torch::kFloat32);
+    auto loss = torch::empty({rows}, f32), lse = torch::empty({rows}, f32);
+    auto rw = row_weights(t, ignore_index, reduction);
+    torch::Tensor dhidden =
+        need_hidden ? torch::empty({rows, width}, hidden.options()) : torch::Tensor();
+    torch::Tensor dweight = need_weight ? torch::empty({vocab, width}, f32) : torch::Tensor();
+    const bool mixed = compute != torch::kFloat32;  // bf16 / fp16 operands, fp32 sums
+    const int64_t chunk = cuda_chunk_rows(rows, vocab);
+    auto buffer = torch::empty({std::min(chunk, rows), vocab}, h.options());
+    for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
+      const int64_t n = std::min(chunk, rows - r0);
+      auto hc = h.narrow(0, r0, n);
+      auto tc = t.narrow(0, r0, n);
+      auto logits = buffer.narrow(0, 0, n);
+      torch::mm_out(logits, hc, w.t());
+      kernel_forward(logits, tc, ignore_index, loss.narrow(0, r0, n), lse.narrow(0, r0, n));
+      if (!need_hidden && !need_weight) continue;
+      auto grad = logits;  // in place
+      kernel_backward(logits, tc, ignore_index, lse.narrow(0, r0, n), rw.weights.narrow(0, r0, n),
+                      grad);
+      if (need_hidden) {
+        auto rows_out = dhidden.narrow(0, r0, n);
+        if (rows_out.scalar_type() == compute) {
+          torch::mm_out(rows_out, grad, w);
+        } else if (rows_out.scalar_type() == torch::kFloat32) {
+          at::mm_out(rows_out, grad, w, torch::kFloat32);  // fp32 sums straight into fp32
+        } else {
+          rows_out.copy_(torch::mm(grad, w));  // fp16 hidden under bf16 autocast: cast once
+        }
+      }
+      if (need_weight) {
+        if (!mixed) {
+          if (r0 == 0) {
+            torch::mm_out(dweight, grad.t(), hc);
+          } else {
+            dweight.addmm_(grad.t(), hc);
+          }
+        } else if (r0 == 0) {
+          at::mm_out(dweight, grad.t(), hc, torch::kFloat32);
+        } else {
+          at::addmm_out(dweight, dweight, grad.t(), hc, torch::kFloat32);
+        }
+      }
+    }
+    if (dweight.defined() && weight.scalar_type() != torch::kFloat32) {
+      dweight = dweight.to(weight.scalar_type());
+    }
+    ctx->saved_data["dhidden"] = dhidden;
+    ctx->saved_data["dweight"] = dweight;
+    return reduce_rows(loss, rw, reduction);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    if (!ctx->saved_data.count("dhidden")) {
+      throw Error(ErrorKind::kInternal,
+                  "the fused lm_head + cross-entropy was differentiated twice",
+                  "ops::linear_cross_entropy",
+                  "its gradients are handed over once; set ops.impl: torch to keep the graph");
+    }
+    auto dhidden = ctx->saved_data["dhidden"].toTensor();
+    auto dweight = ctx->saved_data["dweight"].toTensor();
+    ctx->saved_data.erase("dhidden");
+    ctx->saved_data.erase("dweight");
+    // grad_out is a device scalar (usually 1): scaling by it costs a pass, never a host wait.
+    const auto& grad_out = grads[0];
+    for (auto* g : {&dhidden, &dweight}) {
+      if (g->defined()) g->mul_(grad_out.to(g->scalar_type()));
+    }
+    return {dhidden, dweight, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
+  }
+};
+
+// Whether the CUDA kernel takes this cross-entropy: 2-D logits in a kernel dtype with a unit
+// column stride, integer targets on the same device, a vocabulary within the kernel's limit.
+bool cross_entropy_kernel_applies(const torch::Tensor& logits, const torch::Tensor& targets) {
+  kernels::DType dtype;
+  return logits.is_cuda() && logits.dim() == 2 && logits.size(1) > 0 &&
+         logits.size(1) < (int64_t{1} << 31) && targets.dim() == 1 &&
+         targets.size(0) == logits.size(0) && targets.device() == logits.device() &&
+         !c10::isFloatingType(targets.scalar_type()) &&
+         kernel_dtype(logits.scalar_type(), &dtype) &&
+         use_kernel(Op::kCrossEntropy, logits.device());
+}
+
+// The compute dtype of the CUDA loss head, or nullopt when it does not apply: autocast's under
+// CUDA autocast (over float inputs), else hidden's when weight's is the same.
+std::optional<torch::ScalarType> cuda_loss_head_dtype(const torch::Tensor& hidden,
+                                                      const torch::Tensor& weight,
+                                                      const torch::Tensor& targets) {
+  if (!hidden.is_cuda() || weight.device() != hidden.device() ||
+      targets.device() != hidden.device() || hidden.size(0) == 0) {
+    return std::nullopt;
+  }
+  torch::ScalarType compute = hidden.scalar_type();
+  if (at::autocast::is_autocast_enabled(torch::kCUDA)) {
+    if (!c10::isFloatingType(hidden.scalar_type()) || !c10::isFloatingType(weight.scalar_type()) ||
+        hidden.scalar_type() == torch::kFloat64 || weight.scalar_type() == torch::kFloat64) {
+      return std::nullopt;
+    }
+    compute = at::autocast::get_autocast_dtype(torch::kCUDA);
+  } else if (weight.scalar_type() != compute) {
+    return std::nullopt;
+  }
+  kernels::DType dtype;
+  if (!kernel_dtype(compute, &dtype) || weight.size(0) >= (int64_t{1} << 31) ||
+      !use_kernel(Op::kCrossEntropy, hidden.device())) {
+    return std::nullopt;
+  }
+  return compute;
+}
+
+#endif  // AVIARY_OPS_KERNELS
+
 }  // namespace
 
 torch::Tensor cross_entropy_reference(const torch::Tensor& logits, const torch::Tensor& targets,
@@ -230,13 +491,28 @@ int64_t linear_cross_entropy_chunk_rows(int64_t rows, int64_t vocab) {
                              std::max<int64_t>(1, rows));
 }
 
+#if AVIARY_OPS_KERNELS
+namespace {
+int64_t cuda_chunk_rows(int64_t rows, int64_t vocab) {
+  constexpr int64_t kCudaChunkElements = int64_t{128} << 20;
+  const int64_t set = chunk_floats.load();
+  const int64_t elements = set == kChunkFloats ? kCudaChunkElements : set;
+  return std::clamp<int64_t>(elements / std::max<int64_t>(1, vocab), 1, std::max<int64_t>(1, rows));
+}
+}  // namespace
+#endif
+
 bool fused_linear_cross_entropy(const torch::Tensor& hidden, const torch::Tensor& weight,
                                 const torch::Tensor& targets) {
   const bool shapes_fit = hidden.dim() == 2 && weight.dim() == 2 &&
                           weight.size(1) == hidden.size(1) && weight.size(0) > 0 &&
                           targets.dim() == 1 && targets.size(0) == hidden.size(0) &&
-                          targets.device().is_cpu() && !c10::isFloatingType(targets.scalar_type());
+                          !c10::isFloatingType(targets.scalar_type());
   if (!shapes_fit) return false;
+#if AVIARY_OPS_KERNELS
+  if (hidden.is_cuda()) return cuda_loss_head_dtype(hidden, weight, targets).has_value();
+#endif
+  if (!targets.device().is_cpu()) return false;
   if (at::autocast::is_autocast_enabled(torch::kCPU)) return use_cpu_bf16_linear(hidden, weight);
   return use_cpu_loops(hidden) && use_cpu_loops(weight);
 }
@@ -245,6 +521,12 @@ torch::Tensor linear_cross_entropy(const torch::Tensor& hidden, const torch::Ten
                                    const torch::Tensor& targets, int64_t ignore_index,
                                    LossReduction reduction) {
   if (fused_linear_cross_entropy(hidden, weight, targets)) {
+#if AVIARY_OPS_KERNELS
+    if (hidden.is_cuda()) {
+      return LinearCrossEntropyCudaFunction::apply(hidden, weight, targets, ignore_index, reduction,
+                                                   *cuda_loss_head_dtype(hidden, weight, targets));
+    }
+#endif
     const bool bf16 = at::autocast::is_autocast_enabled(torch::kCPU);
     return LinearCrossEntropyCpuFunction::apply(hidden, weight, targets, ignore_index, reduction,
                                                 bf16);
@@ -260,6 +542,11 @@ torch::Tensor cross_entropy(const torch::Tensor& logits, const torch::Tensor& ta
       !c10::isFloatingType(targets.scalar_type())) {
     return CrossEntropyCpuFunction::apply(logits, targets, ignore_index, reduction);
   }
+#if AVIARY_OPS_KERNELS
+  if (cross_entropy_kernel_applies(logits, targets)) {
+    return CrossEntropyCudaFunction::apply(logits, targets, ignore_index, reduction);
+  }
+#endif
   return cross_entropy_reference(logits, targets, ignore_index, reduction);
 }
 

@@ -85,6 +85,8 @@ const char* op_name(Op op) {
       return "attention";
     case Op::kSwiGlu:
       return "swiglu";
+    case Op::kCrossEntropy:
+      return "cross_entropy";
   }
   return "unknown";
 }
@@ -97,6 +99,8 @@ const std::vector<KernelInfo>& kernel_registry() {
       // Forward and backward (the fused residual add is not used by ops/).
       {Op::kRmsNorm, "rmsnorm", "*RmsNorm*Kernel*-*Residual*", "OpsRmsNormCuda.*"},
       {Op::kSwiGlu, "swiglu", "*SwiGlu*Kernel*", "OpsSwiGluCuda.*"},
+      // Forward and backward, in place on a chunk of logits inside the fused loss head.
+      {Op::kCrossEntropy, "cross_entropy", "*CrossEntropyKernel*", "OpsCrossEntropyCuda.*"},
       // Forward and backward together: training needs both, and the op takes both or neither.
       // Last: its sanitizer runs are the longest.
       {Op::kAttention, "attention", "*AttentionForwardKernelTest*:*AttentionBackwardKernelTest*",

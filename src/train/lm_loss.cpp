@@ -44,7 +44,7 @@ torch::Tensor causal_lm_loss(AquilaForCausalLMImpl& model, const torch::Tensor& 
   const int64_t width = hidden.size(-1);
   if (!head.has_lora()) {
     // lm_head and the loss in one op that never holds the [tokens, vocab] logits (fp32 on CPU, and
-    // bf16 autocast over fp32 weights on CPU).
+    // bf16 autocast over fp32 weights on CPU; on CUDA where the cross_entropy kernel is picked).
     ops::AutocastGuard autocast(device.type(), options.bf16);
     auto flat_hidden = hidden.reshape({-1, width});
     if (ops::fused_linear_cross_entropy(flat_hidden, head.weight, flat_targets)) {

@@ -17,6 +17,7 @@
 #include "aviary/models/aquila_config.h"
 #include "aviary/ops/attention.h"
 #include "aviary/ops/autocast.h"
+#include "aviary/ops/cross_entropy.h"
 #include "aviary/ops/impl.h"
 #include "aviary/ops/rms_norm.h"
 #include "aviary/ops/swiglu.h"
@@ -25,6 +26,7 @@
 #include "aviary/train/optimizer.h"
 #include "aviary/train/trainer.h"
 #include "expect_error.h"
+#include "ops/loss_head_chunks.h"
 #include "test_util.h"
 
 namespace aviary {
@@ -240,7 +242,8 @@ TEST(BenchKernels, CpuPrintsATableAgainstTheUnfusedSequence) {
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_TRUE(contains(r.output, "ceilings measured in this run")) << r.output;
   EXPECT_TRUE(contains(r.output, "| op | pass | shape |")) << r.output;
-  for (const char* op : {"| rms_norm |", "| rope |", "| swiglu |", "| attention |"})
+  for (const char* op :
+       {"| rms_norm |", "| rope |", "| swiglu |", "| cross_entropy |", "| attention |"})
     EXPECT_TRUE(contains(r.output, op)) << op << " in " << r.output;
   EXPECT_TRUE(contains(r.output, "unfused ATen")) << r.output;
   // In fp32 every op runs Aviary's CPU path; the table says which.
@@ -707,6 +710,181 @@ TEST(OpsSwiGluCuda, AutoFollowsTheEmbeddedRecord) {
   EXPECT_EQ(ops::use_kernel(Op::kSwiGlu, device),
             ops::kernels_built() &&
                 ValidationRecord::embedded().validated("swiglu", ops::device_sm(device)));
+}
+
+// Cross-entropy with ignore_index in double on CPU, from the same (rounded) logits: the loss and
+// the logits' gradient for grad_out 1.
+std::pair<double, torch::Tensor> exact_cross_entropy(const torch::Tensor& logits,
+                                                     const torch::Tensor& targets,
+                                                     int64_t ignore_index,
+                                                     ops::LossReduction reduction) {
+  auto x = logits.to(torch::kCPU, torch::kFloat64);
+  auto t = targets.to(torch::kCPU);
+  auto counted = t.ne(ignore_index);
+  auto safe = t.masked_fill(counted.logical_not(), 0);
+  auto logp = torch::log_softmax(x, 1);
+  auto rows = -logp.gather(1, safe.unsqueeze(1)).squeeze(1) * counted;
+  const double count = counted.sum().item<double>();
+  const double scale = reduction == ops::LossReduction::kMean ? 1.0 / count : 1.0;
+  auto grad = (logp.exp() - torch::one_hot(safe, x.size(1)).to(torch::kFloat64)) *
+              counted.unsqueeze(1) * scale;
+  return {rows.sum().item<double>() * scale, grad};
+}
+
+TEST(OpsCrossEntropyCuda, KernelMatchesTheExactLossAndGradientWithinTwiceTorchsError) {
+  if (!have_cuda()) GTEST_SKIP() << "no CUDA device";
+  if (!ops::kernels_built()) GTEST_SKIP() << "this build has no CUDA kernels";
+  ImplGuard guard;
+  torch::manual_seed(17);
+  constexpr int64_t kIgnore = -100;
+  for (auto dtype : {torch::kFloat32, torch::kBFloat16, torch::kFloat16}) {
+    for (auto [rows, vocab] :
+         std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {37, 1000}, {300, 32007}, {5, 151851}}) {
+      for (auto reduction : {ops::LossReduction::kMean, ops::LossReduction::kSum}) {
+        auto opts = torch::TensorOptions().dtype(dtype).device(torch::kCUDA);
+        // Logits as a slice of a wider buffer (a strided row), a fifth of the targets ignored.
+        auto logits = (torch::randn({rows, vocab + 3}, opts) * 4).narrow(1, 0, vocab);
+        auto targets = torch::randint(0, vocab, {rows}, torch::kInt64);
+        targets.masked_fill_(torch::rand({rows}) < 0.2, kIgnore);
+        targets[0] = vocab - 1;
+        targets = targets.to(torch::kCUDA);
+        const auto [exact_loss, exact_grad] =
+            exact_cross_entropy(logits, targets, kIgnore, reduction);
+        double loss[2];
+        torch::Tensor grad[2];
+        for (int k = 0; k < 2; ++k) {
+          ops::set_ops_impl(k == 0 ? OpsImpl::kAviary : OpsImpl::kTorch);
+          if (k == 0) {
+            ASSERT_TRUE(ops::use_kernel(Op::kCrossEntropy, logits.device()));
+          }
+          auto x = logits.detach().requires_grad_();
+          auto out = ops::cross_entropy(x, targets, kIgnore, reduction);
+          if (k == 0) {
+            EXPECT_EQ(out.scalar_type(), torch::kFloat32);  // whatever the logits' dtype
+            EXPECT_TRUE(out.grad_fn() &&
+                        std::string(out.grad_fn()->name()).find("CrossEntropyCuda") !=
+                            std::string::npos)
+                << (out.grad_fn() ? out.grad_fn()->name() : "no grad_fn");
+          }
+          loss[k] = out.item<double>();
+          grad[k] = torch::autograd::grad({out}, {x})[0];
+          ASSERT_EQ(grad[k].scalar_type(), dtype);
+        }
+        const std::string where = std::string(c10::toString(dtype)) + " " + std::to_string(rows) +
+                                  "x" + std::to_string(vocab) +
+                                  (reduction == ops::LossReduction::kMean ? " mean" : " sum");
+        const double loss_err = std::abs(loss[0] - exact_loss);
+        EXPECT_LE(loss_err, 2 * std::abs(loss[1] - exact_loss) + 1e-5 * std::abs(exact_loss) + 1e-6)
+            << where << ": kernel " << loss[0] << ", torch " << loss[1] << ", exact " << exact_loss;
+        auto err = [&](const torch::Tensor& g) {
+          return (g.to(torch::kCPU, torch::kFloat64) - exact_grad).abs().max().item<double>();
+        };
+        const double atol = (dtype == torch::kFloat32 ? 1e-6 : 1e-3) *
+                            std::max(1e-3, exact_grad.abs().max().item<double>());
+        EXPECT_LE(err(grad[0]), 2 * err(grad[1]) + atol)
+            << where << ": kernel " << err(grad[0]) << ", torch " << err(grad[1]);
+      }
+    }
+  }
+}
+
+TEST(OpsCrossEntropyCuda, KernelMeanOverNoTargetIsNanWithZeroGradients) {
+  if (!have_cuda()) GTEST_SKIP() << "no CUDA device";
+  if (!ops::kernels_built()) GTEST_SKIP() << "this build has no CUDA kernels";
+  ImplGuard guard;
+  ops::set_ops_impl(OpsImpl::kAviary);
+  auto x = torch::randn({4, 50}, torch::TensorOptions().device(torch::kCUDA)).requires_grad_();
+  auto targets =
+      torch::full({4}, -100, torch::TensorOptions().dtype(torch::kInt64).device(torch::kCUDA));
+  auto mean = ops::cross_entropy(x, targets, -100, ops::LossReduction::kMean);
+  EXPECT_TRUE(std::isnan(mean.item<double>()));
+  EXPECT_EQ(torch::autograd::grad({mean}, {x})[0].abs().max().item<double>(), 0.0);
+  auto sum = ops::cross_entropy(x, targets, -100, ops::LossReduction::kSum);
+  EXPECT_EQ(sum.item<double>(), 0.0);
+}
+
+// Forces several chunks of the fused loss head on small inputs.
+class SmallCudaLossHeadChunks {
+ public:
+  SmallCudaLossHeadChunks() { ops::set_loss_head_chunk_floats(40 * 1000); }
+  ~SmallCudaLossHeadChunks() { ops::set_loss_head_chunk_floats(0); }
+};
+
+// The CUDA loss head (lm_head + cross-entropy, chunked) against the unfused head (torch's matmul,
+// then the reference loss) under ops.impl torch, both against double on the same rounded inputs:
+// fp32; bf16 autocast over fp32 weights (the trainer's mixed precision); pure bf16. The loss is
+// scaled by 3 so that backward's grad_out is not 1.
+TEST(OpsCrossEntropyCuda, LossHeadMatchesTheExactHeadWithinTwiceTheUnfusedError) {
+  if (!have_cuda()) GTEST_SKIP() << "no CUDA device";
+  if (!ops::kernels_built()) GTEST_SKIP() << "this build has no CUDA kernels";
+  ImplGuard guard;
+  SmallCudaLossHeadChunks chunks;  // 40 rows of a 1000-word vocabulary per chunk
+  torch::manual_seed(23);
+  constexpr int64_t kIgnore = -100;
+  const int64_t rows = 203, width = 64, vocab = 1000;
+  struct Mode {
+    const char* name;
+    torch::ScalarType params;
+    bool autocast;
+  };
+  for (const Mode mode :
+       {Mode{"fp32", torch::kFloat32, false}, Mode{"bf16 autocast", torch::kFloat32, true},
+        Mode{"bf16", torch::kBFloat16, false}}) {
+    for (auto reduction : {ops::LossReduction::kMean, ops::LossReduction::kSum}) {
+      auto opts = torch::TensorOptions().dtype(mode.params).device(torch::kCUDA);
+      auto hidden = torch::randn({rows, width}, opts);
+      auto weight = torch::randn({vocab, width}, opts) * 0.3;
+      auto targets = torch::randint(0, vocab, {rows}, torch::kInt64);
+      targets.masked_fill_(torch::rand({rows}) < 0.1, kIgnore);
+      targets = targets.to(torch::kCUDA);
+      // Exact, in double from the inputs as the GEMMs see them (rounded to bf16 under autocast).
+      const auto compute = mode.autocast ? torch::kBFloat16 : mode.params;
+      auto h64 = hidden.to(compute).to(torch::kCPU, torch::kFloat64).requires_grad_();
+      auto w64 = weight.to(compute).to(torch::kCPU, torch::kFloat64).requires_grad_();
+      auto exact = 3 * ops::cross_entropy_reference(torch::mm(h64, w64.t()), targets.cpu(), kIgnore,
+                                                    reduction);
+      auto exact_grads = torch::autograd::grad({exact}, {h64, w64});
+      double loss[2];
+      std::vector<torch::Tensor> grads[2];
+      for (int k = 0; k < 2; ++k) {
+        ops::set_ops_impl(k == 0 ? OpsImpl::kAviary : OpsImpl::kTorch);
+        auto h = hidden.detach().requires_grad_(), w = weight.detach().requires_grad_();
+        ops::AutocastGuard autocast(torch::kCUDA, mode.autocast);
+        ASSERT_EQ(ops::fused_linear_cross_entropy(h, w, targets), k == 0) << mode.name;
+        auto out = 3 * ops::linear_cross_entropy(h, w, targets, kIgnore, reduction);
+        loss[k] = out.item<double>();
+        grads[k] = torch::autograd::grad({out}, {h, w});
+      }
+      const std::string where =
+          std::string(mode.name) + (reduction == ops::LossReduction::kMean ? " mean" : " sum");
+      const double exact_loss = exact.item<double>();
+      EXPECT_LE(std::abs(loss[0] - exact_loss),
+                2 * std::abs(loss[1] - exact_loss) + 1e-5 * std::abs(exact_loss))
+          << where << ": fused " << loss[0] << ", unfused " << loss[1] << ", exact " << exact_loss;
+      const char* names[] = {"dhidden", "dweight"};
+      for (int g = 0; g < 2; ++g) {
+        ASSERT_EQ(grads[0][g].scalar_type(), mode.params) << where << " " << names[g];
+        auto err = [&](const torch::Tensor& x) {
+          return (x.to(torch::kCPU, torch::kFloat64) - exact_grads[g]).abs().max().item<double>();
+        };
+        const double atol = (compute == torch::kFloat32 ? 1e-5 : 1e-3) *
+                            std::max(1e-3, exact_grads[g].abs().max().item<double>());
+        EXPECT_LE(err(grads[0][g]), 2 * err(grads[1][g]) + atol)
+            << where << " " << names[g] << ": fused " << err(grads[0][g]) << ", unfused "
+            << err(grads[1][g]);
+      }
+    }
+  }
+}
+
+TEST(OpsCrossEntropyCuda, AutoFollowsTheEmbeddedRecord) {
+  if (!have_cuda()) GTEST_SKIP() << "no CUDA device";
+  ImplGuard guard;
+  ops::set_ops_impl(OpsImpl::kAuto);
+  const torch::Device device(torch::kCUDA, 0);
+  EXPECT_EQ(ops::use_kernel(Op::kCrossEntropy, device),
+            ops::kernels_built() &&
+                ValidationRecord::embedded().validated("cross_entropy", ops::device_sm(device)));
 }
 
 // One data-parallel training step over the NCCL engine at world size 1 (issue 4): the same

@@ -25,6 +25,7 @@
 #include "aviary/core/dtype.h"
 #include "aviary/core/error.h"
 #include "aviary/ops/attention.h"
+#include "aviary/ops/cross_entropy.h"
 #include "aviary/ops/impl.h"
 #include "aviary/ops/rms_norm.h"
 #include "aviary/ops/rope.h"
@@ -74,7 +75,7 @@ std::string short_dtype(torch::ScalarType t) {
 
 // One measured case: Aviary's op and its comparison, on the same inputs.
 struct BenchCase {
-  std::string op;            // ops/ name: rms_norm, rope, swiglu, attention
+  std::string op;            // ops/ name: rms_norm, rope, swiglu, cross_entropy, attention
   std::string pass = "fwd";  // fwd | fwd+bwd
   std::string shape;         // human-readable
   double bytes = 0;          // fewest bytes moved: each input read once, each output written once
@@ -170,6 +171,37 @@ void swiglu_cases(const Context& c, std::vector<BenchCase>& out) {
   out.push_back(both);
 }
 
+// Cross-entropy over a large vocabulary (Aquila2's 100k on CUDA), with a tenth of the targets
+// ignored, forward and forward + backward. The fewest bytes: the logits read once forward; read
+// again and their gradient written backward.
+void cross_entropy_cases(const Context& c, std::vector<BenchCase>& out) {
+  const int64_t rows = c.cuda() ? 4096 : 512, vocab = c.cuda() ? 100008 : 32000;
+  constexpr int64_t kIgnore = -100;
+  auto logits = torch::randn({rows, vocab}, c.options()) * 2;
+  auto targets = torch::randint(0, vocab, {rows}, torch::kInt64);
+  targets.masked_fill_(torch::rand({rows}) < 0.1, kIgnore);
+  targets = targets.to(c.device);
+  const double n = static_cast<double>(rows * vocab);
+  BenchCase fwd;
+  fwd.op = "cross_entropy";
+  fwd.shape = fmt::format("{}x{}", rows, vocab);
+  fwd.bytes = c.elem() * n;
+  fwd.op_id = ops::Op::kCrossEntropy;
+  fwd.ours = [=] { return ops::cross_entropy(logits, targets, kIgnore); };
+  fwd.baseline_name = c.cuda() ? "F.cross_entropy" : "unfused ATen (log_softmax, nll_loss)";
+  fwd.baseline = [=] { return ops::cross_entropy_reference(logits, targets, kIgnore); };
+  out.push_back(fwd);
+
+  auto x = logits.detach().requires_grad_();
+  auto backward = [=](const torch::Tensor& loss) { return torch::autograd::grad({loss}, {x})[0]; };
+  BenchCase both = fwd;
+  both.pass = "fwd+bwd";
+  both.bytes = c.elem() * 3.0 * n;
+  both.ours = [=] { return backward(ops::cross_entropy(x, targets, kIgnore)); };
+  both.baseline = [=] { return backward(ops::cross_entropy_reference(x, targets, kIgnore)); };
+  out.push_back(both);
+}
+
 // Causal self-attention with grouped-query heads, forward and forward + backward.
 void attention_cases(const Context& c, std::vector<BenchCase>& out) {
   // B x T = 16k tokens at d = 128 on CUDA (the DESIGN target's shape).
@@ -235,9 +267,8 @@ struct OpBench {
 
 const std::vector<OpBench>& op_benches() {
   static const std::vector<OpBench> benches = {
-      {"rms_norm", rms_norm_cases},
-      {"rope", rope_cases},
-      {"swiglu", swiglu_cases},
+      {"rms_norm", rms_norm_cases},   {"rope", rope_cases},
+      {"swiglu", swiglu_cases},       {"cross_entropy", cross_entropy_cases},
       {"attention", attention_cases},
   };
   return benches;
@@ -357,7 +388,9 @@ std::string describe_path(const BenchCase& b, const torch::Device& device,
     // only with fp32 tables, which this bench does not build), and attention runs Aviary's own
     // in fp32 and bf16.
     const bool fp32 = dtype == torch::kFloat32;
-    if (fp32 && (b.op == "rms_norm" || b.op == "rope")) return "aviary: fused CPU loop";
+    if (fp32 && (b.op == "rms_norm" || b.op == "rope" || b.op == "cross_entropy")) {
+      return "aviary: fused CPU loop";
+    }
     if (b.op == "swiglu" && (fp32 || dtype == torch::kBFloat16)) return "aviary: fused CPU loop";
     if (b.op == "attention" && (fp32 || dtype == torch::kBFloat16)) {
       return "aviary: CPU attention (cpu_attention.h)";
@@ -580,7 +613,7 @@ void register_bench_kernels(CLI::App* bench) {
                 "list the kernel families, whether this build has them and whether ops.impl uses "
                 "them on this device (no timing)");
   cmd->add_option("--ops", args->ops,
-                  "ops to run (default: all): rms_norm, rope, swiglu, attention");
+                  "ops to run (default: all): rms_norm, rope, swiglu, cross_entropy, attention");
   cmd->add_option("--dtypes", args->dtypes,
                   "fp32 | bf16 | fp16 (default: bf16 on CUDA, fp32 and bf16 on CPU)");
   cmd->add_option("--threads", args->threads, "CPU threads (0 = LibTorch default)")

@@ -2,7 +2,9 @@
 // logits it is one fused op (src/ops/cpu_loops.h): the forward keeps only the logits and one
 // log-sum-exp per row, the backward writes softmax - one_hot in one pass, where ATen's
 // log_softmax + nll_loss keeps the [rows, vocab] log-probabilities and makes two more tensors of
-// that size in backward. Otherwise the ATen reference, torch's cross_entropy.
+// that size in backward. On CUDA, when ops.impl picks it (ops/impl.h), Aviary's kernel
+// (kernels/cross_entropy.cu) does the same over fp32, bf16 or fp16 logits with fp32 sums, and the
+// loss is fp32 whatever the logits' dtype. Otherwise the ATen reference, torch's cross_entropy.
 #pragma once
 
 #include <torch/types.h>
@@ -31,14 +33,18 @@ torch::Tensor cross_entropy(const torch::Tensor& logits, const torch::Tensor& ta
 //                   rounded once to bf16 for the gradient GEMMs, which write weight's gradient (and
 //                   an fp32 hidden's) in fp32. Autocast's lm_head would round the logits and both
 //                   gradients to bf16 and hold [rows, vocab] logits in bf16 and fp32.
+// On CUDA (when ops.impl picks the cross_entropy kernel) the same chunked op: cuBLAS makes each
+// chunk of logits in the compute dtype (autocast's under CUDA autocast, else the inputs' shared
+// dtype), the kernel turns it into its gradient in place, and weight's gradient is summed in fp32.
 // Otherwise (and under ops.impl torch) it is the reference: matmul, then cross_entropy in fp32.
 torch::Tensor linear_cross_entropy(const torch::Tensor& hidden, const torch::Tensor& weight,
                                    const torch::Tensor& targets, int64_t ignore_index = -100,
                                    LossReduction reduction = LossReduction::kMean);
 
-// Whether linear_cross_entropy(hidden, weight, targets) runs as the fused CPU op (fp32, or under
-// CPU bf16 autocast over an fp32 weight) rather than the reference; a caller that would otherwise
-// make the logits itself (train/lm_loss.cpp) asks this first.
+// Whether linear_cross_entropy(hidden, weight, targets) runs as a fused op (on CPU: fp32, or under
+// CPU bf16 autocast over an fp32 weight; on CUDA: the kernel's conditions) rather than the
+// reference; a caller that would otherwise make the logits itself (train/lm_loss.cpp) asks this
+// first.
 bool fused_linear_cross_entropy(const torch::Tensor& hidden, const torch::Tensor& weight,
                                 const torch::Tensor& targets);
 

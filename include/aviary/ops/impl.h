@@ -50,9 +50,9 @@ struct OpsConfig {
 };
 
 // The ops that have (or will have) a kernel family. Names are the record's and bench's.
-enum class Op { kRmsNorm, kAttention, kSwiGlu };
+enum class Op { kRmsNorm, kAttention, kSwiGlu, kCrossEntropy };
 
-const char* op_name(Op op);  // "rms_norm", "attention", "swiglu"
+const char* op_name(Op op);  // "rms_norm", "attention", "swiglu", "cross_entropy"
 
 // One kernel family that ops/ dispatches to.
 struct KernelInfo {
