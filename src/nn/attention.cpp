@@ -23,7 +23,8 @@ torch::Tensor SelfAttentionImpl::forward(const torch::Tensor& x, const ops::Rope
   q = ops::apply_rope(q, rope);
   k = ops::apply_rope(k, rope);
   if (cache) std::tie(k, v) = cache->append(layer, k, v);
-  auto out = ops::attention(q, k, v, mask.mask, mask.causal);
+  const ops::AttentionDocuments* documents = mask.documents && !cache ? &*mask.documents : nullptr;
+  auto out = ops::attention(q, k, v, mask.mask, mask.causal, documents);
   return o_proj(out.transpose(1, 2).reshape({b, t, heads * head_dim}));
 }
 

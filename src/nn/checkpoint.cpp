@@ -5,6 +5,7 @@
 #include <torch/autograd.h>
 
 #include <mutex>
+#include <utility>
 
 #include "aviary/ops/autocast.h"
 
@@ -77,6 +78,13 @@ struct BlockCheckpoint : public torch::autograd::Function<BlockCheckpoint> {
     ctx->saved_data["sin"] = sin;
     ctx->saved_data["causal"] = mask.causal;
     ctx->saved_data["mask"] = mask.mask ? c10::IValue(*mask.mask) : c10::IValue();
+    if (mask.documents) {
+      ctx->saved_data["doc_cu"] = mask.documents->cu_tokens;
+      ctx->saved_data["doc_cu_device"] = mask.documents->cu_tokens_device.defined()
+                                             ? c10::IValue(mask.documents->cu_tokens_device)
+                                             : c10::IValue();
+      ctx->saved_data["doc_max_len"] = mask.documents->max_len;
+    }
     ctx->saved_data["rng_state"] = rng_state(x.device());
     ctx->saved_data["autocast"] = at::autocast::is_autocast_enabled(device);
     ctx->saved_data["autocast_dtype"] =
@@ -101,6 +109,15 @@ struct BlockCheckpoint : public torch::autograd::Function<BlockCheckpoint> {
     AttentionMask mask;
     mask.causal = ctx->saved_data["causal"].toBool();
     if (!ctx->saved_data["mask"].isNone()) mask.mask = ctx->saved_data["mask"].toTensor();
+    if (ctx->saved_data.count("doc_cu")) {
+      ops::AttentionDocuments documents;
+      documents.cu_tokens = ctx->saved_data["doc_cu"].toTensor();
+      if (!ctx->saved_data["doc_cu_device"].isNone()) {
+        documents.cu_tokens_device = ctx->saved_data["doc_cu_device"].toTensor();
+      }
+      documents.max_len = ctx->saved_data["doc_max_len"].toInt();
+      mask.documents = std::move(documents);
+    }
     torch::Tensor y;
     {
       RestoreRngState restore(x.device());

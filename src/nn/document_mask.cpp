@@ -1,6 +1,7 @@
 #include "aviary/nn/document_mask.h"
 
 #include <algorithm>
+#include <utility>
 
 #include "aviary/core/error.h"
 
@@ -26,12 +27,30 @@ DocumentAttention document_attention(const std::vector<std::vector<int32_t>>& cu
       }
     }
   }
+  // The same boundaries over the rows' tokens flattened, for ops::attention's per-document paths:
+  // each row's boundaries clipped to the row, offset by the row's first token.
+  std::vector<int64_t> cu_tokens{0};
+  int64_t longest = 0;
+  for (int64_t b = 0; b < rows; ++b) {
+    const auto& cu = cu_lengths[static_cast<size_t>(b)];
+    for (size_t k = 1; k < cu.size(); ++k) {
+      const int64_t end = b * length + std::min<int64_t>(cu[k], length);
+      longest = std::max(longest, end - cu_tokens.back());
+      cu_tokens.push_back(end);
+      if (cu[k] >= length) break;
+    }
+  }
   auto doc_ids = torch::tensor(doc).view({rows, length}).to(device);
   DocumentAttention out;
   out.positions = torch::tensor(pos).view({rows, length}).to(device);
   auto same_doc = doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1);
   auto causal = torch::ones({length, length}, torch::dtype(torch::kBool).device(device)).tril();
   out.mask.mask = (same_doc & causal).unsqueeze(1);
+  ops::AttentionDocuments documents;
+  documents.cu_tokens = torch::tensor(cu_tokens, torch::kInt64);
+  if (device.is_cuda()) documents.cu_tokens_device = documents.cu_tokens.to(device, torch::kInt32);
+  documents.max_len = longest;
+  out.mask.documents = std::move(documents);
   return out;
 }
 

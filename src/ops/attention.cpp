@@ -3,9 +3,11 @@
 #include <ATen/autocast_mode.h>
 #include <torch/autograd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "aviary/ops/impl.h"
 #include "cpu_attention.h"
@@ -106,6 +108,118 @@ class AttentionCpuFunction : public torch::autograd::Function<AttentionCpuFuncti
   }
 };
 
+// One non-empty document of a packed batch: its row, first token and length, and where its
+// log-sum-exps start ([heads, len] each, packed document after document).
+struct DocumentSpan {
+  int64_t row, start, len, lse_offset;
+};
+
+std::vector<DocumentSpan> document_spans(const torch::Tensor& cu_tokens, int64_t tokens_per_row,
+                                         int64_t heads) {
+  const auto cu = cu_tokens.contiguous();
+  const int64_t* c = cu.data_ptr<int64_t>();
+  std::vector<DocumentSpan> spans;
+  for (int64_t d = 0; d + 1 < cu.numel(); ++d) {
+    if (c[d + 1] <= c[d]) continue;
+    spans.push_back({c[d] / tokens_per_row, c[d] % tokens_per_row, c[d + 1] - c[d], heads * c[d]});
+  }
+  return spans;
+}
+
+// The first element of document `d` in t [B, H, T, D].
+template <typename T>
+T* at_document(const torch::Tensor& t, const DocumentSpan& d) {
+  return data_of<T>(t) + d.row * t.stride(0) + d.start * t.stride(2);
+}
+
+// Causal attention within each document of a packed batch on CPU: cpu_attention.h once per
+// document (batch 1, its own length), writing into the batch-wide output and gradients.
+class AttentionCpuDocumentsFunction
+    : public torch::autograd::Function<AttentionCpuDocumentsFunction> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& q_in,
+                               const torch::Tensor& k_in, const torch::Tensor& v_in,
+                               const torch::Tensor& cu_tokens, double scale) {
+    auto q = rows_contiguous(q_in), k = rows_contiguous(k_in), v = rows_contiguous(v_in);
+    const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
+    auto out = torch::empty({B, T, H, D}, q.options()).transpose(1, 2);
+    auto lse = torch::empty({H * B * T}, q.options().dtype(torch::kFloat32));
+    for (const auto& d : document_spans(cu_tokens, T, H)) {
+      auto s = shape_of(q, k, /*causal=*/true, scale);
+      s.batch = 1;
+      s.queries = s.keys = d.len;
+      if (q.scalar_type() == torch::kBFloat16) {
+        cpu::attention_forward(
+            s, at_document<uint16_t>(q, d), head_strides(q), at_document<uint16_t>(k, d),
+            head_strides(k), at_document<uint16_t>(v, d), head_strides(v),
+            at_document<uint16_t>(out, d), head_strides(out), lse.data_ptr<float>() + d.lse_offset);
+      } else {
+        cpu::attention_forward(s, at_document<float>(q, d), head_strides(q),
+                               at_document<float>(k, d), head_strides(k), at_document<float>(v, d),
+                               head_strides(v), at_document<float>(out, d), head_strides(out),
+                               lse.data_ptr<float>() + d.lse_offset);
+      }
+    }
+    ctx->save_for_backward({q, k, v, out, lse, cu_tokens});
+    ctx->saved_data["scale"] = scale;
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto &q = saved[0], &k = saved[1], &v = saved[2], &out = saved[3], &lse = saved[4];
+    const double scale = ctx->saved_data["scale"].toDouble();
+    auto dout = rows_contiguous(grads[0]);
+    // Every token lies in a document, so every element below is written.
+    auto dq = torch::empty_like(q), dk = torch::empty_like(k), dv = torch::empty_like(v);
+    for (const auto& d : document_spans(saved[5], q.size(2), q.size(1))) {
+      auto s = shape_of(q, k, /*causal=*/true, scale);
+      s.batch = 1;
+      s.queries = s.keys = d.len;
+      const float* l = lse.data_ptr<float>() + d.lse_offset;
+      if (q.scalar_type() == torch::kBFloat16) {
+        using T = uint16_t;
+        cpu::attention_backward(
+            s, at_document<T>(q, d), head_strides(q), at_document<T>(k, d), head_strides(k),
+            at_document<T>(v, d), head_strides(v), at_document<T>(out, d), head_strides(out),
+            at_document<T>(dout, d), head_strides(dout), l, at_document<T>(dq, d), head_strides(dq),
+            at_document<T>(dk, d), head_strides(dk), at_document<T>(dv, d), head_strides(dv));
+      } else {
+        using T = float;
+        cpu::attention_backward(
+            s, at_document<T>(q, d), head_strides(q), at_document<T>(k, d), head_strides(k),
+            at_document<T>(v, d), head_strides(v), at_document<T>(out, d), head_strides(out),
+            at_document<T>(dout, d), head_strides(dout), l, at_document<T>(dq, d), head_strides(dq),
+            at_document<T>(dk, d), head_strides(dk), at_document<T>(dv, d), head_strides(dv));
+      }
+    }
+    return {dq, dk, dv, torch::Tensor(), torch::Tensor()};
+  }
+};
+
+// Whether `documents` describes q, k, v: self-attention of B rows of T tokens, boundaries from 0
+// to B·T that never cross a row.
+bool documents_fit(const AttentionDocuments& docs, const torch::Tensor& q, const torch::Tensor& k) {
+  if (q.dim() != 4 || k.dim() != 4 || q.size(2) != k.size(2) || q.size(2) == 0 ||
+      !docs.cu_tokens.defined() || docs.cu_tokens.dim() != 1 || docs.cu_tokens.numel() < 2 ||
+      docs.cu_tokens.scalar_type() != torch::kInt64 || !docs.cu_tokens.device().is_cpu()) {
+    return false;
+  }
+  const int64_t T = q.size(2);
+  const auto cu = docs.cu_tokens.contiguous();
+  const int64_t* c = cu.data_ptr<int64_t>();
+  const int64_t n = cu.numel();
+  if (c[0] != 0 || c[n - 1] != q.size(0) * T) return false;
+  int64_t longest = 0;
+  for (int64_t d = 0; d + 1 < n; ++d) {
+    if (c[d + 1] < c[d]) return false;
+    if (c[d + 1] > c[d] && c[d] / T != (c[d + 1] - 1) / T) return false;  // crosses a row
+    longest = std::max(longest, c[d + 1] - c[d]);
+  }
+  return longest == docs.max_len;
+}
+
 // The dtype Aviary's CPU attention runs in for these inputs, or nullopt for ATen's SDPA: fp32 or
 // bf16 CPU tensors of one dtype (bf16 autocast casts fp32 ones first, as it does for SDPA), unless
 // ops.impl is torch.
@@ -185,17 +299,43 @@ KernelStrides kernel_strides(const torch::Tensor& t) {
   return {t.stride(0), t.stride(2), t.stride(1)};
 }
 
+// The varlen kernels' layout: the B rows of T tokens one token axis ([B·T, H, D], a token's heads
+// side by side, as the model's [B, T, H, D] projections are), with the kernel_layout() rules.
+torch::Tensor token_major_layout(const torch::Tensor& t) {
+  const bool fits = t.stride(3) == 1 && t.stride(1) % 8 == 0 && t.stride(2) % 8 == 0 &&
+                    (t.size(0) == 1 || t.stride(0) == t.size(2) * t.stride(2)) &&
+                    reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  return fits ? t : t.transpose(1, 2).clone(at::MemoryFormat::Contiguous).transpose(1, 2);
+}
+
+// Varlen params over packed documents (ops::AttentionDocuments): the documents are the kernels'
+// sequences, batch strides unused, lse [H, B·T].
+template <typename Params>
+void set_documents(Params& p, const torch::Tensor& cu, int64_t max_len, int64_t total_tokens) {
+  p.cu_seqlens_q = p.cu_seqlens_k = cu.data_ptr<int32_t>();
+  p.batch = cu.numel() - 1;
+  p.seqlen_q = p.seqlen_k = max_len;
+  p.lse_batch_stride = 0;
+  p.lse_head_stride = total_tokens;
+}
+
 class AttentionCudaFunction : public torch::autograd::Function<AttentionCudaFunction> {
  public:
+  // cu: undefined for a fixed-length batch; for packed documents, their int32 boundaries on the
+  // device (AttentionDocuments::cu_tokens_device), with causal set and max_len their longest.
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& q_in,
                                const torch::Tensor& k_in, const torch::Tensor& v_in, bool causal,
-                               double scale) {
+                               double scale, const torch::Tensor& cu, int64_t max_len) {
     const c10::cuda::CUDAGuard guard(q_in.device());
-    auto q = kernel_layout(q_in), k = kernel_layout(k_in), v = kernel_layout(v_in);
+    const bool varlen = cu.defined();
+    const auto layout = varlen ? token_major_layout : kernel_layout;
+    auto q = layout(q_in), k = layout(k_in), v = layout(v_in);
     const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), D = q.size(3);
     // [B, Tq, H, D] in memory, as the CPU path: the caller's transpose + reshape is a view.
     auto out = torch::empty({B, Tq, H, D}, q.options()).transpose(1, 2);
-    auto lse = torch::empty({B, H, Tq}, q.options().dtype(torch::kFloat32));
+    // [B, H, Tq] for a fixed-length batch, [H, B·Tq] over documents.
+    auto lse = varlen ? torch::empty({H, B * Tq}, q.options().dtype(torch::kFloat32))
+                      : torch::empty({B, H, Tq}, q.options().dtype(torch::kFloat32));
     kernels::AttentionForwardParams p;
     kernel_dtype(q.scalar_type(), &p.dtype);
     p.q = q.data_ptr();
@@ -219,10 +359,12 @@ class AttentionCudaFunction : public torch::autograd::Function<AttentionCudaFunc
     p.lse_head_stride = Tq;
     p.softmax_scale = static_cast<float>(scale);
     p.causal = causal;
+    if (varlen) set_documents(p, cu, max_len, B * Tq);
     const cudaError_t err =
         kernels::attention_forward(p, at::cuda::getCurrentCUDAStream(q.device().index()).stream());
     if (err != cudaSuccess) throw_kernel_error(err, "kernels::attention_forward", "ops.attention");
-    save_for_backward(ctx, {q, k, v, out, lse}, causal, scale);
+    save_for_backward(ctx, {q, k, v, out, lse, cu}, causal, scale);
+    ctx->saved_data["max_len"] = max_len;
     return out;
   }
 
@@ -230,8 +372,10 @@ class AttentionCudaFunction : public torch::autograd::Function<AttentionCudaFunc
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const auto &q = saved[0], &k = saved[1], &v = saved[2], &out = saved[3], &lse = saved[4];
+    const auto& cu = saved[5];
     const c10::cuda::CUDAGuard guard(q.device());
-    auto dout = kernel_layout(grads[0].to(q.scalar_type()));
+    const bool varlen = cu.defined();
+    auto dout = (varlen ? token_major_layout : kernel_layout)(grads[0].to(q.scalar_type()));
     // empty_like keeps q's, k's and v's strides: multiples of 8, as the kernels need.
     auto dq = torch::empty_like(q), dk = torch::empty_like(k), dv = torch::empty_like(v);
     kernels::AttentionBackwardParams p;
@@ -266,6 +410,7 @@ class AttentionCudaFunction : public torch::autograd::Function<AttentionCudaFunc
     p.lse_head_stride = lse.stride(1);
     p.softmax_scale = static_cast<float>(ctx->saved_data["scale"].toDouble());
     p.causal = ctx->saved_data["causal"].toBool();
+    if (varlen) set_documents(p, cu, ctx->saved_data["max_len"].toInt(), q.size(0) * q.size(2));
     const size_t bytes = kernels::attention_backward_workspace_bytes(p);
     // fp32 elements, rounded up: the caching allocator's blocks are 512-byte aligned.
     auto workspace =
@@ -275,7 +420,7 @@ class AttentionCudaFunction : public torch::autograd::Function<AttentionCudaFunc
     const cudaError_t err =
         kernels::attention_backward(p, at::cuda::getCurrentCUDAStream(q.device().index()).stream());
     if (err != cudaSuccess) throw_kernel_error(err, "kernels::attention_backward", "ops.attention");
-    return {dq, dk, dv, torch::Tensor(), torch::Tensor()};
+    return {dq, dk, dv, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
 
@@ -284,9 +429,28 @@ class AttentionCudaFunction : public torch::autograd::Function<AttentionCudaFunc
 }  // namespace
 
 torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                        const std::optional<torch::Tensor>& mask, bool causal) {
+                        const std::optional<torch::Tensor>& mask, bool causal,
+                        const AttentionDocuments* documents) {
   const double scale = 1.0 / std::sqrt(static_cast<double>(q.size(-1)));
   const bool gqa = q.size(1) != k.size(1);
+  if (documents && documents_fit(*documents, q, k)) {
+    if (const auto dtype = cpu_attention_dtype(q, k, v, /*causal=*/true)) {
+      return AttentionCpuDocumentsFunction::apply(q.to(*dtype), k.to(*dtype), v.to(*dtype),
+                                                  documents->cu_tokens, scale);
+    }
+#if AVIARY_OPS_KERNELS
+    const auto& cu = documents->cu_tokens_device;
+    if (q.is_cuda() && cu.defined() && cu.device() == q.device() &&
+        cu.scalar_type() == torch::kInt32 && cu.numel() == documents->cu_tokens.numel() &&
+        cu.numel() - 1 <= 65535) {
+      const auto dtype = kernel_attention_dtype(q, k, v, /*causal=*/true);
+      if (dtype && use_kernel(Op::kAttention, q.device())) {
+        return AttentionCudaFunction::apply(q.to(*dtype), k.to(*dtype), v.to(*dtype), true, scale,
+                                            cu, documents->max_len);
+      }
+    }
+#endif
+  }
   if (mask) {
     return at::scaled_dot_product_attention(q, k, v, *mask, 0.0, false, scale, gqa);
   }
@@ -300,7 +464,8 @@ torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const to
   if (q.is_cuda()) {
     const auto dtype = kernel_attention_dtype(q, k, v, masked);
     if (dtype && use_kernel(Op::kAttention, q.device())) {
-      return AttentionCudaFunction::apply(q.to(*dtype), k.to(*dtype), v.to(*dtype), masked, scale);
+      return AttentionCudaFunction::apply(q.to(*dtype), k.to(*dtype), v.to(*dtype), masked, scale,
+                                          torch::Tensor(), 0);
     }
   }
 #endif

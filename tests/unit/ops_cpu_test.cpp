@@ -12,6 +12,7 @@
 #include <torch/torch.h>
 
 #include "aviary/core/error.h"
+#include "aviary/nn/document_mask.h"
 #include "aviary/ops/attention.h"
 #include "aviary/ops/autocast.h"
 #include "aviary/ops/cross_entropy.h"
@@ -552,6 +553,76 @@ TEST(CpuAttentionDispatch, MasksOpsImplTorchAndOtherDtypesTakeSdpa) {
   EXPECT_FALSE(made_by(ops::attention(qd, qd, qd, std::nullopt, true), "AttentionCpuFunction"));
   ImplGuard torch_impl(ops::OpsImpl::kTorch);
   EXPECT_FALSE(made_by(ops::attention(q, k, k, std::nullopt, true), "AttentionCpuFunction"));
+}
+
+// Packed documents: row 0 cut at 30 (then an empty document) and 75; row 1 one document, its
+// boundary past the row's end (as data::Batch may give it).
+nn::DocumentAttention packed_documents(int64_t length) {
+  return nn::document_attention({{0, 30, 30, 75, length}, {0, length + 20}}, length, torch::kCPU);
+}
+
+TEST(CpuAttentionDocuments, EachDocumentRunsAloneAndMatchesTheDenseMaskInDouble) {
+  torch::manual_seed(21);
+  const int64_t T = 100;
+  const auto docs = packed_documents(T);
+  ASSERT_TRUE(docs.mask.documents.has_value());
+  const auto& documents = *docs.mask.documents;
+  EXPECT_TRUE(
+      torch::equal(documents.cu_tokens, torch::tensor({0, 30, 30, 75, 100, 200}, torch::kInt64)));
+  EXPECT_EQ(documents.max_len, 100);
+  EXPECT_FALSE(documents.cu_tokens_device.defined());  // CPU
+  auto q = heads_view(2, T, 4, 16, torch::kFloat32);
+  auto k = heads_view(2, T, 2, 16, torch::kFloat32);
+  auto v = heads_view(2, T, 2, 16, torch::kFloat32);
+  auto grad = torch::randn({2, 4, T, 16});
+  // The dense mask's attention in double (SDPA's math path): the oracle.
+  auto qd = q.detach().to(torch::kDouble).requires_grad_(true);
+  auto kd = k.detach().to(torch::kDouble).requires_grad_(true);
+  auto vd = v.detach().to(torch::kDouble).requires_grad_(true);
+  auto want = at::scaled_dot_product_attention(qd, kd, vd, *docs.mask.mask, 0.0, false,
+                                               1.0 / std::sqrt(16.0), true);
+  auto want_grads = torch::autograd::grad({want}, {qd, kd, vd}, {grad.to(torch::kDouble)});
+  for (auto dtype : {torch::kFloat32, torch::kBFloat16}) {
+    auto qx = q.detach().to(dtype).requires_grad_(true);
+    auto kx = k.detach().to(dtype).requires_grad_(true);
+    auto vx = v.detach().to(dtype).requires_grad_(true);
+    auto out = ops::attention(qx, kx, vx, docs.mask.mask, false, &documents);
+    ASSERT_TRUE(made_by(out, "AttentionCpuDocumentsFunction")) << c10::toString(dtype);
+    EXPECT_EQ(out.scalar_type(), dtype);
+    auto got = torch::autograd::grad({out}, {qx, kx, vx}, {grad.to(dtype)});
+    // fp32: as the unmasked op (Fp32MatchesSdpa...); bf16: bf16 operands, as Bf16IsFp32Maths...
+    const bool fp32 = dtype == torch::kFloat32;
+    EXPECT_LT(max_rel(out, want), fp32 ? 2e-6 : 1e-2) << c10::toString(dtype);
+    for (size_t i = 0; i < got.size(); ++i) {
+      EXPECT_LT(max_rel(got[i], want_grads[i]), fp32 ? 1e-5 : 3e-2)
+          << c10::toString(dtype) << " gradient " << i;
+    }
+  }
+}
+
+TEST(CpuAttentionDocuments, BoundariesThatDoNotFitAndOpsImplTorchTakeTheDenseMask) {
+  const int64_t T = 100;
+  const auto docs = packed_documents(T);
+  auto q = heads_view(2, T, 2, 8, torch::kFloat32);
+  auto dense = at::scaled_dot_product_attention(q, q, q, *docs.mask.mask, 0.0, false,
+                                                1.0 / std::sqrt(8.0), false);
+  // Boundaries for another batch size, one that crosses a row, and a wrong max_len.
+  auto bad = *docs.mask.documents;
+  for (const auto& cu : {std::vector<int64_t>{0, 30, 100}, std::vector<int64_t>{0, 30, 150, 200}}) {
+    bad.cu_tokens = torch::tensor(cu, torch::kInt64);
+    bad.max_len = 120;
+    auto out = ops::attention(q, q, q, docs.mask.mask, false, &bad);
+    EXPECT_FALSE(made_by(out, "AttentionCpuDocumentsFunction"));
+    EXPECT_TRUE(torch::allclose(out, dense, 1e-5, 1e-6));
+  }
+  bad = *docs.mask.documents;
+  bad.max_len = 99;
+  EXPECT_FALSE(made_by(ops::attention(q, q, q, docs.mask.mask, false, &bad),
+                       "AttentionCpuDocumentsFunction"));
+  ImplGuard torch_impl(ops::OpsImpl::kTorch);
+  auto out = ops::attention(q, q, q, docs.mask.mask, false, &*docs.mask.documents);
+  EXPECT_FALSE(made_by(out, "AttentionCpuDocumentsFunction"));
+  EXPECT_TRUE(torch::allclose(out, dense, 1e-5, 1e-6));
 }
 
 TEST(CpuEmbedding, LookupAndGradientMatchTheReferenceWithRepeatedIds) {

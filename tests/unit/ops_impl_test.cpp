@@ -15,6 +15,7 @@
 #include "aviary/dist/comm.h"
 #include "aviary/dist/data_parallel.h"
 #include "aviary/models/aquila_config.h"
+#include "aviary/nn/document_mask.h"
 #include "aviary/ops/attention.h"
 #include "aviary/ops/autocast.h"
 #include "aviary/ops/cross_entropy.h"
@@ -262,8 +263,8 @@ TEST(BenchKernels, CpuJsonHasFiguresThatAgree) {
   // One GEMM ceiling on CPU, fp32: bf16 arithmetic runs through fp32 there.
   ASSERT_EQ(j["ceilings"]["gemm_tflops"].size(), 1u);
   EXPECT_GT(j["ceilings"]["gemm_tflops"]["fp32"].get<double>(), 0.0);
-  // rms_norm x 2 shapes + attention fwd and fwd+bwd, per dtype.
-  ASSERT_EQ(j["rows"].size(), 8u) << j.dump(1);
+  // rms_norm x 2 shapes + attention fwd and fwd+bwd, causal and over packed documents, per dtype.
+  ASSERT_EQ(j["rows"].size(), 12u) << j.dump(1);
   for (const auto& row : j["rows"]) {
     EXPECT_NE(row["op"], "rope");
     EXPECT_GT(row["ms"].get<double>(), 0.0);
@@ -611,6 +612,66 @@ TEST(OpsAttentionCuda, TheModelsLayoutAutocastAndOddStridesWork) {
   auto dq = torch::autograd::grad({o}, {q32}, {torch::ones_like(o)})[0];
   EXPECT_EQ(dq.scalar_type(), torch::kFloat32);
   EXPECT_TRUE(torch::isfinite(dq).all().item<bool>());
+}
+
+// Packed documents (nn::document_attention on the GPU): the varlen kernels over the documents'
+// boundaries against the dense mask's SDPA (ops.impl torch), both against the dense mask's
+// attention in double: o, dq, dk, dv.
+TEST(OpsAttentionCuda, PackedDocumentsRunVarlenWithinTwiceTheDenseMasksError) {
+  if (!have_cuda()) GTEST_SKIP() << "no CUDA device";
+  if (!ops::kernels_built()) GTEST_SKIP() << "this build has no CUDA kernels";
+  ImplGuard guard;
+  torch::manual_seed(19);
+  const int64_t B = 2, T = 150, H = 4, KVH = 2;
+  // Row 0: documents of 40, 0 (empty), 73 and 37 tokens; row 1: one, its boundary past the end.
+  const auto docs = nn::document_attention({{0, 40, 40, 113, T}, {0, T + 7}}, T, torch::kCUDA);
+  ASSERT_TRUE(docs.mask.documents && docs.mask.documents->cu_tokens_device.defined());
+  const auto& documents = *docs.mask.documents;
+  const auto dense = docs.mask.mask->to(torch::kCPU);
+  for (auto dtype : {torch::kBFloat16, torch::kFloat16}) {
+    for (int64_t dim : {64, 128}) {
+      auto opts = torch::TensorOptions().dtype(dtype).device(torch::kCUDA);
+      // The model's layout: [B, T, H, D] projections viewed as [B, H, T, D].
+      auto q = torch::randn({B, T, H, dim}, opts).transpose(1, 2);
+      auto k = torch::randn({B, T, KVH, dim}, opts).transpose(1, 2);
+      auto v = torch::randn({B, T, KVH, dim}, opts).transpose(1, 2);
+      auto grad = torch::randn({B, H, T, dim}, opts);
+      auto qd = q.to(torch::kCPU, torch::kFloat64).requires_grad_();
+      auto kd = k.to(torch::kCPU, torch::kFloat64).requires_grad_();
+      auto vd = v.to(torch::kCPU, torch::kFloat64).requires_grad_();
+      auto scores = torch::matmul(qd, kd.repeat_interleave(H / KVH, 1).transpose(-2, -1)) /
+                    std::sqrt(static_cast<double>(dim));
+      auto o = torch::matmul(torch::softmax(scores.masked_fill(dense.logical_not(), -INFINITY), -1),
+                             vd.repeat_interleave(H / KVH, 1));
+      auto g = torch::autograd::grad({o}, {qd, kd, vd}, {grad.to(torch::kCPU, torch::kFloat64)});
+      const std::vector<torch::Tensor> exact = {o.detach(), g[0], g[1], g[2]};
+      std::vector<torch::Tensor> got[2];
+      for (int impl = 0; impl < 2; ++impl) {
+        ops::set_ops_impl(impl == 0 ? OpsImpl::kAviary : OpsImpl::kTorch);
+        auto qr = q.detach().requires_grad_(), kr = k.detach().requires_grad_(),
+             vr = v.detach().requires_grad_();
+        auto out = ops::attention(qr, kr, vr, docs.mask.mask, false, &documents);
+        if (impl == 0) {
+          ASSERT_TRUE(out.grad_fn() &&
+                      std::string(out.grad_fn()->name()).find("AttentionCudaFunction") !=
+                          std::string::npos);
+        }
+        auto grads = torch::autograd::grad({out}, {qr, kr, vr}, {grad});
+        got[impl] = {out.detach(), grads[0], grads[1], grads[2]};
+      }
+      const char* names[] = {"o", "dq", "dk", "dv"};
+      const double atol = dtype == torch::kBFloat16 ? 1e-3 : 2e-4;
+      for (size_t t = 0; t < 4; ++t) {
+        auto err = [&](const torch::Tensor& x) {
+          return (x.to(torch::kCPU, torch::kFloat64) - exact[t]).abs().max().item<double>();
+        };
+        const double scale = std::max(1.0, exact[t].abs().max().item<double>());
+        EXPECT_LE(err(got[0][t]), 2 * err(got[1][t]) + atol * scale)
+            << c10::toString(dtype) << " d" << dim << " " << names[t] << ": varlen "
+            << err(got[0][t]) << ", SDPA " << err(got[1][t]);
+      }
+    }
+  }
 }
 
 TEST(OpsAttentionCuda, WhatTheKernelCannotTakeGoesToSdpa) {

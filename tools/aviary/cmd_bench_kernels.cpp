@@ -24,6 +24,7 @@
 
 #include "aviary/core/dtype.h"
 #include "aviary/core/error.h"
+#include "aviary/nn/document_mask.h"
 #include "aviary/ops/attention.h"
 #include "aviary/ops/cross_entropy.h"
 #include "aviary/ops/impl.h"
@@ -202,7 +203,10 @@ void cross_entropy_cases(const Context& c, std::vector<BenchCase>& out) {
   out.push_back(both);
 }
 
-// Causal self-attention with grouped-query heads, forward and forward + backward.
+void document_attention_cases(const Context& c, std::vector<BenchCase>& out);
+
+// Causal self-attention with grouped-query heads, forward and forward + backward; then over
+// packed documents.
 void attention_cases(const Context& c, std::vector<BenchCase>& out) {
   // B x T = 16k tokens at d = 128 on CUDA (the DESIGN target's shape).
   const int64_t B = c.cuda() ? 8 : 1, H = c.cuda() ? 32 : 8, KVH = c.cuda() ? 8 : 2,
@@ -257,6 +261,61 @@ void attention_cases(const Context& c, std::vector<BenchCase>& out) {
   both.flops = 3.5 * fwd_flops;
   both.ours = [=] { return backward(ops::attention(qg, kg, vg, std::nullopt, true)); };
   both.baseline = [=] { return backward(baseline(qg, kg, vg)); };
+  out.push_back(both);
+  document_attention_cases(c, out);
+}
+
+// Causal attention over packed documents (the SFT configs' document_mask): each row holds 8
+// documents of equal length, run per document (CPU) or varlen (CUDA), against SDPA with the dense
+// [T, T] mask the documents make.
+void document_attention_cases(const Context& c, std::vector<BenchCase>& out) {
+  const int64_t B = c.cuda() ? 8 : 1, H = c.cuda() ? 32 : 8, KVH = c.cuda() ? 8 : 2,
+                T = c.cuda() ? 2048 : 1024, D = c.cuda() ? 128 : 64, docs = 8;
+  std::vector<int32_t> cu;
+  for (int64_t d = 0; d <= docs; ++d)
+    cu.push_back(static_cast<int32_t>(d * T / docs));
+  const auto documents = nn::document_attention(
+      std::vector<std::vector<int32_t>>(static_cast<size_t>(B), cu), T, c.device);
+  const auto mask = documents.mask;
+  auto q = torch::randn({B, T, H, D}, c.options()).transpose(1, 2);
+  auto k = torch::randn({B, T, KVH, D}, c.options()).transpose(1, 2);
+  auto v = torch::randn({B, T, KVH, D}, c.options()).transpose(1, 2);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  const int64_t len = T / docs;
+  // Each document's causal half.
+  const double fwd_flops = 2.0 * static_cast<double>(B * H * docs) *
+                           static_cast<double>(len * len) * static_cast<double>(D);
+  const double io = c.elem() * static_cast<double>(2 * B * H * T * D + 2 * B * KVH * T * D);
+  BenchCase fwd;
+  fwd.op = "attention";
+  fwd.shape = fmt::format("B{} H{}/{} T{} D{} {} documents", B, H, KVH, T, D, docs);
+  fwd.bytes = io;
+  fwd.flops = fwd_flops;
+  fwd.op_id = ops::Op::kAttention;
+  fwd.ours = [=] { return ops::attention(q, k, v, mask.mask, false, &*mask.documents); };
+  fwd.baseline_name = "SDPA, dense document mask";
+  fwd.baseline = [=] {
+    return at::scaled_dot_product_attention(q, k, v, *mask.mask, 0.0, false, scale, true);
+  };
+  out.push_back(fwd);
+
+  auto qg = q.detach().requires_grad_(), kg = k.detach().requires_grad_(),
+       vg = v.detach().requires_grad_();
+  auto grad = torch::randn({B, H, T, D}, c.options());
+  auto backward = [=](const torch::Tensor& o) {
+    return torch::autograd::grad({o}, {qg, kg, vg}, {grad})[0];
+  };
+  BenchCase both = fwd;
+  both.pass = "fwd+bwd";
+  both.bytes = 2.5 * io;
+  both.flops = 3.5 * fwd_flops;
+  both.ours = [=] {
+    return backward(ops::attention(qg, kg, vg, mask.mask, false, &*mask.documents));
+  };
+  both.baseline = [=] {
+    return backward(
+        at::scaled_dot_product_attention(qg, kg, vg, *mask.mask, 0.0, false, scale, true));
+  };
   out.push_back(both);
 }
 

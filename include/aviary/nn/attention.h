@@ -9,6 +9,7 @@
 
 #include "aviary/nn/kv_cache.h"
 #include "aviary/nn/linear.h"
+#include "aviary/ops/attention.h"
 #include "aviary/ops/rope.h"
 
 namespace aviary::nn {
@@ -17,6 +18,9 @@ namespace aviary::nn {
 struct AttentionMask {
   bool causal = true;                 // used when `mask` is empty
   std::optional<torch::Tensor> mask;  // bool [B, 1, Tq, Tk], true = may attend
+  // Packed documents (nn/document_mask.h): `mask` as boundaries, which ops::attention runs
+  // without the [T, T] mask where it can. Ignored with a KV cache.
+  std::optional<ops::AttentionDocuments> documents;
 };
 
 class SelfAttentionImpl : public torch::nn::Module {

@@ -16,7 +16,24 @@ namespace aviary::ops {
 // and f16 inputs (fp32 under CUDA autocast) with head dim 64 or 128 run Aviary's FlashAttention-2
 // kernels (kernels/attention.h) where ops::use_kernel(Op::kAttention) says so (docs/kernels.md).
 // Everything else runs ATen's scaled_dot_product_attention.
+//
+// `documents` (packed training rows): causal self-attention (Tq == Tk == T) in which the B rows of
+// T tokens are cut into documents that each see only themselves, the same attention as `mask`
+// (which must also be given: it is what SDPA runs when neither path below applies). On CPU
+// (fp32, bf16) Aviary's attention runs once per document, so the work is the sum of the documents'
+// squared lengths, not B·T²; on CUDA the kernels run varlen over the documents (cu_seqlens).
+struct AttentionDocuments {
+  // int64 [docs + 1] on CPU: boundaries over the B·T tokens taken row after row, from 0 to B·T,
+  // non-decreasing (empty documents allowed); no document crosses from one row into the next.
+  torch::Tensor cu_tokens;
+  // The same as int32 on the tensors' CUDA device (the varlen kernels read it there); undefined
+  // for CPU tensors.
+  torch::Tensor cu_tokens_device;
+  int64_t max_len = 0;  // the longest document
+};
+
 torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                        const std::optional<torch::Tensor>& mask, bool causal);
+                        const std::optional<torch::Tensor>& mask, bool causal,
+                        const AttentionDocuments* documents = nullptr);
 
 }  // namespace aviary::ops
