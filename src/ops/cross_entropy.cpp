@@ -113,6 +113,23 @@ class CrossEntropyCpuFunction : public torch::autograd::Function<CrossEntropyCpu
   }
 };
 
+// The gradients a fused loss head's forward made (saved as "dhidden" and "dweight"), taken out of
+// the context so that AccumulateGrad can adopt them instead of copying; a second backward is an
+// error.
+std::pair<torch::Tensor, torch::Tensor> take_loss_head_gradients(
+    torch::autograd::AutogradContext* ctx) {
+  if (!ctx->saved_data.count("dhidden")) {
+    throw Error(ErrorKind::kInternal, "the fused lm_head + cross-entropy was differentiated twice",
+                "ops::linear_cross_entropy",
+                "its gradients are handed over once; set ops.impl: torch to keep the graph");
+  }
+  auto dhidden = ctx->saved_data["dhidden"].toTensor();
+  auto dweight = ctx->saved_data["dweight"].toTensor();
+  ctx->saved_data.erase("dhidden");
+  ctx->saved_data.erase("dweight");
+  return {dhidden, dweight};
+}
+
 // lm_head and the loss in one op (see linear_cross_entropy in the header). In fp32 each chunk of
 // logits becomes its own gradient in place, the operand of the fp32 gradient GEMMs. In bf16 (CPU
 // autocast) the operands are autocast's bf16 casts of hidden and weight, the logits come out of a
@@ -198,17 +215,7 @@ class LinearCrossEntropyCpuFunction
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    if (!ctx->saved_data.count("dhidden")) {
-      throw Error(ErrorKind::kInternal,
-                  "the fused lm_head + cross-entropy was differentiated twice",
-                  "ops::linear_cross_entropy",
-                  "its gradients are handed over once; set ops.impl: torch to keep the graph");
-    }
-    // Taken out of the context, so that AccumulateGrad can adopt them instead of copying.
-    auto dhidden = ctx->saved_data["dhidden"].toTensor();
-    auto dweight = ctx->saved_data["dweight"].toTensor();
-    ctx->saved_data.erase("dhidden");
-    ctx->saved_data.erase("dweight");
+    auto [dhidden, dweight] = take_loss_head_gradients(ctx);
     const double grad_out = grads[0].to(torch::kFloat64).item<double>();
     for (auto* g : {&dhidden, &dweight}) {
       if (g->defined() && grad_out != 1.0) g->mul_(grad_out);
@@ -407,16 +414,7 @@ class LinearCrossEntropyCudaFunction
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    if (!ctx->saved_data.count("dhidden")) {
-      throw Error(ErrorKind::kInternal,
-                  "the fused lm_head + cross-entropy was differentiated twice",
-                  "ops::linear_cross_entropy",
-                  "its gradients are handed over once; set ops.impl: torch to keep the graph");
-    }
-    auto dhidden = ctx->saved_data["dhidden"].toTensor();
-    auto dweight = ctx->saved_data["dweight"].toTensor();
-    ctx->saved_data.erase("dhidden");
-    ctx->saved_data.erase("dweight");
+    auto [dhidden, dweight] = take_loss_head_gradients(ctx);
     // grad_out is a device scalar (usually 1): scaling by it costs a pass, never a host wait.
     const auto& grad_out = grads[0];
     for (auto* g : {&dhidden, &dweight}) {
