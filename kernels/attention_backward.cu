@@ -49,7 +49,7 @@ __device__ __forceinline__ int64_t seq_base(bool varlen, int b, int64_t tok0, in
 // ---- 1. D = rowsum(dO * O) ---------------------------------------------------------------------
 
 // Block: 4 query rows (one per warp) of head blockIdx.y of sequence blockIdx.z. D[h][token] at
-// dsum[h * rows_cap + token], rows_cap = batch * seqlen_q.
+// dsum[h * rows_cap + token], rows_cap = batch * seqlen_q (varlen: total_q when set).
 template <DType D, int kD>
 __global__ void __launch_bounds__(kThreads)
     attention_backward_dot_kernel(const AttentionBackwardParams p, float* dsum, int64_t rows_cap) {
@@ -490,7 +490,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 int64_t rows_cap_of(const AttentionBackwardParams& p) {
-  return p.batch * p.seqlen_q;
+  return p.cu_seqlens_q != nullptr && p.total_q > 0 ? p.total_q : p.batch * p.seqlen_q;
 }
 
 template <DType D, int kD>
@@ -573,6 +573,7 @@ cudaError_t attention_backward(const AttentionBackwardParams& p, cudaStream_t st
                         "attention_backward: tensors must be 16-byte aligned");
   AVIARY_KERNEL_REQUIRE(p.lse_head_stride >= 0 && p.lse_batch_stride >= 0,
                         "attention_backward: negative lse stride");
+  AVIARY_KERNEL_REQUIRE(p.total_q >= 0, "attention_backward: negative total_q");
   const size_t needed = attention_backward_workspace_bytes(p);
   AVIARY_KERNEL_REQUIRE(needed == 0 || (p.workspace != nullptr && attention_aligned16(p.workspace)),
                         "attention_backward: needs a 16-byte aligned workspace");

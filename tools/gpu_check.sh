@@ -44,6 +44,7 @@
 #   GPU_CHECK_ALLOW_NO_GPU 1: a plumbing run on a machine without a GPU (the gpu tests skip, bench
 #                          and train run on CPU, nothing is validated)
 #   GPU_CHECK_SANITIZER_EXCLUDE  gtest patterns of large-shape tests the sanitizer skips
+#   GPU_CHECK_SANITIZER_RUN_S    the limit of each sanitizer run (default 95; the runs go in parallel)
 # The stage_* functions are called indirectly (--stage NAME).
 # shellcheck disable=SC2317
 set -uo pipefail
@@ -62,9 +63,10 @@ TARGETS=${GPU_CHECK_TARGETS:-aviary_cli aviary_gpu_tests}
 TEST_TARGETS=${GPU_CHECK_TEST_TARGETS:-aviary_unit_tests}
 SKIP=" ${GPU_CHECK_SKIP:-} "
 NO_GPU_OK=${GPU_CHECK_ALLOW_NO_GPU:-0}
-SAN_EXCLUDE=${GPU_CHECK_SANITIZER_EXCLUDE:-*_r64_*:*_r4801*:*_c4096_*:*_c4099_*:*_c8195_*:*_c16384*:*_c32768*:*_s1023_*:*_s1024*:*_k1000_*:*_s256_*:*_s257_*:*_s511_*:*_q200_*:*_q300_*:*_v1023_*:*_v8195_*:*varlen*:*Large*:*large*}
+SAN_RUN_LIMIT=${GPU_CHECK_SANITIZER_RUN_S:-95}
+SAN_EXCLUDE=${GPU_CHECK_SANITIZER_EXCLUDE:-*_r64_*:*_r4801*:*_c4096_*:*_c4099_*:*_c8195_*:*_c16384*:*_c32768*:*_s1023_*:*_s1024*:*_k1000_*:*_s256_*:*_s257_*:*_s511_*:*_q200_*:*_q300_*:*_v1023_*:*_v8195_*:*_t113*:*_t1023*:*varlen*:*Large*:*large*}
 MULTIARCH=x86_64-linux-gnu
-export OUT WORK BUILD PREFIX PY ROOT DEBS NO_GPU_OK SAN_EXCLUDE MULTIARCH TARGETS TEST_TARGETS JOBS
+export OUT WORK BUILD PREFIX PY ROOT DEBS NO_GPU_OK SAN_EXCLUDE SAN_RUN_LIMIT MULTIARCH TARGETS TEST_TARGETS JOBS
 
 # The unpacked prefix and CUDA, for every stage.
 export PATH="/usr/local/cuda/bin:$PREFIX/usr/bin:$PATH"
@@ -317,30 +319,47 @@ EOF
   fi
 }
 
+# Every (family, tool) run at once, each in its own process under its own limit: the stage takes
+# as long as the slowest run, not the sum (ten runs on one GPU and 16 cores), and the results are
+# printed and recorded in registry order afterwards.
 stage_sanitizer() {
   local san
   san=$(find_sanitizer) || { echo "compute-sanitizer not found"; return 3; }
   registry || return 1
-  local rc=0 kernel filter tool result json
+  local rc=0 kernel filter tool result base small
+  local -a runs=() pids=()
   : >"$WORK/sanitizer.tsv"
   while IFS=$'\t' read -r kernel filter; do
     for tool in memcheck racecheck; do
       # One '-' starts gtest's negative patterns: add the exclusions to it, or start it.
-      local small="$filter-$SAN_EXCLUDE"
+      small="$filter-$SAN_EXCLUDE"
       [[ "$filter" == *-* ]] && small="$filter:$SAN_EXCLUDE"
-      json="$WORK/san_${kernel}_$tool.json"
-      rm -f "$json"
-      echo "-- $tool $kernel: --gtest_filter=$small"
-      run_limited 40 "$san" --tool "$tool" --error-exitcode 86 --print-limit 20 \
-        "$BUILD/tests/aviary_gpu_tests" --gtest_filter="$small" --gtest_brief=1 \
-        --gtest_output="json:$json"
-      result=$(sanitizer_result $? "$json")
-      echo "-- $tool $kernel: $result"
-      printf '%s\t%s\t%s\n' "$kernel" "$tool" "$result" >>"$WORK/sanitizer.tsv"
-      [[ $result == pass ]] || rc=1
+      base="$WORK/san_${kernel}_$tool"
+      rm -f "$base.json" "$base.rc" "$base.log"
+      runs+=("$kernel $tool")
+      (
+        echo "-- $tool $kernel: --gtest_filter=$small"
+        run_limited "$SAN_RUN_LIMIT" "$san" --tool "$tool" --error-exitcode 86 --print-limit 20 \
+          "$BUILD/tests/aviary_gpu_tests" --gtest_filter="$small" --gtest_brief=1 \
+          --gtest_output="json:$base.json"
+        echo $? >"$base.rc"
+      ) >"$base.log" 2>&1 &
+      pids+=($!)
     done
   done < <("$PY" -c 'import json,sys
 for k in json.load(open(sys.argv[1])): print(k["kernel"] + "\t" + k["gpu_tests"])' "$WORK/registry.json")
+  wait "${pids[@]}"
+  local run
+  for run in "${runs[@]}"; do
+    read -r kernel tool <<<"$run"
+    base="$WORK/san_${kernel}_$tool"
+    cat "$base.log"
+    # No rc file: the run was killed before it could write one (counted as a timeout).
+    result=$(sanitizer_result "$(cat "$base.rc" 2>/dev/null || echo 124)" "$base.json")
+    echo "-- $tool $kernel: $result"
+    printf '%s\t%s\t%s\n' "$kernel" "$tool" "$result" >>"$WORK/sanitizer.tsv"
+    [[ $result == pass ]] || rc=1
+  done
   return "$rc"
 }
 

@@ -36,6 +36,7 @@ AquilaForCausalLMImpl::AquilaForCausalLMImpl(AquilaConfig config,
                               nn::Linear(config_.hidden_size, config_.vocab_size, false, options));
   }
   inv_freq_ = ops::rope_inv_freq(config_.head_dim(), config_.rope_theta);
+  rope_base_ = config_.rope_theta;
   if (config_.rope_scaling.type == "linear") inv_freq_ = inv_freq_ / config_.rope_scaling.factor;
   rope_len_cached_ = config_.max_position_embeddings;
 }
@@ -53,9 +54,11 @@ torch::Tensor AquilaForCausalLMImpl::inv_freq_for(int64_t max_position) {
         config_.rope_theta *
         std::pow(f * static_cast<double>(seq_len) / original - (f - 1.0), dim / (dim - 2.0));
     inv_freq_ = ops::rope_inv_freq(config_.head_dim(), base);
+    rope_base_ = base;
     rope_len_cached_ = seq_len;
   } else if (seq_len < original && rope_len_cached_ > original) {
     inv_freq_ = ops::rope_inv_freq(config_.head_dim(), config_.rope_theta);
+    rope_base_ = config_.rope_theta;
     rope_len_cached_ = original;
   }
   return inv_freq_;
@@ -69,6 +72,11 @@ torch::Tensor AquilaForCausalLMImpl::hidden_states(const torch::Tensor& ids,
   const int64_t max_pos =
       config_.rope_scaling.type == "dynamic" ? positions.max().item<int64_t>() : 0;
   auto rope = ops::rope_tables(positions, inv_freq_for(max_pos), h.scalar_type());
+  // The same angles' source, for the CUDA kernel (inv_freq_ = position_scale / base^(2i/D)).
+  rope.positions = positions.to(torch::kInt64).contiguous();
+  rope.theta = rope_base_;
+  rope.position_scale =
+      config_.rope_scaling.type == "linear" ? 1.0 / config_.rope_scaling.factor : 1.0;
   const bool recompute = checkpoint_blocks_ && !cache && torch::GradMode::is_enabled();
   // Without gradients (evaluation) the hooks still bracket each block, so that FSDP gathers one
   // block at a time there too instead of the whole model.

@@ -67,7 +67,7 @@ struct BlockCheckpoint : public torch::autograd::Function<BlockCheckpoint> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
                                const torch::Tensor& cos, const torch::Tensor& sin,
                                DecoderBlockImpl* block, const AttentionMask& mask,
-                               BlockHooks* hooks) {
+                               BlockHooks* hooks, const ops::RopeTables& rope_source) {
     const auto device = x.device().type();
     ctx->save_for_backward({x});
     // Saved data holds IValues only; the block is a module of the model being trained, which
@@ -76,6 +76,10 @@ struct BlockCheckpoint : public torch::autograd::Function<BlockCheckpoint> {
     ctx->saved_data["hooks"] = static_cast<int64_t>(reinterpret_cast<intptr_t>(hooks));
     ctx->saved_data["cos"] = cos;
     ctx->saved_data["sin"] = sin;
+    ctx->saved_data["rope_positions"] =
+        rope_source.positions.defined() ? c10::IValue(rope_source.positions) : c10::IValue();
+    ctx->saved_data["rope_theta"] = rope_source.theta;
+    ctx->saved_data["rope_position_scale"] = rope_source.position_scale;
     ctx->saved_data["causal"] = mask.causal;
     ctx->saved_data["mask"] = mask.mask ? c10::IValue(*mask.mask) : c10::IValue();
     if (mask.documents) {
@@ -92,7 +96,10 @@ struct BlockCheckpoint : public torch::autograd::Function<BlockCheckpoint> {
     torch::NoGradGuard no_grad;
     NoAutocastCache no_cache;
     if (hooks) hooks->before_forward(*block);
-    auto y = block->forward(x, {cos, sin}, mask, nullptr, 0);
+    ops::RopeTables rope = rope_source;  // the tables, and where their angles come from
+    rope.cos = cos;
+    rope.sin = sin;
+    auto y = block->forward(x, rope, mask, nullptr, 0);
     if (hooks) hooks->after_forward(*block);
     return y;
   }
@@ -105,7 +112,14 @@ struct BlockCheckpoint : public torch::autograd::Function<BlockCheckpoint> {
         reinterpret_cast<BlockHooks*>(static_cast<intptr_t>(ctx->saved_data["hooks"].toInt()));
     if (hooks) hooks->before_backward(*block);
     auto x = ctx->get_saved_variables()[0].detach().requires_grad_(true);
-    ops::RopeTables rope{ctx->saved_data["cos"].toTensor(), ctx->saved_data["sin"].toTensor()};
+    ops::RopeTables rope;
+    rope.cos = ctx->saved_data["cos"].toTensor();
+    rope.sin = ctx->saved_data["sin"].toTensor();
+    if (!ctx->saved_data["rope_positions"].isNone()) {
+      rope.positions = ctx->saved_data["rope_positions"].toTensor();
+    }
+    rope.theta = ctx->saved_data["rope_theta"].toDouble();
+    rope.position_scale = ctx->saved_data["rope_position_scale"].toDouble();
     AttentionMask mask;
     mask.causal = ctx->saved_data["causal"].toBool();
     if (!ctx->saved_data["mask"].isNone()) mask.mask = ctx->saved_data["mask"].toTensor();
@@ -131,8 +145,8 @@ struct BlockCheckpoint : public torch::autograd::Function<BlockCheckpoint> {
     torch::autograd::backward({y}, {grad_output[0]});
     y = torch::Tensor();  // the re-run's graph (and its references to the parameters) goes now
     if (hooks) hooks->after_backward(*block);
-    // One gradient per forward input: x, cos, sin, block, mask, hooks.
-    return {x.grad(),        torch::Tensor(), torch::Tensor(),
+    // One gradient per forward input: x, cos, sin, block, mask, hooks, rope_source.
+    return {x.grad(),        torch::Tensor(), torch::Tensor(), torch::Tensor(),
             torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
@@ -153,9 +167,9 @@ torch::Tensor checkpointed_block(DecoderBlockImpl& block, const torch::Tensor& x
       trainable = trainable || p.requires_grad();
     if (!trainable) return block.forward(x, rope, mask, nullptr, 0);
     return BlockCheckpoint::apply(x.detach().requires_grad_(true), rope.cos, rope.sin, &block, mask,
-                                  hooks);
+                                  hooks, rope);
   }
-  return BlockCheckpoint::apply(x, rope.cos, rope.sin, &block, mask, hooks);
+  return BlockCheckpoint::apply(x, rope.cos, rope.sin, &block, mask, hooks, rope);
 }
 
 }  // namespace aviary::nn

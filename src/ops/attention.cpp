@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -309,14 +310,20 @@ torch::Tensor token_major_layout(const torch::Tensor& t) {
 }
 
 // Varlen params over packed documents (ops::AttentionDocuments): the documents are the kernels'
-// sequences, batch strides unused, lse [H, B·T].
+// sequences, lse [H, B·T]. Batch strides are unused (zeroed: a one-row batch may have any), and
+// the backward's workspace holds B·T rows, not documents x the longest.
 template <typename Params>
 void set_documents(Params& p, const torch::Tensor& cu, int64_t max_len, int64_t total_tokens) {
   p.cu_seqlens_q = p.cu_seqlens_k = cu.data_ptr<int32_t>();
   p.batch = cu.numel() - 1;
   p.seqlen_q = p.seqlen_k = max_len;
+  p.q_batch_stride = p.k_batch_stride = p.v_batch_stride = p.o_batch_stride = 0;
   p.lse_batch_stride = 0;
   p.lse_head_stride = total_tokens;
+  if constexpr (std::is_same_v<Params, kernels::AttentionBackwardParams>) {
+    p.do_batch_stride = p.dq_batch_stride = p.dk_batch_stride = p.dv_batch_stride = 0;
+    p.total_q = total_tokens;
+  }
 }
 
 class AttentionCudaFunction : public torch::autograd::Function<AttentionCudaFunction> {
@@ -376,7 +383,8 @@ class AttentionCudaFunction : public torch::autograd::Function<AttentionCudaFunc
     const c10::cuda::CUDAGuard guard(q.device());
     const bool varlen = cu.defined();
     auto dout = (varlen ? token_major_layout : kernel_layout)(grads[0].to(q.scalar_type()));
-    // empty_like keeps q's, k's and v's strides: multiples of 8, as the kernels need.
+    // empty_like keeps q's, k's and v's strides: multiples of 8, as the kernels need (varlen reads
+    // no batch stride).
     auto dq = torch::empty_like(q), dk = torch::empty_like(k), dv = torch::empty_like(v);
     kernels::AttentionBackwardParams p;
     kernel_dtype(q.scalar_type(), &p.dtype);

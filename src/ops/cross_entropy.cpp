@@ -334,7 +334,8 @@ class CrossEntropyCudaFunction : public torch::autograd::Function<CrossEntropyCu
 
 // Elements of logits per chunk of the CUDA loss head: 128M (256 MB in bf16, 1.3k rows of a 100k
 // vocabulary), so that the chunk's GEMMs are long enough to run near cuBLAS's peak. A test's
-// set_loss_head_chunk_floats() applies here too, to make several chunks of small inputs.
+// set_loss_head_chunk_floats() applies here too (as elements of the compute dtype), to make
+// several chunks of small inputs; the CPU default (16M) means this default.
 int64_t cuda_chunk_rows(int64_t rows, int64_t vocab);
 
 // lm_head and the loss in one op on CUDA, as the CPU one (LinearCrossEntropyCpuFunction): per
@@ -415,17 +416,24 @@ class LinearCrossEntropyCudaFunction
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     auto [dhidden, dweight] = take_loss_head_gradients(ctx);
-    // grad_out is a device scalar (usually 1): scaling by it costs a pass, never a host wait.
-    const auto& grad_out = grads[0];
+    // grad_out is a device scalar (usually 1, 1 / normalizer with one): scaling by it costs a
+    // pass, never a host wait. In fp32, as the unfused head scales, not rounded to bf16 first.
+    const auto grad_out = grads[0].to(torch::kFloat32);
     for (auto* g : {&dhidden, &dweight}) {
-      if (g->defined()) g->mul_(grad_out.to(g->scalar_type()));
+      if (!g->defined()) continue;
+      if (g->scalar_type() == torch::kFloat32) {
+        g->mul_(grad_out);
+      } else {
+        *g = (g->to(torch::kFloat32) * grad_out).to(g->scalar_type());
+      }
     }
     return {dhidden, dweight, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
 
-// Whether the CUDA kernel takes this cross-entropy: 2-D logits in a kernel dtype with a unit
-// column stride, integer targets on the same device, a vocabulary within the kernel's limit.
+// Whether the CUDA kernel takes this cross-entropy: 2-D logits in a kernel dtype (other layouts
+// than unit-stride rows are copied), integer targets on the same device, a vocabulary within the
+// kernel's limit.
 bool cross_entropy_kernel_applies(const torch::Tensor& logits, const torch::Tensor& targets) {
   kernels::DType dtype;
   return logits.is_cuda() && logits.dim() == 2 && logits.size(1) > 0 &&
@@ -519,15 +527,18 @@ torch::Tensor linear_cross_entropy(const torch::Tensor& hidden, const torch::Ten
                                    const torch::Tensor& targets, int64_t ignore_index,
                                    LossReduction reduction) {
   if (fused_linear_cross_entropy(hidden, weight, targets)) {
+    // The fused heads make their gradients in the forward, for the inputs that require one.
+    // Without grad mode (evaluation) nothing will ask for them: detached inputs say so.
+    const bool grad = torch::GradMode::is_enabled();
+    const auto h = grad ? hidden : hidden.detach(), w = grad ? weight : weight.detach();
 #if AVIARY_OPS_KERNELS
     if (hidden.is_cuda()) {
-      return LinearCrossEntropyCudaFunction::apply(hidden, weight, targets, ignore_index, reduction,
+      return LinearCrossEntropyCudaFunction::apply(h, w, targets, ignore_index, reduction,
                                                    *cuda_loss_head_dtype(hidden, weight, targets));
     }
 #endif
     const bool bf16 = at::autocast::is_autocast_enabled(torch::kCPU);
-    return LinearCrossEntropyCpuFunction::apply(hidden, weight, targets, ignore_index, reduction,
-                                                bf16);
+    return LinearCrossEntropyCpuFunction::apply(h, w, targets, ignore_index, reduction, bf16);
   }
   return cross_entropy(torch::matmul(hidden, weight.t()).to(torch::kFloat32), targets, ignore_index,
                        reduction);

@@ -87,6 +87,8 @@ const char* op_name(Op op) {
       return "swiglu";
     case Op::kCrossEntropy:
       return "cross_entropy";
+    case Op::kRope:
+      return "rope";
   }
   return "unknown";
 }
@@ -101,6 +103,8 @@ const std::vector<KernelInfo>& kernel_registry() {
       {Op::kSwiGlu, "swiglu", "*SwiGlu*Kernel*", "OpsSwiGluCuda.*"},
       // Forward and backward, in place on a chunk of logits inside the fused loss head.
       {Op::kCrossEntropy, "cross_entropy", "*CrossEntropyKernel*", "OpsCrossEntropyCuda.*"},
+      // In place on a copy, forward and backward (the inverse rotation); rotate-half, 1-D.
+      {Op::kRope, "rope", "*RopeKernel*", "OpsRopeCuda.*"},
       // Forward and backward together: training needs both, and the op takes both or neither.
       // Last: its sanitizer runs are the longest.
       {Op::kAttention, "attention", "*AttentionForwardKernelTest*:*AttentionBackwardKernelTest*",

@@ -1,5 +1,6 @@
-// Tests: the fused loss head's (ops::linear_cross_entropy) budget of fp32 logits per chunk, so
-// that small inputs take several chunks. Process-wide; 0 restores the default (16M floats).
+// Tests: the fused loss head's (ops::linear_cross_entropy) budget of logits per chunk, so that
+// small inputs take several chunks: fp32 logits on CPU (default 16M), elements of the compute
+// dtype on CUDA (default 128M). Process-wide; 0 restores the defaults.
 #pragma once
 
 #include <cstdint>

@@ -4,7 +4,15 @@
 
 #include "aviary/ops/impl.h"
 #include "cpu_loops.h"
+#include "kernel_dispatch.h"
 #include "tensor_rows.h"
+
+#if AVIARY_OPS_KERNELS
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "aviary/kernels/rope.h"
+#endif
 
 namespace aviary::ops {
 namespace {
@@ -66,6 +74,81 @@ bool rope_cpu_applies(const torch::Tensor& x, const torch::Tensor& cos, const to
   return cos.strides() == sin.strides() && cos.sizes() == sin.sizes();
 }
 
+#if AVIARY_OPS_KERNELS
+
+// The kernel rotates [tokens, heads, D] in place: x [B, H, T, D] as B·T tokens needs a unit last
+// stride and one token stride across the batch (the model's [B, T, H, D] projections viewed as
+// [B, H, T, D] have both). empty_like keeps such a layout; anything else becomes one.
+torch::Tensor token_major_copy(const torch::Tensor& x) {
+  const bool token_major = x.stride(3) == 1 &&
+                           (x.size(0) == 1 || x.stride(0) == x.size(2) * x.stride(2)) &&
+                           x.is_non_overlapping_and_dense();
+  if (token_major) return x.clone(at::MemoryFormat::Preserve);
+  return x.transpose(1, 2).clone(at::MemoryFormat::Contiguous).transpose(1, 2);
+}
+
+// Rotates t ([B, H, T, D], token-major) in place by the angles of `positions` ([B, T] int64).
+void rope_in_place(const torch::Tensor& t, const torch::Tensor& positions, double theta,
+                   double position_scale, bool inverse) {
+  kernels::RopeParams p;
+  kernel_dtype(t.scalar_type(), &p.dtype);
+  p.q = t.data_ptr();
+  p.positions = positions.data_ptr<int64_t>();
+  p.positions_int64 = true;
+  p.inverse = inverse;
+  p.style = kernels::RopeStyle::rotate_half;
+  p.tokens = t.size(0) * t.size(2);
+  p.q_heads = t.size(1);
+  p.head_dim = t.size(3);
+  p.rotary_dim = t.size(3);
+  p.q_token_stride = t.stride(2);
+  p.q_head_stride = t.stride(1);
+  p.theta = static_cast<float>(theta);
+  p.position_scale = static_cast<float>(position_scale);
+  const cudaError_t err =
+      kernels::rope_apply(p, at::cuda::getCurrentCUDAStream(t.device().index()).stream());
+  if (err != cudaSuccess) throw_kernel_error(err, "kernels::rope_apply", "ops.apply_rope");
+}
+
+class RopeCudaFunction : public torch::autograd::Function<RopeCudaFunction> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                               const torch::Tensor& positions, double theta,
+                               double position_scale) {
+    const c10::cuda::CUDAGuard guard(x.device());
+    auto out = token_major_copy(x);
+    rope_in_place(out, positions, theta, position_scale, /*inverse=*/false);
+    ctx->saved_data["positions"] = positions;
+    ctx->saved_data["theta"] = theta;
+    ctx->saved_data["position_scale"] = position_scale;
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const c10::cuda::CUDAGuard guard(grads[0].device());
+    // The rotation is orthogonal: its gradient is the rotation by minus the angles.
+    auto dx = token_major_copy(grads[0]);
+    rope_in_place(dx, ctx->saved_data["positions"].toTensor(), ctx->saved_data["theta"].toDouble(),
+                  ctx->saved_data["position_scale"].toDouble(), /*inverse=*/true);
+    return {dx, torch::Tensor(), torch::Tensor(), torch::Tensor()};
+  }
+};
+
+// The kernel's conditions: x [B, H, T, D] on CUDA in a kernel dtype, D even and at most 1024,
+// the tables' angle source known and matching x's batch and length (positions on x's device).
+bool rope_kernel_applies(const torch::Tensor& x, const RopeTables& tables) {
+  kernels::DType dtype;
+  const auto& pos = tables.positions;
+  return x.is_cuda() && x.dim() == 4 && x.numel() > 0 && x.size(3) % 2 == 0 && x.size(3) <= 1024 &&
+         kernel_dtype(x.scalar_type(), &dtype) && tables.theta > 0.0 && pos.defined() &&
+         pos.device() == x.device() && pos.scalar_type() == torch::kInt64 && pos.dim() == 2 &&
+         pos.size(0) == x.size(0) && pos.size(1) == x.size(2) && pos.is_contiguous() &&
+         use_kernel(Op::kRope, x.device());
+}
+
+#endif  // AVIARY_OPS_KERNELS
+
 }  // namespace
 
 torch::Tensor rope_inv_freq(int64_t head_dim, double theta) {
@@ -80,13 +163,21 @@ RopeTables rope_tables(const torch::Tensor& positions, const torch::Tensor& inv_
   auto freqs = positions.to(torch::kFloat32).unsqueeze(-1) *
                inv_freq.to(positions.device()).view({1, 1, -1});
   auto emb = torch::cat({freqs, freqs}, -1);
-  return {emb.cos().to(dtype), emb.sin().to(dtype)};
+  RopeTables tables;
+  tables.cos = emb.cos().to(dtype);
+  tables.sin = emb.sin().to(dtype);
+  return tables;
 }
 
 torch::Tensor apply_rope(const torch::Tensor& x, const RopeTables& tables) {
   if (rope_cpu_applies(x, tables.cos, tables.sin)) {
     return RopeCpuFunction::apply(x, tables.cos, tables.sin);
   }
+#if AVIARY_OPS_KERNELS
+  if (rope_kernel_applies(x, tables)) {
+    return RopeCudaFunction::apply(x, tables.positions, tables.theta, tables.position_scale);
+  }
+#endif
   return apply_rope_reference(x, tables);
 }
 

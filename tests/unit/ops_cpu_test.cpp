@@ -557,13 +557,13 @@ TEST(CpuAttentionDispatch, MasksOpsImplTorchAndOtherDtypesTakeSdpa) {
 
 // Packed documents: row 0 cut at 30 (then an empty document) and 75; row 1 one document, its
 // boundary past the row's end (as data::Batch may give it).
-nn::DocumentAttention packed_documents(int64_t length) {
+nn::DocumentAttention packed_documents(int32_t length) {
   return nn::document_attention({{0, 30, 30, 75, length}, {0, length + 20}}, length, torch::kCPU);
 }
 
 TEST(CpuAttentionDocuments, EachDocumentRunsAloneAndMatchesTheDenseMaskInDouble) {
   torch::manual_seed(21);
-  const int64_t T = 100;
+  const int32_t T = 100;
   const auto docs = packed_documents(T);
   ASSERT_TRUE(docs.mask.documents.has_value());
   const auto& documents = *docs.mask.documents;
@@ -601,7 +601,7 @@ TEST(CpuAttentionDocuments, EachDocumentRunsAloneAndMatchesTheDenseMaskInDouble)
 }
 
 TEST(CpuAttentionDocuments, BoundariesThatDoNotFitAndOpsImplTorchTakeTheDenseMask) {
-  const int64_t T = 100;
+  const int32_t T = 100;
   const auto docs = packed_documents(T);
   auto q = heads_view(2, T, 2, 8, torch::kFloat32);
   auto dense = at::scaled_dot_product_attention(q, q, q, *docs.mask.mask, 0.0, false,

@@ -21,6 +21,7 @@
 #include "aviary/ops/cross_entropy.h"
 #include "aviary/ops/impl.h"
 #include "aviary/ops/rms_norm.h"
+#include "aviary/ops/rope.h"
 #include "aviary/ops/swiglu.h"
 #include "aviary/train/lm_loss.h"
 #include "aviary/train/model_spec.h"
@@ -622,7 +623,8 @@ TEST(OpsAttentionCuda, PackedDocumentsRunVarlenWithinTwiceTheDenseMasksError) {
   if (!ops::kernels_built()) GTEST_SKIP() << "this build has no CUDA kernels";
   ImplGuard guard;
   torch::manual_seed(19);
-  const int64_t B = 2, T = 150, H = 4, KVH = 2;
+  const int64_t B = 2, H = 4, KVH = 2;
+  const int32_t T = 150;
   // Row 0: documents of 40, 0 (empty), 73 and 37 tokens; row 1: one, its boundary past the end.
   const auto docs = nn::document_attention({{0, 40, 40, 113, T}, {0, T + 7}}, T, torch::kCUDA);
   ASSERT_TRUE(docs.mask.documents && docs.mask.documents->cu_tokens_device.defined());
@@ -946,6 +948,110 @@ TEST(OpsCrossEntropyCuda, AutoFollowsTheEmbeddedRecord) {
   EXPECT_EQ(ops::use_kernel(Op::kCrossEntropy, device),
             ops::kernels_built() &&
                 ValidationRecord::embedded().validated("cross_entropy", ops::device_sm(device)));
+}
+
+// x rotated (rotate-half) by angles pos * scale / theta^(2i/D) in double on CPU, and the gradient
+// of <out, grad>: grad rotated by minus the angles.
+std::pair<torch::Tensor, torch::Tensor> exact_rope(const torch::Tensor& x,
+                                                   const torch::Tensor& positions, double theta,
+                                                   double scale, const torch::Tensor& grad) {
+  const int64_t D = x.size(3);
+  auto i = torch::arange(0, D / 2, torch::kFloat64);
+  auto inv_freq = torch::pow(theta, -2.0 * i / static_cast<double>(D)) * scale;
+  auto angles = positions.to(torch::kCPU, torch::kFloat64).unsqueeze(-1) * inv_freq;  // [B,T,D/2]
+  auto cos = torch::cat({angles.cos(), angles.cos()}, -1).unsqueeze(1);
+  auto sin = torch::cat({angles.sin(), angles.sin()}, -1).unsqueeze(1);
+  auto rotate = [&](const torch::Tensor& t, double sign) {
+    auto td = t.to(torch::kCPU, torch::kFloat64);
+    auto rotated = torch::cat({-td.narrow(-1, D / 2, D / 2), td.narrow(-1, 0, D / 2)}, -1);
+    return td * cos + sign * rotated * sin;
+  };
+  return {rotate(x, 1.0), rotate(grad, -1.0)};
+}
+
+TEST(OpsRopeCuda, KernelMatchesTheExactRotationWithinTwiceTheReferencesError) {
+  if (!have_cuda()) GTEST_SKIP() << "no CUDA device";
+  if (!ops::kernels_built()) GTEST_SKIP() << "this build has no CUDA kernels";
+  ImplGuard guard;
+  torch::manual_seed(29);
+  struct Case {
+    int64_t b, h, t, d;
+    double theta, scale;
+  };
+  for (const Case c : {Case{2, 4, 37, 64, 10000.0, 1.0}, Case{1, 8, 300, 128, 1e6, 0.25},
+                       Case{3, 2, 1, 128, 10000.0, 1.0}}) {
+    for (auto dtype : {torch::kFloat32, torch::kBFloat16, torch::kFloat16}) {
+      auto opts = torch::TensorOptions().dtype(dtype).device(torch::kCUDA);
+      // The model's layout; positions that restart (a packed row) and run past 256.
+      auto x = torch::randn({c.b, c.t, c.h, c.d}, opts).transpose(1, 2);
+      auto positions = (torch::arange(c.t, torch::kInt64) % 211 + 40)
+                           .unsqueeze(0)
+                           .expand({c.b, c.t})
+                           .contiguous()
+                           .to(torch::kCUDA);
+      auto grad = torch::randn({c.b, c.h, c.t, c.d}, opts);
+      const auto [exact, exact_grad] = exact_rope(x, positions, c.theta, c.scale, grad);
+      ops::RopeTables tables = ops::rope_tables(
+          positions, ops::rope_inv_freq(c.d, c.theta).to(torch::kCUDA) * c.scale, dtype);
+      tables.positions = positions;
+      tables.theta = c.theta;
+      tables.position_scale = c.scale;
+      torch::Tensor out[2], dx[2];
+      for (int k = 0; k < 2; ++k) {
+        ops::set_ops_impl(k == 0 ? OpsImpl::kAviary : OpsImpl::kTorch);
+        if (k == 0) {
+          ASSERT_TRUE(ops::use_kernel(Op::kRope, x.device()));
+        }
+        auto xr = x.detach().requires_grad_();
+        out[k] = ops::apply_rope(xr, tables);
+        if (k == 0) {
+          ASSERT_TRUE(out[k].grad_fn() &&
+                      std::string(out[k].grad_fn()->name()).find("RopeCudaFunction") !=
+                          std::string::npos);
+        }
+        dx[k] = torch::autograd::grad({out[k]}, {xr}, {grad})[0];
+      }
+      std::ostringstream what;
+      what << c10::toString(dtype) << " B" << c.b << " H" << c.h << " T" << c.t << " D" << c.d;
+      const double atol = dtype == torch::kFloat32 ? 1e-5 : 1e-3;
+      for (int g = 0; g < 2; ++g) {
+        const auto& want = g == 0 ? exact : exact_grad;
+        const torch::Tensor* got = g == 0 ? out : dx;
+        ASSERT_EQ(got[0].scalar_type(), dtype);
+        ASSERT_EQ(got[0].sizes(), x.sizes());
+        auto err = [&](const torch::Tensor& t) {
+          return (t.to(torch::kCPU, torch::kFloat64) - want).abs().max().item<double>();
+        };
+        const double scale = std::max(1.0, want.abs().max().item<double>());
+        EXPECT_LE(err(got[0]), 2 * err(got[1]) + atol * scale)
+            << what.str() << (g == 0 ? " out" : " dx") << ": kernel " << err(got[0])
+            << ", reference " << err(got[1]);
+      }
+    }
+  }
+}
+
+TEST(OpsRopeCuda, TablesWithoutAnAngleSourceTakeTheReference) {
+  if (!have_cuda()) GTEST_SKIP() << "no CUDA device";
+  ImplGuard guard;
+  ops::set_ops_impl(OpsImpl::kAviary);
+  auto opts = torch::TensorOptions().dtype(torch::kBFloat16).device(torch::kCUDA);
+  auto x = torch::randn({1, 2, 8, 64}, opts);
+  auto positions =
+      torch::arange(8, torch::TensorOptions().dtype(torch::kInt64).device(torch::kCUDA))
+          .unsqueeze(0);
+  auto tables = ops::rope_tables(positions, ops::rope_inv_freq(64, 10000.0), torch::kBFloat16);
+  EXPECT_TRUE(torch::equal(ops::apply_rope(x, tables), ops::apply_rope_reference(x, tables)));
+}
+
+TEST(OpsRopeCuda, AutoFollowsTheEmbeddedRecord) {
+  if (!have_cuda()) GTEST_SKIP() << "no CUDA device";
+  ImplGuard guard;
+  ops::set_ops_impl(OpsImpl::kAuto);
+  const torch::Device device(torch::kCUDA, 0);
+  EXPECT_EQ(ops::use_kernel(Op::kRope, device),
+            ops::kernels_built() &&
+                ValidationRecord::embedded().validated("rope", ops::device_sm(device)));
 }
 
 // One data-parallel training step over the NCCL engine at world size 1 (issue 4): the same

@@ -128,8 +128,11 @@ void rope_cases(const Context& c, std::vector<BenchCase>& out) {
                        .expand({B, T})
                        .contiguous();
   auto tables = ops::rope_tables(positions, ops::rope_inv_freq(D, 10000.0), c.dtype);
+  tables.positions = positions;  // the angles' source, as the model gives it (the CUDA kernel's)
+  tables.theta = 10000.0;
   BenchCase b;
   b.op = "rope";
+  b.op_id = ops::Op::kRope;
   b.shape = fmt::format("B{} H{} T{} D{}", B, H, T, D);
   b.bytes =
       c.elem() * (2.0 * static_cast<double>(B * H * T * D) + 2.0 * static_cast<double>(B * T * D));

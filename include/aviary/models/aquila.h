@@ -68,6 +68,7 @@ class AquilaForCausalLMImpl : public torch::nn::Module {
   AquilaConfig config_;
   torch::TensorOptions options_;
   torch::Tensor inv_freq_;
+  double rope_base_ = 0.0;       // the base inv_freq_ was made from (dynamic NTK grows it)
   int64_t rope_len_cached_ = 0;  // dynamic NTK: the longest sequence the base was grown for
   bool checkpoint_blocks_ = false;
   nn::BlockHooks* block_hooks_ = nullptr;  // set by FSDP

@@ -50,9 +50,9 @@ struct OpsConfig {
 };
 
 // The ops that have (or will have) a kernel family. Names are the record's and bench's.
-enum class Op { kRmsNorm, kAttention, kSwiGlu, kCrossEntropy };
+enum class Op { kRmsNorm, kAttention, kSwiGlu, kCrossEntropy, kRope };
 
-const char* op_name(Op op);  // "rms_norm", "attention", "swiglu", "cross_entropy"
+const char* op_name(Op op);  // "rms_norm", "attention", "swiglu", "cross_entropy", "rope"
 
 // One kernel family that ops/ dispatches to.
 struct KernelInfo {

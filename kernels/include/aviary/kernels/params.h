@@ -210,6 +210,9 @@ struct AttentionBackwardParams {
   int64_t dk_batch_stride = 0, dk_row_stride = 0, dk_head_stride = 0;
   int64_t dv_batch_stride = 0, dv_row_stride = 0, dv_head_stride = 0;
   int64_t lse_batch_stride = 0, lse_head_stride = 0;
+  // varlen: the packed query tokens (>= cu_seqlens_q[batch]), which size the workspace; 0 sizes it
+  // for batch * seqlen_q rows (always enough, but documents of skewed lengths waste most of it).
+  int64_t total_q = 0;
   float softmax_scale = 0.0f;
   bool causal = false;
   void* workspace = nullptr;   // fp32 D = rowsum(do * o), one float per query row and head
