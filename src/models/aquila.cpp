@@ -64,19 +64,25 @@ torch::Tensor AquilaForCausalLMImpl::inv_freq_for(int64_t max_position) {
   return inv_freq_;
 }
 
+ops::RopeTables AquilaForCausalLMImpl::rotary_tables(const torch::Tensor& positions,
+                                                     torch::ScalarType dtype) {
+  const int64_t max_pos =
+      config_.rope_scaling.type == "dynamic" ? positions.max().item<int64_t>() : 0;
+  auto tables = ops::rope_tables(positions, inv_freq_for(max_pos), dtype);
+  // The same angles' source, for the CUDA kernel (inv_freq_ = position_scale / base^(2i/D)).
+  tables.positions = positions.to(torch::kInt64).contiguous();
+  tables.theta = rope_base_;
+  tables.position_scale =
+      config_.rope_scaling.type == "linear" ? 1.0 / config_.rope_scaling.factor : 1.0;
+  return tables;
+}
+
 torch::Tensor AquilaForCausalLMImpl::hidden_states(const torch::Tensor& ids,
                                                    const torch::Tensor& positions,
                                                    const nn::AttentionMask& mask,
                                                    nn::KVCache* cache) {
   auto h = model->embed_tokens(ids);
-  const int64_t max_pos =
-      config_.rope_scaling.type == "dynamic" ? positions.max().item<int64_t>() : 0;
-  auto rope = ops::rope_tables(positions, inv_freq_for(max_pos), h.scalar_type());
-  // The same angles' source, for the CUDA kernel (inv_freq_ = position_scale / base^(2i/D)).
-  rope.positions = positions.to(torch::kInt64).contiguous();
-  rope.theta = rope_base_;
-  rope.position_scale =
-      config_.rope_scaling.type == "linear" ? 1.0 / config_.rope_scaling.factor : 1.0;
+  const auto rope = rotary_tables(positions, h.scalar_type());
   const bool recompute = checkpoint_blocks_ && !cache && torch::GradMode::is_enabled();
   // Without gradients (evaluation) the hooks still bracket each block, so that FSDP gathers one
   // block at a time there too instead of the whole model.

@@ -432,6 +432,58 @@ class AttentionCudaFunction : public torch::autograd::Function<AttentionCudaFunc
   }
 };
 
+// Decode steps (a few new queries against a KV cache, nothing to differentiate): the split-KV
+// kernel (kernels/attention_decode.cu), which spreads a long cache over the SMs where the
+// forward kernel would give each (batch, head) one block. Every sequence sees all Tk keys.
+torch::Tensor attention_decode_cuda(const torch::Tensor& q_in, const torch::Tensor& k_in,
+                                    const torch::Tensor& v_in, bool causal, double scale) {
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  auto q = kernel_layout(q_in), k = kernel_layout(k_in), v = kernel_layout(v_in);
+  const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), D = q.size(3), Tk = k.size(2);
+  auto out = torch::empty({B, Tq, H, D}, q.options()).transpose(1, 2);
+  // Filled on the device: no host copy, no wait.
+  auto seqlens = torch::full({B}, Tk, q.options().dtype(torch::kInt32));
+  kernels::AttentionDecodeParams p;
+  kernel_dtype(q.scalar_type(), &p.dtype);
+  p.q = q.data_ptr();
+  p.k_cache = k.data_ptr();
+  p.v_cache = v.data_ptr();
+  p.o = out.data_ptr();
+  p.seqlens_k = seqlens.data_ptr<int32_t>();
+  p.batch = B;
+  p.seqlen_q = Tq;
+  p.max_seqlen_k = Tk;
+  p.heads_q = H;
+  p.heads_kv = k.size(1);
+  p.head_dim = D;
+  const auto sq = kernel_strides(q), sk = kernel_strides(k), sv = kernel_strides(v),
+             so = kernel_strides(out);
+  p.q_batch_stride = sq.batch, p.q_row_stride = sq.row, p.q_head_stride = sq.head;
+  p.k_batch_stride = sk.batch, p.k_row_stride = sk.row, p.k_head_stride = sk.head;
+  p.v_batch_stride = sv.batch, p.v_row_stride = sv.row, p.v_head_stride = sv.head;
+  p.o_batch_stride = so.batch, p.o_row_stride = so.row, p.o_head_stride = so.head;
+  p.softmax_scale = static_cast<float>(scale);
+  p.causal = causal;
+  const size_t bytes = kernels::attention_decode_workspace_bytes(p);
+  // fp32 elements, rounded up: the caching allocator's blocks are 512-byte aligned.
+  auto workspace =
+      torch::empty({static_cast<int64_t>((bytes + 3) / 4)}, q.options().dtype(torch::kFloat32));
+  p.workspace = bytes > 0 ? workspace.data_ptr<float>() : nullptr;
+  p.workspace_bytes = bytes;
+  const cudaError_t err =
+      kernels::attention_decode(p, at::cuda::getCurrentCUDAStream(q.device().index()).stream());
+  if (err != cudaSuccess) throw_kernel_error(err, "kernels::attention_decode", "ops.attention");
+  return out;
+}
+
+// Whether a call is a decode step the split-KV kernel takes: at most 64 queries, keys within its
+// int32 lengths, no gradient wanted.
+bool is_decode_step(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
+  const bool wants_grad = torch::GradMode::is_enabled() &&
+                          (q.requires_grad() || k.requires_grad() || v.requires_grad());
+  return !wants_grad && q.size(2) <= 64 && k.size(2) < (int64_t{1} << 31);
+}
+
 #endif  // AVIARY_OPS_KERNELS
 
 }  // namespace
@@ -471,6 +523,9 @@ torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const to
 #if AVIARY_OPS_KERNELS
   if (q.is_cuda()) {
     const auto dtype = kernel_attention_dtype(q, k, v, masked);
+    if (dtype && is_decode_step(q, k, v) && use_kernel(Op::kAttentionDecode, q.device())) {
+      return attention_decode_cuda(q.to(*dtype), k.to(*dtype), v.to(*dtype), masked, scale);
+    }
     if (dtype && use_kernel(Op::kAttention, q.device())) {
       return AttentionCudaFunction::apply(q.to(*dtype), k.to(*dtype), v.to(*dtype), masked, scale,
                                           torch::Tensor(), 0);

@@ -417,14 +417,21 @@ class LinearCrossEntropyCudaFunction
                                                  torch::autograd::variable_list grads) {
     auto [dhidden, dweight] = take_loss_head_gradients(ctx);
     // grad_out is a device scalar (usually 1, 1 / normalizer with one): scaling by it costs a
-    // pass, never a host wait. In fp32, as the unfused head scales, not rounded to bf16 first.
+    // pass, never a host wait. In fp32, as the unfused head scales, not rounded to bf16 first
+    // (mul_ would round the scalar to a bf16 tensor's dtype): 16M-element slices at a time, so
+    // that a bf16 gradient never has a whole fp32 copy.
     const auto grad_out = grads[0].to(torch::kFloat32);
     for (auto* g : {&dhidden, &dweight}) {
       if (!g->defined()) continue;
       if (g->scalar_type() == torch::kFloat32) {
         g->mul_(grad_out);
-      } else {
-        *g = (g->to(torch::kFloat32) * grad_out).to(g->scalar_type());
+        continue;
+      }
+      auto flat = g->view({-1});
+      constexpr int64_t kSlice = int64_t{16} << 20;
+      for (int64_t i = 0; i < flat.numel(); i += kSlice) {
+        auto part = flat.narrow(0, i, std::min(kSlice, flat.numel() - i));
+        part.copy_(part.to(torch::kFloat32) * grad_out);
       }
     }
     return {dhidden, dweight, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};

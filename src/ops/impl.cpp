@@ -89,6 +89,8 @@ const char* op_name(Op op) {
       return "cross_entropy";
     case Op::kRope:
       return "rope";
+    case Op::kAttentionDecode:
+      return "attention_decode";
   }
   return "unknown";
 }
@@ -105,6 +107,9 @@ const std::vector<KernelInfo>& kernel_registry() {
       {Op::kCrossEntropy, "cross_entropy", "*CrossEntropyKernel*", "OpsCrossEntropyCuda.*"},
       // In place on a copy, forward and backward (the inverse rotation); rotate-half, 1-D.
       {Op::kRope, "rope", "*RopeKernel*", "OpsRopeCuda.*"},
+      // ops::attention's decode steps (<= 64 queries over a KV cache, no gradient): split-KV.
+      {Op::kAttentionDecode, "attention_decode", "*AttentionDecodeKernelTest*",
+       "OpsAttentionDecodeCuda.*"},
       // Forward and backward together: training needs both, and the op takes both or neither.
       // Last: its sanitizer runs are the longest.
       {Op::kAttention, "attention", "*AttentionForwardKernelTest*:*AttentionBackwardKernelTest*",

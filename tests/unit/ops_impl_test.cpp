@@ -14,6 +14,7 @@
 #include "aviary/core/config.h"
 #include "aviary/dist/comm.h"
 #include "aviary/dist/data_parallel.h"
+#include "aviary/models/aquila.h"
 #include "aviary/models/aquila_config.h"
 #include "aviary/nn/document_mask.h"
 #include "aviary/ops/attention.h"
@@ -264,8 +265,9 @@ TEST(BenchKernels, CpuJsonHasFiguresThatAgree) {
   // One GEMM ceiling on CPU, fp32: bf16 arithmetic runs through fp32 there.
   ASSERT_EQ(j["ceilings"]["gemm_tflops"].size(), 1u);
   EXPECT_GT(j["ceilings"]["gemm_tflops"]["fp32"].get<double>(), 0.0);
-  // rms_norm x 2 shapes + attention fwd and fwd+bwd, causal and over packed documents, per dtype.
-  ASSERT_EQ(j["rows"].size(), 12u) << j.dump(1);
+  // rms_norm x 2 shapes + attention fwd and fwd+bwd, causal and over packed documents, and a
+  // decode step, per dtype.
+  ASSERT_EQ(j["rows"].size(), 14u) << j.dump(1);
   for (const auto& row : j["rows"]) {
     EXPECT_NE(row["op"], "rope");
     EXPECT_GT(row["ms"].get<double>(), 0.0);
@@ -676,6 +678,72 @@ TEST(OpsAttentionCuda, PackedDocumentsRunVarlenWithinTwiceTheDenseMasksError) {
   }
 }
 
+// Decode steps (no gradient, <= 64 queries) over a KV cache's layout ([B, KVH, capacity, D]
+// narrowed to the filled length): the split-KV kernel against SDPA, both against double.
+TEST(OpsAttentionDecodeCuda, KernelMatchesTheExactResultWithinTwiceSdpasError) {
+  if (!have_cuda()) GTEST_SKIP() << "no CUDA device";
+  if (!ops::kernels_built()) GTEST_SKIP() << "this build has no CUDA kernels";
+  ImplGuard guard;
+  torch::manual_seed(31);
+  struct Shape {
+    int64_t b, h, kvh, tq, tk;
+  };
+  for (auto dtype : {torch::kBFloat16, torch::kFloat16}) {
+    for (int64_t dim : {64, 128}) {
+      for (const Shape s : {Shape{2, 8, 2, 1, 113}, Shape{1, 4, 4, 1, 4000},
+                            Shape{3, 8, 1, 4, 1000}, Shape{2, 4, 2, 1, 1}}) {
+        auto opts = torch::TensorOptions().dtype(dtype).device(torch::kCUDA);
+        const int64_t capacity = s.tk + 37;
+        auto q = torch::randn({s.b, s.tq, s.h, dim}, opts).transpose(1, 2);
+        auto k = torch::randn({s.b, s.kvh, capacity, dim}, opts).narrow(2, 0, s.tk);
+        auto v = torch::randn({s.b, s.kvh, capacity, dim}, opts).narrow(2, 0, s.tk);
+        auto exact = exact_attention(q, k, v, true, torch::zeros_like(q))[0];
+        torch::Tensor got[2];
+        for (int impl = 0; impl < 2; ++impl) {
+          ops::set_ops_impl(impl == 0 ? OpsImpl::kAviary : OpsImpl::kTorch);
+          if (impl == 0) {
+            ASSERT_TRUE(ops::use_kernel(Op::kAttentionDecode, q.device()));
+          }
+          torch::NoGradGuard no_grad;
+          got[impl] = ops::attention(q, k, v, std::nullopt, true);
+        }
+        ASSERT_EQ(got[0].sizes(), q.sizes());
+        auto err = [&](const torch::Tensor& x) {
+          return (x.to(torch::kCPU, torch::kFloat64) - exact).abs().max().item<double>();
+        };
+        const double atol = (dtype == torch::kBFloat16 ? 1e-3 : 2e-4) *
+                            std::max(1.0, exact.abs().max().item<double>());
+        EXPECT_LE(err(got[0]), 2 * err(got[1]) + atol)
+            << c10::toString(dtype) << " d" << dim << " B" << s.b << " H" << s.h << "/" << s.kvh
+            << " " << s.tq << "x" << s.tk << ": decode " << err(got[0]) << ", SDPA " << err(got[1]);
+      }
+    }
+  }
+}
+
+TEST(OpsAttentionDecodeCuda, CallsThatWantAGradientTakeTheTrainingKernels) {
+  if (!have_cuda()) GTEST_SKIP() << "no CUDA device";
+  if (!ops::kernels_built()) GTEST_SKIP() << "this build has no CUDA kernels";
+  ImplGuard guard;
+  ops::set_ops_impl(OpsImpl::kAviary);
+  auto opts = torch::TensorOptions().dtype(torch::kBFloat16).device(torch::kCUDA);
+  auto q = torch::randn({1, 4, 1, 64}, opts).requires_grad_();
+  auto k = torch::randn({1, 4, 50, 64}, opts);
+  auto out = ops::attention(q, k, k, std::nullopt, true);
+  ASSERT_TRUE(out.grad_fn() && std::string(out.grad_fn()->name()).find("AttentionCudaFunction") !=
+                                   std::string::npos);
+}
+
+TEST(OpsAttentionDecodeCuda, AutoFollowsTheEmbeddedRecord) {
+  if (!have_cuda()) GTEST_SKIP() << "no CUDA device";
+  ImplGuard guard;
+  ops::set_ops_impl(OpsImpl::kAuto);
+  const torch::Device device(torch::kCUDA, 0);
+  EXPECT_EQ(ops::use_kernel(Op::kAttentionDecode, device),
+            ops::kernels_built() &&
+                ValidationRecord::embedded().validated("attention_decode", ops::device_sm(device)));
+}
+
 TEST(OpsAttentionCuda, WhatTheKernelCannotTakeGoesToSdpa) {
   if (!have_cuda()) GTEST_SKIP() << "no CUDA device";
   ImplGuard guard;
@@ -967,6 +1035,42 @@ std::pair<torch::Tensor, torch::Tensor> exact_rope(const torch::Tensor& x,
     return td * cos + sign * rotated * sin;
   };
   return {rotate(x, 1.0), rotate(grad, -1.0)};
+}
+
+// The angle source the model gives its rotary tables (what the CUDA kernel rotates by) makes the
+// tables' own angles, without scaling, with linear scaling, and with dynamic NTK scaling both
+// after positions past max_position_embeddings grew the base and after short ones reset it.
+TEST(AquilaRope, TheTablesAngleSourceGivesTheirAngles) {
+  auto config = AquilaConfig::from_hf_file(test::fixture("tiny-llama") + "/config.json");
+  const int64_t D = config.head_dim(), max_pos = config.max_position_embeddings;
+  auto check = [&](AquilaForCausalLM& model, int64_t longest, const std::string& what) {
+    auto positions = torch::stack(
+        {torch::arange(longest - 40, longest, torch::kInt64), torch::arange(0, 40, torch::kInt64)});
+    const auto tables = model->rotary_tables(positions, torch::kFloat32);
+    ASSERT_TRUE(tables.positions.defined()) << what;
+    ASSERT_TRUE(torch::equal(tables.positions, positions)) << what;
+    ASSERT_GT(tables.theta, 0.0) << what;
+    auto i = torch::arange(0, D / 2, torch::kFloat64);
+    auto inv_freq =
+        tables.position_scale * torch::pow(tables.theta, -2.0 * i / static_cast<double>(D));
+    auto angles = positions.to(torch::kFloat64).unsqueeze(-1) * inv_freq;
+    auto want = torch::cat({angles.cos(), angles.sin()}, -1);
+    auto got = torch::cat({tables.cos.narrow(-1, 0, D / 2), tables.sin.narrow(-1, 0, D / 2)}, -1)
+                   .to(torch::kFloat64);
+    // The tables' fp32 angles are within a few ulps of the largest angle.
+    const double tol = 8.0 * std::ldexp(1.0, -24) * angles.abs().max().item<double>() + 1e-6;
+    EXPECT_LE((got - want).abs().max().item<double>(), tol) << what;
+  };
+  for (const std::string type : {"none", "linear", "dynamic"}) {
+    config.rope_scaling.type = type;
+    config.rope_scaling.factor = type == "none" ? 1.0 : 4.0;
+    AquilaForCausalLM model(config, torch::TensorOptions().dtype(torch::kFloat32));
+    check(model, 100, type);
+    if (type == "dynamic") {
+      check(model, 3 * max_pos, "dynamic, base grown");
+      check(model, 100, "dynamic, base reset");
+    }
+  }
 }
 
 TEST(OpsRopeCuda, KernelMatchesTheExactRotationWithinTwiceTheReferencesError) {

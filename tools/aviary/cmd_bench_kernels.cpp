@@ -122,7 +122,8 @@ void rope_cases(const Context& c, std::vector<BenchCase>& out) {
   // [B, H, T, D]: 16k tokens of 32 heads on CUDA (one Aquila-7B layer's queries).
   const int64_t B = c.cuda() ? 4 : 1, H = c.cuda() ? 32 : 8, T = c.cuda() ? 4096 : 512,
                 D = c.cuda() ? 128 : 64;
-  auto x = torch::randn({B, H, T, D}, c.options());
+  // The model's layout: [B, T, H, D] projections viewed as [B, H, T, D].
+  auto x = torch::randn({B, T, H, D}, c.options()).transpose(1, 2);
   auto positions = torch::arange(T, torch::TensorOptions().dtype(torch::kInt64).device(c.device))
                        .unsqueeze(0)
                        .expand({B, T})
@@ -266,6 +267,34 @@ void attention_cases(const Context& c, std::vector<BenchCase>& out) {
   both.baseline = [=] { return backward(baseline(qg, kg, vg)); };
   out.push_back(both);
   document_attention_cases(c, out);
+
+  // One decode step: a new query per sequence against an 8k (CUDA) KV cache, no gradient.
+  const int64_t cache = c.cuda() ? 8192 : 2048, batch = c.cuda() ? 4 : 1;
+  auto qd = torch::randn({batch, H, 1, D}, c.options());
+  auto kd = torch::randn({batch, KVH, cache, D}, c.options());
+  auto vd = torch::randn({batch, KVH, cache, D}, c.options());
+  BenchCase decode;
+  decode.op = "attention";
+  decode.shape = fmt::format("decode B{} H{}/{} 1x{} D{}", batch, H, KVH, cache, D);
+  decode.bytes = c.elem() * static_cast<double>(2 * batch * H * D + 2 * batch * KVH * cache * D);
+  decode.flops = 4.0 * static_cast<double>(batch * H * cache * D);
+  decode.op_id = ops::Op::kAttentionDecode;
+  decode.ours = [=] { return ops::attention(qd, kd, vd, std::nullopt, true); };
+  // The last query sees every key: no mask either way.
+  if (c.cuda()) {
+    decode.baseline_name = "SDPA";
+    decode.baseline = [=] {
+      return at::scaled_dot_product_attention(qd, kd, vd, {}, 0.0, false, scale, /*gqa=*/true);
+    };
+  } else {
+    decode.baseline_name = "unfused ATen (matmul, softmax, matmul)";
+    decode.baseline = [=] {
+      auto kr = kd.repeat_interleave(H / KVH, 1), vr = vd.repeat_interleave(H / KVH, 1);
+      auto p = torch::softmax(torch::matmul(qd, kr.transpose(-2, -1)) * scale, -1, torch::kFloat32);
+      return torch::matmul(p.to(qd.scalar_type()), vr);
+    };
+  }
+  out.push_back(decode);
 }
 
 // Causal attention over packed documents (the SFT configs' document_mask): each row holds 8

@@ -35,6 +35,10 @@ class AquilaForCausalLMImpl : public torch::nn::Module {
   // ids, positions: int64 [B, T]. Returns the final hidden states [B, T, hidden].
   torch::Tensor hidden_states(const torch::Tensor& ids, const torch::Tensor& positions,
                               const nn::AttentionMask& mask, nn::KVCache* cache);
+  // The rotary tables for positions (int64 [B, T]) in `dtype`, with their angles' source set
+  // (ops::RopeTables: the base, grown under dynamic NTK scaling for positions past
+  // max_position_embeddings, and linear scaling's 1 / factor), as hidden_states uses them.
+  ops::RopeTables rotary_tables(const torch::Tensor& positions, torch::ScalarType dtype);
   // Logits [B, T, vocab] (or [B, 1, vocab] for the last position only, as decoding needs).
   torch::Tensor forward(const torch::Tensor& ids, const torch::Tensor& positions,
                         const nn::AttentionMask& mask, nn::KVCache* cache, bool last_only = false);

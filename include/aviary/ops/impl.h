@@ -50,9 +50,11 @@ struct OpsConfig {
 };
 
 // The ops that have (or will have) a kernel family. Names are the record's and bench's.
-enum class Op { kRmsNorm, kAttention, kSwiGlu, kCrossEntropy, kRope };
+enum class Op { kRmsNorm, kAttention, kSwiGlu, kCrossEntropy, kRope, kAttentionDecode };
 
-const char* op_name(Op op);  // "rms_norm", "attention", "swiglu", "cross_entropy", "rope"
+// "rms_norm", "attention", "swiglu", "cross_entropy", "rope", "attention_decode" (ops::attention's
+// decode steps: its own kernel family, validated on its own).
+const char* op_name(Op op);
 
 // One kernel family that ops/ dispatches to.
 struct KernelInfo {
