@@ -300,6 +300,18 @@ KernelStrides kernel_strides(const torch::Tensor& t) {
   return {t.stride(0), t.stride(2), t.stride(1)};
 }
 
+// The q, k, v and o strides every attention params struct has (forward, backward, decode).
+template <typename Params>
+void set_qkvo_strides(Params& p, const torch::Tensor& q, const torch::Tensor& k,
+                      const torch::Tensor& v, const torch::Tensor& o) {
+  const auto sq = kernel_strides(q), sk = kernel_strides(k), sv = kernel_strides(v),
+             so = kernel_strides(o);
+  p.q_batch_stride = sq.batch, p.q_row_stride = sq.row, p.q_head_stride = sq.head;
+  p.k_batch_stride = sk.batch, p.k_row_stride = sk.row, p.k_head_stride = sk.head;
+  p.v_batch_stride = sv.batch, p.v_row_stride = sv.row, p.v_head_stride = sv.head;
+  p.o_batch_stride = so.batch, p.o_row_stride = so.row, p.o_head_stride = so.head;
+}
+
 // The varlen kernels' layout: the B rows of T tokens one token axis ([B·T, H, D], a token's heads
 // side by side, as the model's [B, T, H, D] projections are), with the kernel_layout() rules.
 torch::Tensor token_major_layout(const torch::Tensor& t) {
@@ -356,12 +368,7 @@ class AttentionCudaFunction : public torch::autograd::Function<AttentionCudaFunc
     p.heads_q = H;
     p.heads_kv = k.size(1);
     p.head_dim = D;
-    const auto sq = kernel_strides(q), sk = kernel_strides(k), sv = kernel_strides(v),
-               so = kernel_strides(out);
-    p.q_batch_stride = sq.batch, p.q_row_stride = sq.row, p.q_head_stride = sq.head;
-    p.k_batch_stride = sk.batch, p.k_row_stride = sk.row, p.k_head_stride = sk.head;
-    p.v_batch_stride = sv.batch, p.v_row_stride = sv.row, p.v_head_stride = sv.head;
-    p.o_batch_stride = so.batch, p.o_row_stride = so.row, p.o_head_stride = so.head;
+    set_qkvo_strides(p, q, k, v, out);
     p.lse_batch_stride = H * Tq;
     p.lse_head_stride = Tq;
     p.softmax_scale = static_cast<float>(scale);
@@ -403,13 +410,9 @@ class AttentionCudaFunction : public torch::autograd::Function<AttentionCudaFunc
     p.heads_q = q.size(1);
     p.heads_kv = k.size(1);
     p.head_dim = q.size(3);
-    const auto sq = kernel_strides(q), sk = kernel_strides(k), sv = kernel_strides(v),
-               so = kernel_strides(out), sdo = kernel_strides(dout), sdq = kernel_strides(dq),
-               sdk = kernel_strides(dk), sdv = kernel_strides(dv);
-    p.q_batch_stride = sq.batch, p.q_row_stride = sq.row, p.q_head_stride = sq.head;
-    p.k_batch_stride = sk.batch, p.k_row_stride = sk.row, p.k_head_stride = sk.head;
-    p.v_batch_stride = sv.batch, p.v_row_stride = sv.row, p.v_head_stride = sv.head;
-    p.o_batch_stride = so.batch, p.o_row_stride = so.row, p.o_head_stride = so.head;
+    set_qkvo_strides(p, q, k, v, out);
+    const auto sdo = kernel_strides(dout), sdq = kernel_strides(dq), sdk = kernel_strides(dk),
+               sdv = kernel_strides(dv);
     p.do_batch_stride = sdo.batch, p.do_row_stride = sdo.row, p.do_head_stride = sdo.head;
     p.dq_batch_stride = sdq.batch, p.dq_row_stride = sdq.row, p.dq_head_stride = sdq.head;
     p.dk_batch_stride = sdk.batch, p.dk_row_stride = sdk.row, p.dk_head_stride = sdk.head;
@@ -456,12 +459,7 @@ torch::Tensor attention_decode_cuda(const torch::Tensor& q_in, const torch::Tens
   p.heads_q = H;
   p.heads_kv = k.size(1);
   p.head_dim = D;
-  const auto sq = kernel_strides(q), sk = kernel_strides(k), sv = kernel_strides(v),
-             so = kernel_strides(out);
-  p.q_batch_stride = sq.batch, p.q_row_stride = sq.row, p.q_head_stride = sq.head;
-  p.k_batch_stride = sk.batch, p.k_row_stride = sk.row, p.k_head_stride = sk.head;
-  p.v_batch_stride = sv.batch, p.v_row_stride = sv.row, p.v_head_stride = sv.head;
-  p.o_batch_stride = so.batch, p.o_row_stride = so.row, p.o_head_stride = so.head;
+  set_qkvo_strides(p, q, k, v, out);
   p.softmax_scale = static_cast<float>(scale);
   p.causal = causal;
   const size_t bytes = kernels::attention_decode_workspace_bytes(p);
