@@ -474,12 +474,15 @@ torch::Tensor attention_decode_cuda(const torch::Tensor& q_in, const torch::Tens
   return out;
 }
 
-// Whether a call is a decode step the split-KV kernel takes: at most 64 queries, keys within its
-// int32 lengths, no gradient wanted.
+// Whether a call is a decode step the split-KV kernel takes: no gradient wanted, a few new
+// queries (at most 8: it scores on CUDA cores, where the forward kernel's MMA tiles win for longer
+// blocks; the launcher takes up to 64) against a longer run of cached keys. Tq == Tk is never a
+// decode step: an activation-checkpointed block's first forward runs without gradients, and its
+// recomputation (with them) must take the same kernel to reproduce it.
 bool is_decode_step(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
   const bool wants_grad = torch::GradMode::is_enabled() &&
                           (q.requires_grad() || k.requires_grad() || v.requires_grad());
-  return !wants_grad && q.size(2) <= 64 && k.size(2) < (int64_t{1} << 31);
+  return !wants_grad && q.size(2) <= 8 && q.size(2) < k.size(2) && k.size(2) < (int64_t{1} << 31);
 }
 
 #endif  // AVIARY_OPS_KERNELS

@@ -678,8 +678,9 @@ TEST(OpsAttentionCuda, PackedDocumentsRunVarlenWithinTwiceTheDenseMasksError) {
   }
 }
 
-// Decode steps (no gradient, <= 64 queries) over a KV cache's layout ([B, KVH, capacity, D]
-// narrowed to the filled length): the split-KV kernel against SDPA, both against double.
+// Decode steps (no gradient, <= 8 new queries against more keys) over a KV cache's layout
+// ([B, KVH, capacity, D] narrowed to the filled length): the split-KV kernel against SDPA, both
+// against double.
 TEST(OpsAttentionDecodeCuda, KernelMatchesTheExactResultWithinTwiceSdpasError) {
   if (!have_cuda()) GTEST_SKIP() << "no CUDA device";
   if (!ops::kernels_built()) GTEST_SKIP() << "this build has no CUDA kernels";
@@ -687,17 +688,22 @@ TEST(OpsAttentionDecodeCuda, KernelMatchesTheExactResultWithinTwiceSdpasError) {
   torch::manual_seed(31);
   struct Shape {
     int64_t b, h, kvh, tq, tk;
+    bool causal = true;
   };
+  // One new query; a few (causal: the bottom-right corner); the most a decode step takes (8), with
+  // and without the mask; fewer keys than a split.
+  const std::vector<Shape> shapes = {{2, 8, 2, 1, 113},        {1, 4, 4, 1, 4000},
+                                     {3, 8, 1, 4, 1000},       {2, 4, 2, 8, 300},
+                                     {2, 4, 2, 8, 300, false}, {1, 4, 1, 3, 4}};
   for (auto dtype : {torch::kBFloat16, torch::kFloat16}) {
     for (int64_t dim : {64, 128}) {
-      for (const Shape s : {Shape{2, 8, 2, 1, 113}, Shape{1, 4, 4, 1, 4000},
-                            Shape{3, 8, 1, 4, 1000}, Shape{2, 4, 2, 1, 1}}) {
+      for (const Shape& s : shapes) {
         auto opts = torch::TensorOptions().dtype(dtype).device(torch::kCUDA);
         const int64_t capacity = s.tk + 37;
         auto q = torch::randn({s.b, s.tq, s.h, dim}, opts).transpose(1, 2);
         auto k = torch::randn({s.b, s.kvh, capacity, dim}, opts).narrow(2, 0, s.tk);
         auto v = torch::randn({s.b, s.kvh, capacity, dim}, opts).narrow(2, 0, s.tk);
-        auto exact = exact_attention(q, k, v, true, torch::zeros_like(q))[0];
+        auto exact = exact_attention(q, k, v, s.causal, torch::zeros_like(q))[0];
         torch::Tensor got[2];
         for (int impl = 0; impl < 2; ++impl) {
           ops::set_ops_impl(impl == 0 ? OpsImpl::kAviary : OpsImpl::kTorch);
@@ -705,7 +711,7 @@ TEST(OpsAttentionDecodeCuda, KernelMatchesTheExactResultWithinTwiceSdpasError) {
             ASSERT_TRUE(ops::use_kernel(Op::kAttentionDecode, q.device()));
           }
           torch::NoGradGuard no_grad;
-          got[impl] = ops::attention(q, k, v, std::nullopt, true);
+          got[impl] = ops::attention(q, k, v, std::nullopt, s.causal);
         }
         ASSERT_EQ(got[0].sizes(), q.sizes());
         auto err = [&](const torch::Tensor& x) {
@@ -715,7 +721,8 @@ TEST(OpsAttentionDecodeCuda, KernelMatchesTheExactResultWithinTwiceSdpasError) {
                             std::max(1.0, exact.abs().max().item<double>());
         EXPECT_LE(err(got[0]), 2 * err(got[1]) + atol)
             << c10::toString(dtype) << " d" << dim << " B" << s.b << " H" << s.h << "/" << s.kvh
-            << " " << s.tq << "x" << s.tk << ": decode " << err(got[0]) << ", SDPA " << err(got[1]);
+            << " " << s.tq << "x" << s.tk << (s.causal ? " causal" : "") << ": decode "
+            << err(got[0]) << ", SDPA " << err(got[1]);
       }
     }
   }

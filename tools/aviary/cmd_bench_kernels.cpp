@@ -277,7 +277,7 @@ void attention_cases(const Context& c, std::vector<BenchCase>& out) {
   decode.op = "attention";
   decode.shape = fmt::format("decode B{} H{}/{} 1x{} D{}", batch, H, KVH, cache, D);
   decode.bytes = c.elem() * static_cast<double>(2 * batch * H * D + 2 * batch * KVH * cache * D);
-  decode.flops = 4.0 * static_cast<double>(batch * H * cache * D);
+  // Memory-bound (each cached key and value read once for one query): rated against copy.
   decode.op_id = ops::Op::kAttentionDecode;
   decode.ours = [=] { return ops::attention(qd, kd, vd, std::nullopt, true); };
   // The last query sees every key: no mask either way.

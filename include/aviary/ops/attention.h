@@ -14,7 +14,9 @@ namespace aviary::ops {
 // SDPA) run Aviary's attention (src/ops/cpu_attention.h: blocks of queries over BLAS GEMMs, the
 // probabilities recomputed in backward), unless ops.impl is torch. On CUDA without a mask, bf16
 // and f16 inputs (fp32 under CUDA autocast) with head dim 64 or 128 run Aviary's FlashAttention-2
-// kernels (kernels/attention.h) where ops::use_kernel(Op::kAttention) says so (docs/kernels.md).
+// kernels (kernels/attention.h) where ops::use_kernel(Op::kAttention) says so (docs/kernels.md);
+// decode steps (no gradient wanted, at most 8 new queries against more cached keys) run the
+// split-KV decode kernel instead where ops::use_kernel(Op::kAttentionDecode) says so.
 // Everything else runs ATen's scaled_dot_product_attention.
 //
 // `documents` (packed training rows): causal self-attention (Tq == Tk == T) in which the B rows of
