@@ -13,6 +13,7 @@
 #include "aviary/ops/impl.h"
 #include "cpu_attention.h"
 #include "kernel_dispatch.h"
+#include "tensor_rows.h"
 
 #if AVIARY_OPS_KERNELS
 #include <ATen/cuda/CUDAContext.h>
@@ -315,10 +316,9 @@ void set_qkvo_strides(Params& p, const torch::Tensor& q, const torch::Tensor& k,
 // The varlen kernels' layout: the B rows of T tokens one token axis ([B·T, H, D], a token's heads
 // side by side, as the model's [B, T, H, D] projections are), with the kernel_layout() rules.
 torch::Tensor token_major_layout(const torch::Tensor& t) {
-  const bool fits = t.stride(3) == 1 && t.stride(1) % 8 == 0 && t.stride(2) % 8 == 0 &&
-                    (t.size(0) == 1 || t.stride(0) == t.size(2) * t.stride(2)) &&
+  const bool fits = is_token_major(t) && t.stride(1) % 8 == 0 && t.stride(2) % 8 == 0 &&
                     reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-  return fits ? t : t.transpose(1, 2).clone(at::MemoryFormat::Contiguous).transpose(1, 2);
+  return fits ? t : token_major_clone(t);
 }
 
 // Varlen params over packed documents (ops::AttentionDocuments): the documents are the kernels'

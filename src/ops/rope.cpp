@@ -80,11 +80,10 @@ bool rope_cpu_applies(const torch::Tensor& x, const torch::Tensor& cos, const to
 // stride and one token stride across the batch (the model's [B, T, H, D] projections viewed as
 // [B, H, T, D] have both). empty_like keeps such a layout; anything else becomes one.
 torch::Tensor token_major_copy(const torch::Tensor& x) {
-  const bool token_major = x.stride(3) == 1 &&
-                           (x.size(0) == 1 || x.stride(0) == x.size(2) * x.stride(2)) &&
-                           x.is_non_overlapping_and_dense();
-  if (token_major) return x.clone(at::MemoryFormat::Preserve);
-  return x.transpose(1, 2).clone(at::MemoryFormat::Contiguous).transpose(1, 2);
+  if (is_token_major(x) && x.is_non_overlapping_and_dense()) {
+    return x.clone(at::MemoryFormat::Preserve);
+  }
+  return token_major_clone(x);
 }
 
 // Rotates t ([B, H, T, D], token-major) in place by the angles of `positions` ([B, T] int64).

@@ -19,6 +19,18 @@ inline int64_t row_stride(const torch::Tensor& rows) {
   return rows.size(0) > 1 ? rows.stride(0) : rows.size(1);
 }
 
+// Whether t [B, H, T, D] lies as B·T tokens with one token stride, its D contiguous: the layout
+// of the model's [B, T, H, D] projections viewed as [B, H, T, D], which the CUDA RoPE and varlen
+// attention kernels take as [B·T, H, D].
+inline bool is_token_major(const torch::Tensor& t) {
+  return t.stride(3) == 1 && (t.size(0) == 1 || t.stride(0) == t.size(2) * t.stride(2));
+}
+
+// A copy of t [B, H, T, D] laid out [B, T, H, D] (token-major), viewed back as [B, H, T, D].
+inline torch::Tensor token_major_clone(const torch::Tensor& t) {
+  return t.transpose(1, 2).clone(at::MemoryFormat::Contiguous).transpose(1, 2);
+}
+
 // A bf16 tensor's elements as the raw bits the CPU loops take.
 inline uint16_t* bits(const torch::Tensor& t) {
   return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>());
