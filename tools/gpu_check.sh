@@ -324,7 +324,7 @@ EOF
 }
 
 # Every (family, tool) run at once, each in its own process under its own limit: the stage takes
-# as long as the slowest run, not the sum (twelve runs on one GPU and 16 cores), and the results are
+# as long as the slowest run, not the sum (sixteen runs on one GPU and 16 cores), and the results are
 # printed and recorded in registry order afterwards.
 stage_sanitizer() {
   local san

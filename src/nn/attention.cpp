@@ -1,5 +1,6 @@
 #include "aviary/nn/attention.h"
 
+#include "aviary/core/error.h"
 #include "aviary/ops/attention.h"
 #include "aviary/ops/swiglu.h"
 
@@ -23,6 +24,10 @@ torch::Tensor SelfAttentionImpl::forward(const torch::Tensor& x, const ops::Rope
   q = ops::apply_rope(q, rope);
   k = ops::apply_rope(k, rope);
   if (cache) std::tie(k, v) = cache->append(layer, k, v);
+  if (cache && mask.documents && !mask.mask) {
+    throw_unsupported("attention over packed documents with a KV cache", "nn.SelfAttention",
+                      "generate one sequence per row, or pass a dense mask");
+  }
   const ops::AttentionDocuments* documents = mask.documents && !cache ? &*mask.documents : nullptr;
   auto out = ops::attention(q, k, v, mask.mask, mask.causal, documents);
   return o_proj(out.transpose(1, 2).reshape({b, t, heads * head_dim}));

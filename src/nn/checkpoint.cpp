@@ -82,13 +82,6 @@ struct BlockCheckpoint : public torch::autograd::Function<BlockCheckpoint> {
     ctx->saved_data["rope_position_scale"] = rope_source.position_scale;
     ctx->saved_data["causal"] = mask.causal;
     ctx->saved_data["mask"] = mask.mask ? c10::IValue(*mask.mask) : c10::IValue();
-    if (mask.documents) {
-      ctx->saved_data["doc_cu"] = mask.documents->cu_tokens;
-      ctx->saved_data["doc_cu_device"] = mask.documents->cu_tokens_device.defined()
-                                             ? c10::IValue(mask.documents->cu_tokens_device)
-                                             : c10::IValue();
-      ctx->saved_data["doc_max_len"] = mask.documents->max_len;
-    }
     ctx->saved_data["rng_state"] = rng_state(x.device());
     ctx->saved_data["autocast"] = at::autocast::is_autocast_enabled(device);
     ctx->saved_data["autocast_dtype"] =
@@ -101,6 +94,17 @@ struct BlockCheckpoint : public torch::autograd::Function<BlockCheckpoint> {
     rope.sin = sin;
     auto y = block->forward(x, rope, mask, nullptr, 0);
     if (hooks) hooks->after_forward(*block);
+    if (mask.documents) {
+      const auto& docs = *mask.documents;
+      ctx->saved_data["doc_cu"] = docs.cu_tokens;
+      ctx->saved_data["doc_cu_device"] =
+          docs.cu_tokens_device.defined() ? c10::IValue(docs.cu_tokens_device) : c10::IValue();
+      ctx->saved_data["doc_max_len"] = docs.max_len;
+      // The dense mask, if the forward fell back to SDPA and built it (after the forward, so that
+      // the recomputation reuses it rather than building one per block).
+      const bool dense = docs.dense_cache && docs.dense_cache->defined();
+      ctx->saved_data["doc_dense"] = dense ? c10::IValue(*docs.dense_cache) : c10::IValue();
+    }
     return y;
   }
 
@@ -130,6 +134,9 @@ struct BlockCheckpoint : public torch::autograd::Function<BlockCheckpoint> {
         documents.cu_tokens_device = ctx->saved_data["doc_cu_device"].toTensor();
       }
       documents.max_len = ctx->saved_data["doc_max_len"].toInt();
+      if (!ctx->saved_data["doc_dense"].isNone()) {
+        *documents.dense_cache = ctx->saved_data["doc_dense"].toTensor();
+      }
       mask.documents = std::move(documents);
     }
     torch::Tensor y;

@@ -10,7 +10,6 @@ namespace aviary::nn {
 DocumentAttention document_attention(const std::vector<std::vector<int32_t>>& cu_lengths,
                                      int64_t length, const torch::Device& device) {
   const auto rows = static_cast<int64_t>(cu_lengths.size());
-  std::vector<int64_t> doc(static_cast<size_t>(rows * length), -1);
   std::vector<int64_t> pos(static_cast<size_t>(rows * length), 0);
   for (int64_t b = 0; b < rows; ++b) {
     const auto& cu = cu_lengths[static_cast<size_t>(b)];
@@ -21,10 +20,13 @@ DocumentAttention document_attention(const std::vector<std::vector<int32_t>>& cu
                     "document mask");
     }
     for (size_t k = 0; k + 1 < cu.size(); ++k) {
-      for (int64_t t = cu[k]; t < std::min<int64_t>(cu[k + 1], length); ++t) {
-        doc[static_cast<size_t>(b * length + t)] = static_cast<int64_t>(k);
-        pos[static_cast<size_t>(b * length + t)] = t - cu[k];
+      if (cu[k + 1] < cu[k]) {
+        throw_invalid("document boundaries of row " + std::to_string(b) + " must not decrease (" +
+                          std::to_string(cu[k]) + " then " + std::to_string(cu[k + 1]) + ")",
+                      "document mask");
       }
+      for (int64_t t = cu[k]; t < std::min<int64_t>(cu[k + 1], length); ++t)
+        pos[static_cast<size_t>(b * length + t)] = t - cu[k];
     }
   }
   // The same boundaries over the rows' tokens flattened, for ops::attention's per-document paths:
@@ -40,12 +42,8 @@ DocumentAttention document_attention(const std::vector<std::vector<int32_t>>& cu
       if (cu[k] >= length) break;
     }
   }
-  auto doc_ids = torch::tensor(doc).view({rows, length}).to(device);
   DocumentAttention out;
   out.positions = torch::tensor(pos).view({rows, length}).to(device);
-  auto same_doc = doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1);
-  auto causal = torch::ones({length, length}, torch::dtype(torch::kBool).device(device)).tril();
-  out.mask.mask = (same_doc & causal).unsqueeze(1);
   ops::AttentionDocuments documents;
   documents.cu_tokens = torch::tensor(cu_tokens, torch::kInt64);
   if (device.is_cuda()) documents.cu_tokens_device = documents.cu_tokens.to(device, torch::kInt32);

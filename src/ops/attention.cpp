@@ -10,6 +10,8 @@
 #include <utility>
 #include <vector>
 
+#include "aviary/core/error.h"
+#include "aviary/core/strings.h"
 #include "aviary/ops/impl.h"
 #include "cpu_attention.h"
 #include "kernel_dispatch.h"
@@ -374,8 +376,7 @@ class AttentionCudaFunction : public torch::autograd::Function<AttentionCudaFunc
     p.softmax_scale = static_cast<float>(scale);
     p.causal = causal;
     if (varlen) set_documents(p, cu, max_len, B * Tq);
-    const cudaError_t err =
-        kernels::attention_forward(p, at::cuda::getCurrentCUDAStream(q.device().index()).stream());
+    const cudaError_t err = kernels::attention_forward(p, current_stream(q));
     if (err != cudaSuccess) throw_kernel_error(err, "kernels::attention_forward", "ops.attention");
     save_for_backward(ctx, {q, k, v, out, lse, cu}, causal, scale);
     ctx->saved_data["max_len"] = max_len;
@@ -424,12 +425,10 @@ class AttentionCudaFunction : public torch::autograd::Function<AttentionCudaFunc
     if (varlen) set_documents(p, cu, ctx->saved_data["max_len"].toInt(), q.size(0) * q.size(2));
     const size_t bytes = kernels::attention_backward_workspace_bytes(p);
     // fp32 elements, rounded up: the caching allocator's blocks are 512-byte aligned.
-    auto workspace =
-        torch::empty({static_cast<int64_t>((bytes + 3) / 4)}, q.options().dtype(torch::kFloat32));
+    auto workspace = kernel_workspace(bytes, q);
     p.workspace = bytes > 0 ? workspace.data_ptr() : nullptr;
     p.workspace_bytes = bytes;
-    const cudaError_t err =
-        kernels::attention_backward(p, at::cuda::getCurrentCUDAStream(q.device().index()).stream());
+    const cudaError_t err = kernels::attention_backward(p, current_stream(q));
     if (err != cudaSuccess) throw_kernel_error(err, "kernels::attention_backward", "ops.attention");
     return {dq, dk, dv, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
@@ -464,12 +463,10 @@ torch::Tensor attention_decode_cuda(const torch::Tensor& q_in, const torch::Tens
   p.causal = causal;
   const size_t bytes = kernels::attention_decode_workspace_bytes(p);
   // fp32 elements, rounded up: the caching allocator's blocks are 512-byte aligned.
-  auto workspace =
-      torch::empty({static_cast<int64_t>((bytes + 3) / 4)}, q.options().dtype(torch::kFloat32));
+  auto workspace = kernel_workspace(bytes, q);
   p.workspace = bytes > 0 ? workspace.data_ptr<float>() : nullptr;
   p.workspace_bytes = bytes;
-  const cudaError_t err =
-      kernels::attention_decode(p, at::cuda::getCurrentCUDAStream(q.device().index()).stream());
+  const cudaError_t err = kernels::attention_decode(p, current_stream(q));
   if (err != cudaSuccess) throw_kernel_error(err, "kernels::attention_decode", "ops.attention");
   return out;
 }
@@ -489,12 +486,49 @@ bool is_decode_step(const torch::Tensor& q, const torch::Tensor& k, const torch:
 
 }  // namespace
 
+torch::Tensor AttentionDocuments::dense_mask(int64_t rows, int64_t length,
+                                             const torch::Device& device) const {
+  const auto& cached = dense_cache ? *dense_cache : torch::Tensor();
+  if (cached.defined() && cached.device() == device && cached.size(0) == rows &&
+      cached.size(2) == length) {
+    return cached;
+  }
+  const auto cu = cu_tokens.to(torch::kCPU, torch::kInt64).contiguous();
+  const int64_t n = cu.numel(), total = rows * length;
+  const int64_t* c = cu.data_ptr<int64_t>();
+  if (n < 2 || c[0] != 0 || c[n - 1] != total) {
+    throw_invalid("packed documents' boundaries must run from 0 to the batch's " +
+                      std::to_string(rows) + " x " + std::to_string(length) + " tokens",
+                  "ops.attention", "build them with nn::document_attention");
+  }
+  // Each token's document (documents never cross rows, so equal ids lie in one row).
+  std::vector<int64_t> doc(static_cast<size_t>(total), 0);
+  for (int64_t d = 0; d + 1 < n; ++d) {
+    for (int64_t t = std::max<int64_t>(c[d], 0); t < std::min(c[d + 1], total); ++t)
+      doc[static_cast<size_t>(t)] = d;
+  }
+  auto ids = torch::tensor(doc).view({rows, length}).to(device);
+  auto causal = torch::ones({length, length}, torch::dtype(torch::kBool).device(device)).tril();
+  auto mask = ((ids.unsqueeze(2) == ids.unsqueeze(1)) & causal).unsqueeze(1);
+  if (dense_cache) *dense_cache = mask;
+  return mask;
+}
+
 torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                         const std::optional<torch::Tensor>& mask, bool causal,
                         const AttentionDocuments* documents) {
   const double scale = 1.0 / std::sqrt(static_cast<double>(q.size(-1)));
   const bool gqa = q.size(1) != k.size(1);
-  if (documents && documents_fit(*documents, q, k)) {
+  const bool documents_apply = documents && documents_fit(*documents, q, k);
+  if (documents && !documents_apply && !mask) {
+    const int64_t count = documents->cu_tokens.defined() ? documents->cu_tokens.numel() - 1 : 0;
+    throw_invalid(
+        "packed documents (" + std::to_string(count) + " documents, longest " +
+            std::to_string(documents->max_len) + ") do not describe self-attention over q " +
+            shape_string(q.sizes()) + " and k " + shape_string(k.sizes()),
+        "ops.attention", "build them with nn::document_attention for this batch, or pass the mask");
+  }
+  if (documents_apply) {
     if (const auto dtype = cpu_attention_dtype(q, k, v, /*causal=*/true)) {
       return AttentionCpuDocumentsFunction::apply(q.to(*dtype), k.to(*dtype), v.to(*dtype),
                                                   documents->cu_tokens, scale);
@@ -512,8 +546,9 @@ torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const to
     }
 #endif
   }
-  if (mask) {
-    return at::scaled_dot_product_attention(q, k, v, *mask, 0.0, false, scale, gqa);
+  if (mask || documents) {
+    const auto dense = mask ? *mask : documents->dense_mask(q.size(0), q.size(2), q.device());
+    return at::scaled_dot_product_attention(q, k, v, dense, 0.0, false, scale, gqa);
   }
   const int64_t tq = q.size(2), tk = k.size(2);
   // A single query at the end of the sequence sees every key: no mask needed.

@@ -268,10 +268,6 @@ kernels::CrossEntropyParams cross_entropy_params(const torch::Tensor& logits,
   return p;
 }
 
-cudaStream_t current_stream(const torch::Tensor& t) {
-  return at::cuda::getCurrentCUDAStream(t.device().index()).stream();
-}
-
 void check_launch(cudaError_t err, const char* launcher) {
   if (err != cudaSuccess) throw_kernel_error(err, launcher, "ops.cross_entropy");
 }

@@ -91,6 +91,10 @@ const char* op_name(Op op) {
       return "rope";
     case Op::kAttentionDecode:
       return "attention_decode";
+    case Op::kLayerNorm:
+      return "layer_norm";
+    case Op::kAdamW:
+      return "adamw";
   }
   return "unknown";
 }
@@ -102,7 +106,10 @@ const std::vector<KernelInfo>& kernel_registry() {
   static const std::vector<KernelInfo> registry = {
       // Forward and backward (the fused residual add is not used by ops/).
       {Op::kRmsNorm, "rmsnorm", "*RmsNorm*Kernel*-*Residual*", "OpsRmsNormCuda.*"},
+      {Op::kLayerNorm, "layernorm", "*LayerNormKernel*", "OpsLayerNormCuda.*"},
       {Op::kSwiGlu, "swiglu", "*SwiGlu*Kernel*", "OpsSwiGluCuda.*"},
+      // The optimizer step over every parameter tensor at once (fp32 master weights and moments).
+      {Op::kAdamW, "adamw", "*AdamWKernel*", "OpsAdamWCuda.*"},
       // Forward and backward, in place on a chunk of logits inside the fused loss head.
       {Op::kCrossEntropy, "cross_entropy", "*CrossEntropyKernel*", "OpsCrossEntropyCuda.*"},
       // In place on a copy, forward and backward (the inverse rotation); rotate-half, 1-D.

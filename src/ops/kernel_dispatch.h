@@ -10,6 +10,7 @@
 
 #include <string>
 
+#include <ATen/cuda/CUDAContext.h>
 #include <torch/types.h>
 
 #include "aviary/core/error.h"
@@ -32,6 +33,17 @@ inline bool kernel_dtype(torch::ScalarType t, kernels::DType* out) {
     default:
       return false;
   }
+}
+
+// The current CUDA stream of t's device, where every launcher is enqueued: the kernels then order
+// with PyTorch's own work on t.
+inline cudaStream_t current_stream(const torch::Tensor& t) {
+  return at::cuda::getCurrentCUDAStream(t.device().index()).stream();
+}
+
+// A kernel's scratch space: an uninitialised fp32 tensor of at least `bytes` on t's device.
+inline torch::Tensor kernel_workspace(size_t bytes, const torch::Tensor& t) {
+  return torch::empty({static_cast<int64_t>((bytes + 3) / 4)}, t.options().dtype(torch::kFloat32));
 }
 
 // A launcher's error as an aviary::Error naming the launcher, CUDA's message, the check that

@@ -102,8 +102,7 @@ std::pair<torch::Tensor, torch::Tensor> rms_norm_kernel_forward(const torch::Ten
   p.x_row_stride = row_stride(x2);
   p.y_row_stride = cols;
   p.eps = static_cast<float>(eps);
-  const cudaError_t err =
-      kernels::rmsnorm_forward(p, at::cuda::getCurrentCUDAStream(x.device().index()).stream());
+  const cudaError_t err = kernels::rmsnorm_forward(p, current_stream(x));
   if (err != cudaSuccess) throw_kernel_error(err, "kernels::rmsnorm_forward", "ops.rms_norm");
   return {y.view(x.sizes()), rstd};
 }
@@ -134,11 +133,9 @@ std::pair<torch::Tensor, torch::Tensor> rms_norm_kernel_backward(const torch::Te
   p.dy_row_stride = row_stride(dy);
   p.dx_row_stride = x2.size(1);
   const size_t bytes = kernels::rmsnorm_backward_workspace_bytes(p);
-  auto workspace =
-      torch::empty({static_cast<int64_t>((bytes + 3) / 4)}, x.options().dtype(torch::kFloat32));
+  auto workspace = kernel_workspace(bytes, x);
   p.workspace = bytes > 0 ? workspace.data_ptr() : nullptr;
-  const cudaError_t err =
-      kernels::rmsnorm_backward(p, at::cuda::getCurrentCUDAStream(x.device().index()).stream());
+  const cudaError_t err = kernels::rmsnorm_backward(p, current_stream(x));
   if (err != cudaSuccess) throw_kernel_error(err, "kernels::rmsnorm_backward", "ops.rms_norm");
   return {dx.view(x.sizes()), dw};
 }

@@ -104,8 +104,7 @@ void rope_in_place(const torch::Tensor& t, const torch::Tensor& positions, doubl
   p.q_head_stride = t.stride(1);
   p.theta = static_cast<float>(theta);
   p.position_scale = static_cast<float>(position_scale);
-  const cudaError_t err =
-      kernels::rope_apply(p, at::cuda::getCurrentCUDAStream(t.device().index()).stream());
+  const cudaError_t err = kernels::rope_apply(p, current_stream(t));
   if (err != cudaSuccess) throw_kernel_error(err, "kernels::rope_apply", "ops.apply_rope");
 }
 

@@ -72,8 +72,7 @@ class SwiGluCudaFunction : public torch::autograd::Function<SwiGluCudaFunction> 
     p.gate_row_stride = row_stride(g);
     p.up_row_stride = row_stride(u);
     p.out_row_stride = g.size(1);
-    const cudaError_t err =
-        kernels::swiglu_forward(p, at::cuda::getCurrentCUDAStream(gate.device().index()).stream());
+    const cudaError_t err = kernels::swiglu_forward(p, current_stream(gate));
     if (err != cudaSuccess) throw_kernel_error(err, "kernels::swiglu_forward", "ops.swiglu");
     ctx->save_for_backward({gate, up});
     return out.view(gate.sizes());
@@ -101,8 +100,7 @@ class SwiGluCudaFunction : public torch::autograd::Function<SwiGluCudaFunction> 
     p.dout_row_stride = row_stride(d);
     p.dgate_row_stride = g.size(1);
     p.dup_row_stride = g.size(1);
-    const cudaError_t err =
-        kernels::swiglu_backward(p, at::cuda::getCurrentCUDAStream(g.device().index()).stream());
+    const cudaError_t err = kernels::swiglu_backward(p, current_stream(g));
     if (err != cudaSuccess) throw_kernel_error(err, "kernels::swiglu_backward", "ops.swiglu");
     return {dgate.view(saved[0].sizes()), dup.view(saved[1].sizes())};
   }

@@ -372,10 +372,16 @@ ActivationTerms activation_terms(const Shapes& s, const MemoryPlanInputs& in) {
         kF32 * n * (4 * h + 2 * s.q + 2 * s.kv + s.heads + 2 + swiglu_saved * i) + 2 * normalised;
   }
   if (in.document_mask) {
-    // SDPA turns the bool mask into an additive one in the query's dtype, per call, and keeps it.
-    t.layer += (bf16 ? kBF16 : kF32) * in.micro_batch * in.seq_len * in.seq_len;
-    // The bool mask itself (nn/document_mask.cpp), shared, and the restarted positions.
-    t.shared += in.micro_batch * in.seq_len * in.seq_len + kI64 * n;
+    // The restarted positions.
+    t.shared += kI64 * n;
+    // Aviary's CPU attention runs each document alone (ops/attention.h): no [L, L] mask at all.
+    // SDPA (ops.impl torch, and CUDA, counted as if its kernels were not validated) gets the
+    // documents' bool mask, built once for every layer, and turns it into an additive one in the
+    // query's dtype per call, which it keeps.
+    if (!fused_cpu_ops(in)) {
+      t.layer += (bf16 ? kBF16 : kF32) * in.micro_batch * in.seq_len * in.seq_len;
+      t.shared += in.micro_batch * in.seq_len * in.seq_len;
+    }
   }
   // rope_tables: cos and sin [B, L, head_dim], in the hidden states' dtype (fp32 both ways).
   t.shared += 2 * kF32 * n * s.head_dim;

@@ -2,13 +2,12 @@
 
 #include <fnmatch.h>
 
-#include <ATen/ops/_fused_adamw.h>
-
 #include <algorithm>
 #include <cmath>
 #include <limits>
 
 #include "aviary/core/error.h"
+#include "aviary/ops/adamw.h"
 #include "aviary/ops/squared_norm.h"
 
 namespace aviary {
@@ -132,26 +131,27 @@ torch::Tensor AdamW::step(LossClosure closure) {
     const double beta1 = std::get<0>(options.betas());
     const double beta2 = std::get<1>(options.betas());
     if (fused_) {
-      // torch/optim/adam.py _fused_adam: state_steps are fp32 scalars incremented before the call
-      // (exact for integer counts below 2^24); the kernel applies decay, both moments, the bias
-      // corrections and the update in one pass.
-      std::vector<torch::Tensor> params, grads, exp_avgs, exp_avg_sqs, steps;
+      // One pass over parameter, gradient and both moments for the whole group: Aviary's
+      // multi-tensor kernel on CUDA where ops.impl allows it, at::_fused_adamw_ otherwise.
+      ops::AdamWTensors t;
       for (auto& p : group.params()) {
         if (!p.grad().defined()) continue;
         TORCH_CHECK(!p.grad().is_sparse(), "AdamW does not support sparse gradients");
         auto& s = state_of(p);
         s.step(s.step() + 1);
-        params.push_back(p);
-        grads.push_back(p.grad());
-        exp_avgs.push_back(s.exp_avg());
-        exp_avg_sqs.push_back(s.exp_avg_sq());
-        steps.push_back(torch::full({}, static_cast<float>(s.step()),
-                                    torch::dtype(torch::kFloat32).device(p.device())));
+        t.params.push_back(p);
+        t.grads.push_back(p.grad());
+        t.exp_avgs.push_back(s.exp_avg());
+        t.exp_avg_sqs.push_back(s.exp_avg_sq());
+        t.steps.push_back(s.step());
       }
-      if (params.empty()) continue;
-      at::_fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, {}, steps, lr, beta1, beta2,
-                        options.weight_decay(), options.eps(), /*amsgrad=*/false,
-                        /*maximize=*/false);
+      ops::AdamWHyper h;
+      h.lr = lr;
+      h.beta1 = beta1;
+      h.beta2 = beta2;
+      h.eps = options.eps();
+      h.weight_decay = options.weight_decay();
+      ops::adamw_step(t, h);
       continue;
     }
     for (auto& p : group.params()) {

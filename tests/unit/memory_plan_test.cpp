@@ -131,6 +131,27 @@ TEST(MemoryPlan, AgreesWithMeasuredStepWithin10Percent) {
   }
 }
 
+// Packed documents (two per row, as the measurement packs them) at a length where a [L, L] mask
+// is a fifth of the activations: Aviary's CPU attention runs each document alone and makes no mask;
+// ATen's SDPA (ops.impl torch) gets the dense one and keeps an additive copy per layer.
+TEST(MemoryPlan, DocumentMaskAgreesWithMeasuredStepWithin10Percent) {
+  OneThread one_thread;
+  for (const char* precision : {"fp32", "bf16"}) {
+    for (bool checkpointing : {false, true}) {
+      int64_t activations[2] = {0, 0};
+      for (bool cpu_loops : {true, false}) {
+        auto in = step_inputs(2, 256, precision, checkpointing);
+        in.document_mask = true;
+        const auto plan = expect_plan_matches_measurement(std::string("documents-") + precision,
+                                                          tiny(64, 176, 4, 2, 512), in, cpu_loops);
+        activations[cpu_loops ? 0 : 1] =
+            checkpointing ? plan.activations_checkpointed : *plan.activations_full;
+      }
+      EXPECT_LT(activations[0], activations[1]) << precision;
+    }
+  }
+}
+
 LoraTrainingConfig lora_config(std::vector<std::string> targets, double dropout,
                                const char* base_dtype = "auto") {
   LoraTrainingConfig lora;

@@ -22,6 +22,7 @@
 #include "aviary/ops/rms_norm.h"
 #include "aviary/ops/rope.h"
 #include "aviary/ops/swiglu.h"
+#include "expect_error.h"
 #include "ops/cpu_gemm.h"
 #include "ops/cpu_loops.h"
 #include "ops/loss_head_chunks.h"
@@ -579,8 +580,10 @@ TEST(CpuAttentionDocuments, EachDocumentRunsAloneAndMatchesTheDenseMaskInDouble)
   auto qd = q.detach().to(torch::kDouble).requires_grad_(true);
   auto kd = k.detach().to(torch::kDouble).requires_grad_(true);
   auto vd = v.detach().to(torch::kDouble).requires_grad_(true);
-  auto want = at::scaled_dot_product_attention(qd, kd, vd, *docs.mask.mask, 0.0, false,
-                                               1.0 / std::sqrt(16.0), true);
+  EXPECT_FALSE(docs.mask.mask.has_value());  // no dense mask unless SDPA needs one
+  const auto dense = documents.dense_mask(2, T, torch::kCPU);
+  auto want =
+      at::scaled_dot_product_attention(qd, kd, vd, dense, 0.0, false, 1.0 / std::sqrt(16.0), true);
   auto want_grads = torch::autograd::grad({want}, {qd, kd, vd}, {grad.to(torch::kDouble)});
   for (auto dtype : {torch::kFloat32, torch::kBFloat16}) {
     auto qx = q.detach().to(dtype).requires_grad_(true);
@@ -603,26 +606,45 @@ TEST(CpuAttentionDocuments, EachDocumentRunsAloneAndMatchesTheDenseMaskInDouble)
 TEST(CpuAttentionDocuments, BoundariesThatDoNotFitAndOpsImplTorchTakeTheDenseMask) {
   const int32_t T = 100;
   const auto docs = packed_documents(T);
+  const auto& documents = *docs.mask.documents;
   auto q = heads_view(2, T, 2, 8, torch::kFloat32);
-  auto dense = at::scaled_dot_product_attention(q, q, q, *docs.mask.mask, 0.0, false,
-                                                1.0 / std::sqrt(8.0), false);
-  // Boundaries for another batch size, one that crosses a row, and a wrong max_len.
-  auto bad = *docs.mask.documents;
+  // The dense mask the documents make: built on request, once, and shared by copies.
+  EXPECT_FALSE(documents.dense_cache->defined());
+  const auto mask = documents.dense_mask(2, T, torch::kCPU);
+  EXPECT_EQ(mask.sizes(), (std::vector<int64_t>{2, 1, T, T}));
+  EXPECT_TRUE(mask[0][0][40][35].item<bool>());   // same document, earlier
+  EXPECT_FALSE(mask[0][0][40][20].item<bool>());  // an earlier document
+  EXPECT_FALSE(mask[0][0][40][41].item<bool>());  // later
+  EXPECT_TRUE(mask[1][0][99][0].item<bool>());    // row 1: one document
+  EXPECT_EQ(mask.sum().item<int64_t>(), 30 * 31 / 2 + 45 * 46 / 2 + 25 * 26 / 2 + 100 * 101 / 2);
+  const ops::AttentionDocuments copy = documents;
+  EXPECT_TRUE(copy.dense_mask(2, T, torch::kCPU).is_same(mask));
+  auto dense =
+      at::scaled_dot_product_attention(q, q, q, mask, 0.0, false, 1.0 / std::sqrt(8.0), false);
+  // Boundaries for another batch size, one that crosses a row, and a wrong max_len: the mask
+  // given runs; without one they are refused.
+  ops::AttentionDocuments bad;
   for (const auto& cu : {std::vector<int64_t>{0, 30, 100}, std::vector<int64_t>{0, 30, 150, 200}}) {
     bad.cu_tokens = torch::tensor(cu, torch::kInt64);
     bad.max_len = 120;
-    auto out = ops::attention(q, q, q, docs.mask.mask, false, &bad);
+    auto out = ops::attention(q, q, q, mask, false, &bad);
     EXPECT_FALSE(made_by(out, "AttentionCpuDocumentsFunction"));
     EXPECT_TRUE(torch::allclose(out, dense, 1e-5, 1e-6));
+    auto e = test::expect_error(ErrorKind::kInvalidArgument,
+                                [&] { ops::attention(q, q, q, std::nullopt, false, &bad); });
+    EXPECT_NE(std::string(e.what()).find("do not describe"), std::string::npos) << e.what();
   }
-  bad = *docs.mask.documents;
+  bad = documents;
   bad.max_len = 99;
-  EXPECT_FALSE(made_by(ops::attention(q, q, q, docs.mask.mask, false, &bad),
-                       "AttentionCpuDocumentsFunction"));
+  EXPECT_FALSE(
+      made_by(ops::attention(q, q, q, mask, false, &bad), "AttentionCpuDocumentsFunction"));
+  // ops.impl torch: SDPA over the dense mask the documents build for it.
   ImplGuard torch_impl(ops::OpsImpl::kTorch);
-  auto out = ops::attention(q, q, q, docs.mask.mask, false, &*docs.mask.documents);
+  const auto fresh = packed_documents(T);
+  auto out = ops::attention(q, q, q, std::nullopt, false, &*fresh.mask.documents);
   EXPECT_FALSE(made_by(out, "AttentionCpuDocumentsFunction"));
   EXPECT_TRUE(torch::allclose(out, dense, 1e-5, 1e-6));
+  EXPECT_TRUE(fresh.mask.documents->dense_cache->defined());
 }
 
 TEST(CpuEmbedding, LookupAndGradientMatchTheReferenceWithRepeatedIds) {

@@ -14,13 +14,16 @@
 #include "aviary/core/config.h"
 #include "aviary/dist/comm.h"
 #include "aviary/dist/data_parallel.h"
+#include "aviary/kernels/adamw_reference.h"
 #include "aviary/models/aquila.h"
 #include "aviary/models/aquila_config.h"
 #include "aviary/nn/document_mask.h"
+#include "aviary/ops/adamw.h"
 #include "aviary/ops/attention.h"
 #include "aviary/ops/autocast.h"
 #include "aviary/ops/cross_entropy.h"
 #include "aviary/ops/impl.h"
+#include "aviary/ops/layer_norm.h"
 #include "aviary/ops/rms_norm.h"
 #include "aviary/ops/rope.h"
 #include "aviary/ops/swiglu.h"
@@ -245,8 +248,8 @@ TEST(BenchKernels, CpuPrintsATableAgainstTheUnfusedSequence) {
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_TRUE(contains(r.output, "ceilings measured in this run")) << r.output;
   EXPECT_TRUE(contains(r.output, "| op | pass | shape |")) << r.output;
-  for (const char* op :
-       {"| rms_norm |", "| rope |", "| swiglu |", "| cross_entropy |", "| attention |"})
+  for (const char* op : {"| rms_norm |", "| layer_norm |", "| rope |", "| swiglu |",
+                         "| cross_entropy |", "| attention |", "| adamw |"})
     EXPECT_TRUE(contains(r.output, op)) << op << " in " << r.output;
   EXPECT_TRUE(contains(r.output, "unfused ATen")) << r.output;
   // In fp32 every op runs Aviary's CPU path; the table says which.
@@ -257,7 +260,7 @@ TEST(BenchKernels, CpuPrintsATableAgainstTheUnfusedSequence) {
 TEST(BenchKernels, CpuJsonHasFiguresThatAgree) {
   auto r = test::run_cli(
       "--log-level warn bench kernels --cpu --json --threads 1 --seconds 0.02 --ops rms_norm "
-      "attention --dtypes fp32 bf16");
+      "attention adamw --dtypes fp32 bf16");
   ASSERT_EQ(r.exit_code, 0) << r.output;
   auto j = Json::parse(r.output.substr(r.output.find('{')));
   EXPECT_EQ(j["device"], "cpu");
@@ -266,9 +269,15 @@ TEST(BenchKernels, CpuJsonHasFiguresThatAgree) {
   ASSERT_EQ(j["ceilings"]["gemm_tflops"].size(), 1u);
   EXPECT_GT(j["ceilings"]["gemm_tflops"]["fp32"].get<double>(), 0.0);
   // rms_norm x 2 shapes + attention fwd and fwd+bwd, causal and over packed documents, and a
-  // decode step, per dtype.
-  ASSERT_EQ(j["rows"].size(), 14u) << j.dump(1);
+  // decode step, per dtype; one AdamW step, in fp32 only (the optimizer's state).
+  ASSERT_EQ(j["rows"].size(), 15u) << j.dump(1);
+  int adamw_rows = 0;
   for (const auto& row : j["rows"]) {
+    if (row["op"] == "adamw") {
+      ++adamw_rows;
+      EXPECT_EQ(row["dtype"], "fp32");
+      EXPECT_EQ(row["pass"], "step");
+    }
     EXPECT_NE(row["op"], "rope");
     EXPECT_GT(row["ms"].get<double>(), 0.0);
     EXPECT_GT(row["baseline_ms"].get<double>(), 0.0);
@@ -278,6 +287,7 @@ TEST(BenchKernels, CpuJsonHasFiguresThatAgree) {
     const double tol = row["dtype"] == "fp32" ? 1e-3 : 0.25;
     EXPECT_LE(row["max_abs_diff"].get<double>(), tol) << row.dump();
   }
+  EXPECT_EQ(adamw_rows, 1);
 }
 
 // bench train: each case's figures, with the GEMM-only anchor above the whole step's speed (the
@@ -631,7 +641,7 @@ TEST(OpsAttentionCuda, PackedDocumentsRunVarlenWithinTwiceTheDenseMasksError) {
   const auto docs = nn::document_attention({{0, 40, 40, 113, T}, {0, T + 7}}, T, torch::kCUDA);
   ASSERT_TRUE(docs.mask.documents && docs.mask.documents->cu_tokens_device.defined());
   const auto& documents = *docs.mask.documents;
-  const auto dense = docs.mask.mask->to(torch::kCPU);
+  const auto dense = documents.dense_mask(B, T, torch::kCUDA).to(torch::kCPU);
   for (auto dtype : {torch::kBFloat16, torch::kFloat16}) {
     for (int64_t dim : {64, 128}) {
       auto opts = torch::TensorOptions().dtype(dtype).device(torch::kCUDA);
@@ -654,7 +664,7 @@ TEST(OpsAttentionCuda, PackedDocumentsRunVarlenWithinTwiceTheDenseMasksError) {
         ops::set_ops_impl(impl == 0 ? OpsImpl::kAviary : OpsImpl::kTorch);
         auto qr = q.detach().requires_grad_(), kr = k.detach().requires_grad_(),
              vr = v.detach().requires_grad_();
-        auto out = ops::attention(qr, kr, vr, docs.mask.mask, false, &documents);
+        auto out = ops::attention(qr, kr, vr, std::nullopt, false, &documents);
         if (impl == 0) {
           ASSERT_TRUE(out.grad_fn() &&
                       std::string(out.grad_fn()->name()).find("AttentionCudaFunction") !=
@@ -1226,6 +1236,285 @@ TEST(DistNcclCuda, OneGpuTrainingStepMatchesAPlainStep) {
   ASSERT_EQ(after[0].size(), after[1].size());
   for (size_t i = 0; i < after[0].size(); ++i)
     EXPECT_TRUE(torch::allclose(after[0][i], after[1][i], 1e-5, 1e-6)) << "parameter " << i;
+}
+
+// ---------------------------------------------------------------- LayerNorm
+
+// y, dx, dweight and dbias of F.layer_norm in double on CPU, on the same (rounded) inputs.
+std::vector<torch::Tensor> exact_layer_norm(const torch::Tensor& x, const torch::Tensor& w,
+                                            const torch::Tensor& b, const torch::Tensor& dy,
+                                            double eps) {
+  auto xd = x.detach().to(torch::kCPU, torch::kFloat64).requires_grad_();
+  auto wd = w.detach().to(torch::kCPU, torch::kFloat64).requires_grad_();
+  auto bd = b.detach().to(torch::kCPU, torch::kFloat64).requires_grad_();
+  auto centred = xd - xd.mean(-1, true);
+  auto y = centred * torch::rsqrt(centred.pow(2).mean(-1, true) + eps) * wd + bd;
+  auto g = torch::autograd::grad({y}, {xd, wd, bd}, {dy.to(torch::kCPU, torch::kFloat64)});
+  return {y.detach(), g[0], g[1], g[2]};
+}
+
+// ops::layer_norm under `impl` with gradients: y, dx, dweight, dbias.
+std::vector<torch::Tensor> run_layer_norm(OpsImpl impl, const torch::Tensor& x,
+                                          const torch::Tensor& w, const torch::Tensor& b,
+                                          const torch::Tensor& dy, double eps) {
+  ops::set_ops_impl(impl);
+  auto xr = x.detach().requires_grad_(), wr = w.detach().requires_grad_(),
+       br = b.detach().requires_grad_();
+  auto y = ops::layer_norm(xr, wr, br, eps);
+  auto g = torch::autograd::grad({y}, {xr, wr, br}, {dy});
+  return {y.detach(), g[0], g[1], g[2]};
+}
+
+double max_abs_diff(const torch::Tensor& a, const torch::Tensor& exact) {
+  return (a.to(torch::kCPU, torch::kFloat64) - exact).abs().max().item<double>();
+}
+
+TEST(OpsLayerNorm, CpuIsAtensFusedOpWithAndWithoutBias) {
+  ImplGuard guard;
+  ops::set_ops_impl(OpsImpl::kAviary);
+  torch::manual_seed(3);
+  for (auto dtype : {torch::kFloat32, torch::kBFloat16}) {
+    auto x = (torch::randn({3, 5, 96}) * 2 + 0.5).to(dtype);
+    auto w = (1 + 0.1 * torch::randn({96})).to(dtype), b = (0.1 * torch::randn({96})).to(dtype);
+    const auto exact = exact_layer_norm(x, w, b, torch::ones_like(x), 1e-5);
+    auto y = ops::layer_norm(x, w, b, 1e-5);
+    EXPECT_EQ(y.scalar_type(), dtype);
+    EXPECT_LE(max_abs_diff(y, exact[0]), dtype == torch::kFloat32 ? 1e-5 : 0.05);
+    EXPECT_TRUE(torch::equal(ops::layer_norm(x, w, torch::Tensor(), 1e-5),
+                             at::layer_norm(x, {96}, w, {}, 1e-5)));
+  }
+}
+
+TEST(OpsLayerNormCuda, KernelMatchesTheExactResultWithinTwiceTorchsError) {
+  if (!have_cuda()) GTEST_SKIP() << "no CUDA device";
+  if (!ops::kernels_built()) GTEST_SKIP() << "this build has no CUDA kernels";
+  ImplGuard guard;
+  torch::manual_seed(17);
+  const double eps = 1e-6;
+  // 20000 columns: wider than the backward kernel takes (ATen's backward from the kernel's
+  // statistics).
+  for (auto dtype : {torch::kFloat32, torch::kBFloat16, torch::kFloat16}) {
+    for (auto shape : std::vector<std::vector<int64_t>>{
+             {1, 1}, {7, 113}, {3, 5, 1023}, {2, 4096}, {4, 8195}, {3, 20000}}) {
+      auto opts = torch::TensorOptions().dtype(dtype).device(torch::kCUDA);
+      const int64_t cols = shape.back();
+      auto x = torch::randn(shape, opts) * 3 + 1;
+      auto w = (1 + 0.1 * torch::randn({cols}, opts.dtype(torch::kFloat32))).to(dtype);
+      auto b = (0.1 * torch::randn({cols}, opts.dtype(torch::kFloat32))).to(dtype);
+      auto dy = torch::randn(shape, opts);
+      ops::set_ops_impl(OpsImpl::kAviary);
+      ASSERT_TRUE(ops::use_kernel(Op::kLayerNorm, x.device()));
+      const auto ours = run_layer_norm(OpsImpl::kAviary, x, w, b, dy, eps);
+      const auto torchs = run_layer_norm(OpsImpl::kTorch, x, w, b, dy, eps);
+      const auto exact = exact_layer_norm(x, w, b, dy, eps);
+      ASSERT_EQ(ours[0].sizes(), x.sizes());
+      ASSERT_EQ(ours[0].scalar_type(), dtype);
+      const char* names[] = {"y", "dx", "dweight", "dbias"};
+      for (size_t t = 0; t < 4; ++t) {
+        // Stated here (docs/kernels.md): twice PyTorch's error plus a rounding step of the
+        // dtype, relative to the magnitude (weight gradients sum over every row).
+        const double scale = std::max(1.0, exact[t].abs().max().item<double>());
+        const double atol = (dtype == torch::kFloat32 ? 1e-5 : 4e-3) * scale;
+        EXPECT_LE(max_abs_diff(ours[t], exact[t]), 2 * max_abs_diff(torchs[t], exact[t]) + atol)
+            << c10::toString(dtype) << " " << x.sizes() << " " << names[t];
+      }
+    }
+  }
+}
+
+TEST(OpsLayerNormCuda, StridedRowsAndNoBias) {
+  if (!have_cuda()) GTEST_SKIP() << "no CUDA device";
+  if (!ops::kernels_built()) GTEST_SKIP() << "this build has no CUDA kernels";
+  ImplGuard guard;
+  torch::manual_seed(19);
+  auto opts = torch::TensorOptions().dtype(torch::kBFloat16).device(torch::kCUDA);
+  auto x = torch::randn({37, 160}, opts).narrow(1, 3, 129);  // row stride 160
+  auto w = torch::randn({129}, opts);
+  ops::set_ops_impl(OpsImpl::kAviary);
+  auto xr = x.detach().requires_grad_(), wr = w.detach().requires_grad_();
+  auto y = ops::layer_norm(xr, wr, torch::Tensor(), 1e-5);
+  auto g = torch::autograd::grad({y}, {xr, wr}, {torch::ones_like(y)});
+  const auto exact = exact_layer_norm(x, w, torch::zeros_like(w), torch::ones_like(x), 1e-5);
+  EXPECT_LE(max_abs_diff(y, exact[0]), 0.05);
+  EXPECT_LE(max_abs_diff(g[0], exact[1]),
+            0.05 * std::max(1.0, exact[1].abs().max().item<double>()));
+  EXPECT_LE(max_abs_diff(g[1], exact[2]),
+            0.05 * std::max(1.0, exact[2].abs().max().item<double>()));
+}
+
+TEST(OpsLayerNormCuda, AutoFollowsTheEmbeddedRecord) {
+  if (!have_cuda()) GTEST_SKIP() << "no CUDA device";
+  ImplGuard guard;
+  ops::set_ops_impl(OpsImpl::kAuto);
+  const torch::Device device(torch::kCUDA, 0);
+  EXPECT_EQ(ops::use_kernel(Op::kLayerNorm, device),
+            ops::kernels_built() &&
+                ValidationRecord::embedded().validated("layernorm", ops::device_sm(device)));
+}
+
+// ---------------------------------------------------------------- AdamW
+
+// Tensors of awkward sizes (one element, an odd count, past one 64K-element kernel chunk, empty)
+// with their state after `steps` earlier steps.
+ops::AdamWTensors adamw_state(const torch::Device& device, torch::ScalarType grad_dtype) {
+  ops::AdamWTensors t;
+  const auto fp32 = torch::TensorOptions().dtype(torch::kFloat32).device(device);
+  int64_t step = 1;
+  for (int64_t n : {int64_t{1}, int64_t{1001}, int64_t{65537}, int64_t{0}, int64_t{4096}}) {
+    t.params.push_back(torch::randn({n}, fp32));
+    t.grads.push_back((torch::randn({n}, fp32) * 0.1).to(grad_dtype));
+    t.exp_avgs.push_back(torch::randn({n}, fp32) * 0.01);
+    t.exp_avg_sqs.push_back(torch::rand({n}, fp32) * 1e-3);
+    t.steps.push_back(step);
+    step = step == 1 ? 7 : 1;  // two step counts in one call
+  }
+  return t;
+}
+
+ops::AdamWHyper adamw_hyper() {
+  ops::AdamWHyper h;
+  h.lr = 1e-2;
+  h.beta1 = 0.9;
+  h.beta2 = 0.95;
+  h.eps = 1e-8;
+  h.weight_decay = 0.1;
+  return h;
+}
+
+TEST(OpsAdamW, RefusesMismatchedListsAndStepsBelowOne) {
+  auto t = adamw_state(torch::kCPU, torch::kFloat32);
+  t.grads.pop_back();
+  auto e = expect_error(ErrorKind::kInvalidArgument, [&] { ops::adamw_step(t, adamw_hyper()); });
+  EXPECT_TRUE(contains(e.what(), "5 parameters but 4 gradients")) << e.what();
+  t = adamw_state(torch::kCPU, torch::kFloat32);
+  t.steps[2] = 0;
+  e = expect_error(ErrorKind::kInvalidArgument, [&] { ops::adamw_step(t, adamw_hyper()); });
+  EXPECT_TRUE(contains(e.what(), "step count 0")) << e.what();
+  ops::AdamWTensors none;
+  ops::adamw_step(none, adamw_hyper());  // nothing to do
+}
+
+TEST(OpsAdamW, CpuWidensLowPrecisionGradientsForAtensFusedKernel) {
+  torch::manual_seed(23);
+  auto bf16 = adamw_state(torch::kCPU, torch::kBFloat16);
+  ops::AdamWTensors widened;
+  for (size_t i = 0; i < bf16.params.size(); ++i) {
+    widened.params.push_back(bf16.params[i].clone());
+    widened.grads.push_back(bf16.grads[i].to(torch::kFloat32));
+    widened.exp_avgs.push_back(bf16.exp_avgs[i].clone());
+    widened.exp_avg_sqs.push_back(bf16.exp_avg_sqs[i].clone());
+    widened.steps.push_back(bf16.steps[i]);
+  }
+  const auto before = bf16.params[1].clone();
+  ops::adamw_step(bf16, adamw_hyper());
+  ops::adamw_step(widened, adamw_hyper());
+  EXPECT_FALSE(torch::equal(bf16.params[1], before));
+  for (size_t i = 0; i < bf16.params.size(); ++i) {
+    EXPECT_TRUE(torch::equal(bf16.params[i], widened.params[i])) << i;
+    EXPECT_TRUE(torch::equal(bf16.exp_avg_sqs[i], widened.exp_avg_sqs[i])) << i;
+  }
+}
+
+TEST(OpsAdamWCuda, KernelIsTheSingleTensorArithmeticBitForBit) {
+  if (!have_cuda()) GTEST_SKIP() << "no CUDA device";
+  if (!ops::kernels_built()) GTEST_SKIP() << "this build has no CUDA kernels";
+  ImplGuard guard;
+  ops::set_ops_impl(OpsImpl::kAviary);
+  const torch::Device cuda(torch::kCUDA, 0);
+  ASSERT_TRUE(ops::use_kernel(Op::kAdamW, cuda));
+  const auto h = adamw_hyper();
+  for (auto grad_dtype : {torch::kFloat32, torch::kBFloat16, torch::kFloat16}) {
+    torch::manual_seed(29);
+    auto gpu = adamw_state(cuda, grad_dtype);
+    // The CPU reference (kernels/adamw_reference.h) on copies, one call per step count.
+    std::vector<torch::Tensor> p, g, m, v;
+    for (size_t i = 0; i < gpu.params.size(); ++i) {
+      p.push_back(gpu.params[i].cpu());
+      g.push_back(gpu.grads[i].cpu());
+      m.push_back(gpu.exp_avgs[i].cpu());
+      v.push_back(gpu.exp_avg_sqs[i].cpu());
+    }
+    for (int round = 0; round < 3; ++round) {
+      ops::adamw_step(gpu, h);
+      for (size_t i = 0; i < p.size(); ++i) {
+        float* pp = p[i].data_ptr<float>();
+        const void* gp = g[i].data_ptr();
+        float* mp = m[i].data_ptr<float>();
+        float* vp = v[i].data_ptr<float>();
+        const int64_t n = p[i].numel();
+        kernels::AdamWParams r;
+        r.num_tensors = 1;
+        r.params = &pp;
+        r.grads = &gp;
+        r.exp_avgs = &mp;
+        r.exp_avg_sqs = &vp;
+        r.numels = &n;
+        r.grad_dtype = grad_dtype == torch::kFloat32    ? kernels::DType::f32
+                       : grad_dtype == torch::kBFloat16 ? kernels::DType::bf16
+                                                        : kernels::DType::f16;
+        r.lr = h.lr;
+        r.beta1 = h.beta1;
+        r.beta2 = h.beta2;
+        r.eps = h.eps;
+        r.weight_decay = h.weight_decay;
+        r.step = gpu.steps[i];
+        kernels::adamw_reference(r);
+      }
+      for (auto& s : gpu.steps)
+        ++s;
+    }
+    for (size_t i = 0; i < p.size(); ++i) {
+      EXPECT_TRUE(torch::equal(gpu.params[i].cpu(), p[i])) << c10::toString(grad_dtype) << " " << i;
+      EXPECT_TRUE(torch::equal(gpu.exp_avgs[i].cpu(), m[i]))
+          << c10::toString(grad_dtype) << " " << i;
+      EXPECT_TRUE(torch::equal(gpu.exp_avg_sqs[i].cpu(), v[i]))
+          << c10::toString(grad_dtype) << " " << i;
+    }
+  }
+}
+
+TEST(OpsAdamWCuda, TheTrainersOptimizerAgreesWithTorchsFusedAdamW) {
+  if (!have_cuda()) GTEST_SKIP() << "no CUDA device";
+  if (!ops::kernels_built()) GTEST_SKIP() << "this build has no CUDA kernels";
+  ImplGuard guard;
+  torch::manual_seed(31);
+  const auto fp32 = torch::TensorOptions().dtype(torch::kFloat32).device(torch::kCUDA);
+  NamedTensors start = {{"layers.0.weight", torch::randn({64, 48}, fp32)},
+                        {"layers.0.norm.weight", torch::ones({48}, fp32)},
+                        {"head.weight", torch::randn({1000, 3}, fp32)}};
+  std::vector<torch::Tensor> grads;
+  for (const auto& [name, p] : start)
+    grads.push_back(torch::randn_like(p) * 0.1);
+  std::vector<torch::Tensor> after[2];
+  for (int k = 0; k < 2; ++k) {
+    ops::set_ops_impl(k == 0 ? OpsImpl::kAviary : OpsImpl::kTorch);
+    NamedTensors named;
+    for (const auto& [name, p] : start)
+      named.emplace_back(name, p.clone().requires_grad_());
+    OptimizerConfig config;
+    config.lr = 1e-2;
+    auto optimizer = make_adamw(named, config);
+    for (int step = 0; step < 4; ++step) {
+      for (size_t i = 0; i < named.size(); ++i)
+        named[i].second.mutable_grad() = grads[i] * (1 + step);
+      optimizer->step();
+    }
+    for (const auto& [name, p] : named)
+      after[k].push_back(p.detach().cpu());
+  }
+  // The kernel is the single-tensor arithmetic, ATen's fused kernel another rounding of it.
+  for (size_t i = 0; i < after[0].size(); ++i)
+    EXPECT_TRUE(torch::allclose(after[0][i], after[1][i], 1e-6, 1e-7)) << start[i].first;
+}
+
+TEST(OpsAdamWCuda, AutoFollowsTheEmbeddedRecord) {
+  if (!have_cuda()) GTEST_SKIP() << "no CUDA device";
+  ImplGuard guard;
+  ops::set_ops_impl(OpsImpl::kAuto);
+  const torch::Device device(torch::kCUDA, 0);
+  EXPECT_EQ(ops::use_kernel(Op::kAdamW, device),
+            ops::kernels_built() &&
+                ValidationRecord::embedded().validated("adamw", ops::device_sm(device)));
 }
 
 }  // namespace

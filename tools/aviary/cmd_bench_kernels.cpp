@@ -25,9 +25,11 @@
 #include "aviary/core/dtype.h"
 #include "aviary/core/error.h"
 #include "aviary/nn/document_mask.h"
+#include "aviary/ops/adamw.h"
 #include "aviary/ops/attention.h"
 #include "aviary/ops/cross_entropy.h"
 #include "aviary/ops/impl.h"
+#include "aviary/ops/layer_norm.h"
 #include "aviary/ops/rms_norm.h"
 #include "aviary/ops/rope.h"
 #include "aviary/ops/swiglu.h"
@@ -76,8 +78,8 @@ std::string short_dtype(torch::ScalarType t) {
 
 // One measured case: Aviary's op and its comparison, on the same inputs.
 struct BenchCase {
-  std::string op;            // ops/ name: rms_norm, rope, swiglu, cross_entropy, attention
-  std::string pass = "fwd";  // fwd | fwd+bwd
+  std::string op;            // ops/ name: rms_norm, layer_norm, rope, ..., attention, adamw
+  std::string pass = "fwd";  // fwd | fwd+bwd | step (the optimizer)
   std::string shape;         // human-readable
   double bytes = 0;          // fewest bytes moved: each input read once, each output written once
   double flops = 0;          // > 0: reported in TFLOP/s against the GEMM ceiling, else GB/s
@@ -115,6 +117,59 @@ void rms_norm_cases(const Context& c, std::vector<BenchCase>& out) {
       };
     }
     out.push_back(std::move(b));
+  }
+}
+
+// LayerNorm at the widths of EVA-02-L (1024) and EVA-CLIP's 4.4B vision tower (1792), forward
+// and forward + backward.
+void layer_norm_cases(const Context& c, std::vector<BenchCase>& out) {
+  const std::vector<std::pair<int64_t, int64_t>> shapes =
+      c.cuda() ? std::vector<std::pair<int64_t, int64_t>>{{65536, 1024}, {32768, 1792}}
+               : std::vector<std::pair<int64_t, int64_t>>{{2048, 1024}};
+  for (const auto& [rows, cols] : shapes) {
+    auto x = torch::randn({rows, cols}, c.options());
+    auto w = (1.0 + 0.1 * torch::randn({cols}, c.options().dtype(torch::kFloat32))).to(c.dtype);
+    auto b = (0.1 * torch::randn({cols}, c.options().dtype(torch::kFloat32))).to(c.dtype);
+    const double eps = 1e-6;
+    const double n = static_cast<double>(rows * cols);
+    std::function<torch::Tensor(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&)>
+        baseline;
+    BenchCase fwd;
+    fwd.op = "layer_norm";
+    fwd.shape = fmt::format("{}x{}", rows, cols);
+    fwd.bytes = c.elem() * (2.0 * n + 2.0 * static_cast<double>(cols));
+    fwd.op_id = ops::Op::kLayerNorm;
+    if (c.cuda()) {
+      fwd.baseline_name = "at::layer_norm";
+      baseline = [=](const torch::Tensor& x_, const torch::Tensor& w_, const torch::Tensor& b_) {
+        return at::layer_norm(x_, {cols}, w_, b_, eps);
+      };
+    } else {
+      // On CPU ops::layer_norm is ATen's fused op: this measures what fusing saves.
+      fwd.baseline_name = "unfused ATen (mean, var, normalise)";
+      baseline = [=](const torch::Tensor& x_, const torch::Tensor& w_, const torch::Tensor& b_) {
+        auto xf = x_.to(torch::kFloat32);
+        auto centred = xf - xf.mean(-1, true);
+        auto rstd = torch::rsqrt(centred.pow(2).mean(-1, true) + eps);
+        return (centred * rstd * w_ + b_).to(x_.scalar_type());
+      };
+    }
+    fwd.ours = [=] { return ops::layer_norm(x, w, b, eps); };
+    fwd.baseline = [=] { return baseline(x, w, b); };
+    out.push_back(fwd);
+
+    auto xg = x.detach().requires_grad_(), wg = w.detach().requires_grad_(),
+         bg = b.detach().requires_grad_();
+    auto grad = torch::randn({rows, cols}, c.options());
+    auto backward = [=](const torch::Tensor& y) {
+      return torch::autograd::grad({y}, {xg, wg, bg}, {grad})[0];  // dx compared
+    };
+    BenchCase both = fwd;
+    both.pass = "fwd+bwd";
+    both.bytes = c.elem() * 5.0 * n;  // + x and dy read, dx written
+    both.ours = [=] { return backward(ops::layer_norm(xg, wg, bg, eps)); };
+    both.baseline = [=] { return backward(baseline(xg, wg, bg)); };
+    out.push_back(both);
   }
 }
 
@@ -308,7 +363,9 @@ void document_attention_cases(const Context& c, std::vector<BenchCase>& out) {
     cu.push_back(static_cast<int32_t>(d * T / docs));
   const auto documents = nn::document_attention(
       std::vector<std::vector<int32_t>>(static_cast<size_t>(B), cu), T, c.device);
-  const auto mask = documents.mask;
+  const auto& boundaries = *documents.mask.documents;
+  // SDPA's mask, built here so that neither side's time includes building it.
+  const auto dense = boundaries.dense_mask(B, T, c.device);
   auto q = torch::randn({B, T, H, D}, c.options()).transpose(1, 2);
   auto k = torch::randn({B, T, KVH, D}, c.options()).transpose(1, 2);
   auto v = torch::randn({B, T, KVH, D}, c.options()).transpose(1, 2);
@@ -324,10 +381,10 @@ void document_attention_cases(const Context& c, std::vector<BenchCase>& out) {
   fwd.bytes = io;
   fwd.flops = fwd_flops;
   fwd.op_id = ops::Op::kAttention;
-  fwd.ours = [=] { return ops::attention(q, k, v, mask.mask, false, &*mask.documents); };
+  fwd.ours = [=] { return ops::attention(q, k, v, dense, false, &boundaries); };
   fwd.baseline_name = "SDPA, dense document mask";
   fwd.baseline = [=] {
-    return at::scaled_dot_product_attention(q, k, v, *mask.mask, 0.0, false, scale, true);
+    return at::scaled_dot_product_attention(q, k, v, dense, 0.0, false, scale, true);
   };
   out.push_back(fwd);
 
@@ -341,26 +398,101 @@ void document_attention_cases(const Context& c, std::vector<BenchCase>& out) {
   both.pass = "fwd+bwd";
   both.bytes = 2.5 * io;
   both.flops = 3.5 * fwd_flops;
-  both.ours = [=] {
-    return backward(ops::attention(qg, kg, vg, mask.mask, false, &*mask.documents));
-  };
+  both.ours = [=] { return backward(ops::attention(qg, kg, vg, dense, false, &boundaries)); };
   both.baseline = [=] {
-    return backward(
-        at::scaled_dot_product_attention(qg, kg, vg, *mask.mask, 0.0, false, scale, true));
+    return backward(at::scaled_dot_product_attention(qg, kg, vg, dense, 0.0, false, scale, true));
   };
   out.push_back(both);
+}
+
+// One optimizer step over fp32 parameters, gradients and moments (the trainer's state: the model
+// is fp32 under bf16 autocast): 256M parameters in 64 tensors on CUDA, 4M in 16 on CPU. The fewest
+// bytes: parameter, gradient and both moments read, parameter and both moments written.
+void adamw_cases(const Context& c, std::vector<BenchCase>& out) {
+  const int64_t tensors = c.cuda() ? 64 : 16, numel = c.cuda() ? (int64_t{4} << 20) : (256 << 10);
+  const auto fp32 = torch::TensorOptions().dtype(torch::kFloat32).device(c.device);
+  ops::AdamWHyper hyper;
+  hyper.lr = 1e-4;
+  hyper.beta1 = 0.9;
+  hyper.beta2 = 0.95;
+  hyper.weight_decay = 0.1;
+  // Two copies of the same state, one for each side, so that both take the same first step.
+  auto make_state = [&] {
+    ops::AdamWTensors t;
+    for (int64_t i = 0; i < tensors; ++i) {
+      torch::manual_seed(100 + i);
+      t.params.push_back(torch::randn({numel}, fp32));
+      t.grads.push_back(torch::randn({numel}, fp32) * 1e-2);
+      t.exp_avgs.push_back(torch::zeros({numel}, fp32));
+      t.exp_avg_sqs.push_back(torch::zeros({numel}, fp32));
+      t.steps.push_back(0);
+    }
+    return std::make_shared<ops::AdamWTensors>(std::move(t));
+  };
+  auto ours = make_state(), theirs = make_state();
+  BenchCase b;
+  b.op = "adamw";
+  b.pass = "step";
+  b.shape = numel >= (1 << 20) ? fmt::format("{} tensors x {}M fp32", tensors, numel >> 20)
+                               : fmt::format("{} tensors x {}K fp32", tensors, numel >> 10);
+  b.bytes = 7.0 * 4.0 * static_cast<double>(tensors * numel);
+  b.op_id = ops::Op::kAdamW;
+  b.ours = [=] {
+    for (auto& s : ours->steps)
+      ++s;
+    ops::adamw_step(*ours, hyper);
+    return ours->params[0];
+  };
+  if (c.cuda()) {
+    // torch.optim.AdamW(fused=True).step(): device step counters incremented, then the kernel.
+    b.baseline_name = "torch AdamW(fused=True)";
+    auto steps = std::make_shared<std::vector<torch::Tensor>>();
+    for (int64_t i = 0; i < tensors; ++i)
+      steps->push_back(torch::zeros({}, fp32));
+    b.baseline = [=] {
+      at::_foreach_add_(*steps, 1);
+      at::_fused_adamw_(theirs->params, theirs->grads, theirs->exp_avgs, theirs->exp_avg_sqs, {},
+                        *steps, hyper.lr, hyper.beta1, hyper.beta2, hyper.weight_decay, hyper.eps,
+                        false, false);
+      return theirs->params[0];
+    };
+  } else {
+    // torch.optim.AdamW(foreach=False).step(), op for op (train/optimizer.h's fused: false).
+    b.baseline_name = "unfused ATen (AdamW foreach=False)";
+    b.baseline = [=] {
+      for (int64_t i = 0; i < tensors; ++i) {
+        auto& p = theirs->params[i];
+        auto& m = theirs->exp_avgs[i];
+        auto& v = theirs->exp_avg_sqs[i];
+        const auto& g = theirs->grads[i];
+        const double step = static_cast<double>(++theirs->steps[i]);
+        p.mul_(1 - hyper.lr * hyper.weight_decay);
+        m.lerp_(g, 1 - hyper.beta1);
+        v.mul_(hyper.beta2).addcmul_(g, g, 1 - hyper.beta2);
+        auto denom = (v.sqrt() / std::sqrt(1 - std::pow(hyper.beta2, step))).add_(hyper.eps);
+        p.addcdiv_(m, denom, -hyper.lr / (1 - std::pow(hyper.beta1, step)));
+      }
+      return theirs->params[0];
+    };
+  }
+  out.push_back(std::move(b));
 }
 
 struct OpBench {
   const char* op;
   void (*cases)(const Context&, std::vector<BenchCase>&);
+  bool fp32_state = false;  // runs once, in fp32, whatever --dtypes says (the optimizer's state)
 };
 
 const std::vector<OpBench>& op_benches() {
   static const std::vector<OpBench> benches = {
-      {"rms_norm", rms_norm_cases},   {"rope", rope_cases},
-      {"swiglu", swiglu_cases},       {"cross_entropy", cross_entropy_cases},
+      {"rms_norm", rms_norm_cases},
+      {"layer_norm", layer_norm_cases},
+      {"rope", rope_cases},
+      {"swiglu", swiglu_cases},
+      {"cross_entropy", cross_entropy_cases},
       {"attention", attention_cases},
+      {"adamw", adamw_cases, /*fp32_state=*/true},
   };
   return benches;
 }
@@ -486,6 +618,8 @@ std::string describe_path(const BenchCase& b, const torch::Device& device,
     if (b.op == "attention" && (fp32 || dtype == torch::kBFloat16)) {
       return "aviary: CPU attention (cpu_attention.h)";
     }
+    if (b.op == "layer_norm") return "ATen's fused layer_norm";
+    if (b.op == "adamw") return "ATen's fused AdamW (at::_fused_adamw_)";
     return "ATen reference";
   }
   if (!b.op_id) return "ATen (no Aviary kernel for " + b.op + " yet)";
@@ -620,8 +754,9 @@ void run_kernels(const KernelBenchArgs& a) {
   const Ceilings ceilings = measure_ceilings(device, dtypes, a.seconds);
   nlohmann::json rows = nlohmann::json::array();
   for (auto dtype : dtypes) {
-    const Context context{device, dtype};
     for (const auto* bench : selected) {
+      if (bench->fp32_state && dtype != dtypes.front()) continue;
+      const Context context{device, bench->fp32_state ? torch::kFloat32 : dtype};
       std::vector<BenchCase> cases;
       bench->cases(context, cases);
       for (auto& b : cases)
@@ -704,7 +839,8 @@ void register_bench_kernels(CLI::App* bench) {
                 "list the kernel families, whether this build has them and whether ops.impl uses "
                 "them on this device (no timing)");
   cmd->add_option("--ops", args->ops,
-                  "ops to run (default: all): rms_norm, rope, swiglu, cross_entropy, attention");
+                  "ops to run (default: all): rms_norm, layer_norm, rope, swiglu, cross_entropy, "
+                  "attention, adamw (always fp32: the optimizer's state)");
   cmd->add_option("--dtypes", args->dtypes,
                   "fp32 | bf16 | fp16 (default: bf16 on CUDA, fp32 and bf16 on CPU)");
   cmd->add_option("--threads", args->threads, "CPU threads (0 = LibTorch default)")

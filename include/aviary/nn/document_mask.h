@@ -3,7 +3,9 @@
 // A packed row of length L holds pieces of several documents; `cu_lengths` ([0, a, b, ..., >= L],
 // as data::Batch gives them) marks where each starts. The mask lets position i attend to j only
 // when j <= i and both lie in the same document, and positions restart at 0 at each document
-// start, so every document is seen exactly as if it were alone.
+// start, so every document is seen exactly as if it were alone. The mask is the documents'
+// boundaries (ops::AttentionDocuments): attention runs per document (CPU) or varlen (CUDA
+// kernels), and builds the dense [B, 1, L, L] bool mask only when it falls back to SDPA.
 #pragma once
 
 #include <cstdint>
@@ -16,7 +18,7 @@
 namespace aviary::nn {
 
 struct DocumentAttention {
-  AttentionMask mask;       // bool [B, 1, L, L]
+  AttentionMask mask;       // `documents` set, no dense mask
   torch::Tensor positions;  // int64 [B, L]
 };
 

@@ -1,6 +1,7 @@
 // Scaled dot-product attention with grouped-query heads.
 #pragma once
 
+#include <memory>
 #include <optional>
 
 #include <torch/types.h>
@@ -20,10 +21,10 @@ namespace aviary::ops {
 // Everything else runs ATen's scaled_dot_product_attention.
 //
 // `documents` (packed training rows): causal self-attention (Tq == Tk == T) in which the B rows of
-// T tokens are cut into documents that each see only themselves, the same attention as `mask`
-// (which must also be given: it is what SDPA runs when neither path below applies). On CPU
-// (fp32, bf16) Aviary's attention runs once per document, so the work is the sum of the documents'
-// squared lengths, not B·T²; on CUDA the kernels run varlen over the documents (cu_seqlens).
+// T tokens are cut into documents that each see only themselves. On CPU (fp32, bf16) Aviary's
+// attention runs once per document, so the work is the sum of the documents' squared lengths, not
+// B·T²; on CUDA the kernels run varlen over the documents (cu_seqlens). Where neither applies, SDPA
+// runs with `mask` if given, else with the documents' dense mask (AttentionDocuments::dense_mask).
 struct AttentionDocuments {
   // int64 [docs + 1] on CPU: boundaries over the B·T tokens taken row after row, from 0 to B·T,
   // non-decreasing (empty documents allowed); no document crosses from one row into the next.
@@ -32,6 +33,13 @@ struct AttentionDocuments {
   // for CPU tensors.
   torch::Tensor cu_tokens_device;
   int64_t max_len = 0;  // the longest document
+
+  // The documents as a bool [B, 1, T, T] mask (true = may attend: same document, not later), for
+  // SDPA. Built on the first call and kept in `dense_cache`, which copies of this struct share, so
+  // the layers of one forward build it once, and a forward that never falls back never builds it.
+  // Throws kInvalidArgument if the boundaries do not cover B·T tokens.
+  torch::Tensor dense_mask(int64_t rows, int64_t length, const torch::Device& device) const;
+  std::shared_ptr<torch::Tensor> dense_cache = std::make_shared<torch::Tensor>();
 };
 
 torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,

@@ -50,10 +50,20 @@ struct OpsConfig {
 };
 
 // The ops that have (or will have) a kernel family. Names are the record's and bench's.
-enum class Op { kRmsNorm, kAttention, kSwiGlu, kCrossEntropy, kRope, kAttentionDecode };
+enum class Op {
+  kRmsNorm,
+  kAttention,
+  kSwiGlu,
+  kCrossEntropy,
+  kRope,
+  kAttentionDecode,
+  kLayerNorm,
+  kAdamW,
+};
 
 // "rms_norm", "attention", "swiglu", "cross_entropy", "rope", "attention_decode" (ops::attention's
-// decode steps: its own kernel family, validated on its own).
+// decode steps: its own kernel family, validated on its own), "layer_norm", "adamw" (the
+// optimizer step, ops/adamw.h).
 const char* op_name(Op op);
 
 // One kernel family that ops/ dispatches to.

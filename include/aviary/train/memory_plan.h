@@ -60,12 +60,12 @@ struct MemoryPlanInputs {
   bool cpu_loops = true;                  // cpu: Aviary's fused CPU ops (ops.impl auto or
                                           // aviary), which keep less than ATen's (torch)
   bool activation_checkpointing = false;  // fsdp at world > 1 turns it on, as the trainer does
-  bool document_mask = false;             // data.document_mask: a [B, 1, L, L] mask per layer
-  double bucket_mb = 25;                  // parallel.bucket_mb
-  std::string reduce_dtype = "fp32";      // parallel.reduce_dtype: fp32 | bf16
-  std::string param_dtype = "fp32";       // parallel.param_dtype (fsdp): the gathered dtype
-  int64_t shard_group = 0;                // parallel.shard_group (fsdp): 0 = shard over world
-  LoraTrainingConfig lora;                // the lora section (enabled = false: full training)
+  bool document_mask = false;  // data.document_mask: per document on CPU, else a [B, 1, L, L] mask
+  double bucket_mb = 25;       // parallel.bucket_mb
+  std::string reduce_dtype = "fp32";  // parallel.reduce_dtype: fp32 | bf16
+  std::string param_dtype = "fp32";   // parallel.param_dtype (fsdp): the gathered dtype
+  int64_t shard_group = 0;            // parallel.shard_group (fsdp): 0 = shard over world
+  LoraTrainingConfig lora;            // the lora section (enabled = false: full training)
 };
 
 struct MemoryPlan {

@@ -9,7 +9,8 @@
 //     decay_embeddings: true  # false adds "embed" to the no_decay patterns
 //     no_decay: [norm, bias]  # parameter name patterns kept out of weight decay (see below)
 //     grad_clip: 1.0        # max global L2 gradient norm; 0 = no clipping
-//     fused: true           # one multi-tensor ATen kernel per param group, the kernel of
+//     fused: true           # one multi-tensor pass per param group (ops/adamw.h): Aviary's
+//                           # kernel on CUDA where ops.impl allows it, else the kernel of
 //                           # torch.optim.AdamW(fused=True); false: the single-tensor update of
 //                           # torch.optim.AdamW(foreach=False), op for op
 //
@@ -58,8 +59,9 @@ struct ParamGroups {
 ParamGroups split_param_groups(const NamedTensors& named_params, const OptimizerConfig& config);
 
 // torch::optim::AdamW with the updates of Python's `torch.optim.AdamW`, bit for bit in fp32:
-//   fused = true:  at::_fused_adamw_ over each param group, as AdamW(fused=True) calls it (one
-//                  pass over parameter, gradient and both moments: the fastest on CPU and GPU);
+//   fused = true:  ops::adamw_step over each param group: at::_fused_adamw_ as AdamW(fused=True)
+//                  calls it (one pass over parameter, gradient and both moments), or on CUDA
+//                  Aviary's multi-tensor kernel, which is the single-tensor arithmetic bit for bit;
 //   fused = false: the single-tensor path (foreach=False), op for op.
 // LibTorch's own AdamW::step updates the first moment with `exp_avg.mul_(beta1).add_(grad, 1 -
 // beta1)` where Python uses `exp_avg.lerp_(grad, 1 - beta1)`; the two differ in the last bits
