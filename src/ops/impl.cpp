@@ -297,8 +297,36 @@ bool use_cpu_loops_fp32_or_bf16(const torch::Tensor& t) {
                               ops_impl() != OpsImpl::kTorch);
 }
 
+namespace {
+
+// use_kernel's answers, per (ops.impl, op, CUDA device index): 0 not yet decided, 1 no, 2 yes.
+// The decision depends on nothing else for the life of the process (the record is embedded and
+// the build fixed), and the ops ask it on every call. Throwing decisions are never stored.
+constexpr int kOps = static_cast<int>(Op::kAdamW) + 1;
+constexpr int kImpls = 3;
+constexpr int kMemoDevices = 64;
+std::atomic<int8_t> g_use_kernel_memo[kImpls][kOps][kMemoDevices];
+
+int device_index(const torch::Device& device) {
+#ifdef AVIARY_TORCH_CUDA
+  return device.has_index() ? device.index() : at::cuda::current_device();
+#else
+  return device.has_index() ? device.index() : 0;
+#endif
+}
+
+}  // namespace
+
 bool use_kernel(Op op, const torch::Device& device) {
-  return kernel_choice(op, device).use_kernel;
+  if (!device.is_cuda()) return false;
+  const int index = device_index(device);
+  if (index < 0 || index >= kMemoDevices) return kernel_choice(op, device).use_kernel;
+  auto& memo = g_use_kernel_memo[static_cast<int>(ops_impl())][static_cast<int>(op)][index];
+  const int8_t known = memo.load(std::memory_order_relaxed);
+  if (known != 0) return known == 2;
+  const bool use = kernel_choice(op, device).use_kernel;
+  memo.store(use ? 2 : 1, std::memory_order_relaxed);
+  return use;
 }
 
 }  // namespace aviary::ops

@@ -58,7 +58,7 @@ enum class Op {
   kRope,
   kAttentionDecode,
   kLayerNorm,
-  kAdamW,
+  kAdamW,  // the last (src/ops/impl.cpp counts the ops by it)
 };
 
 // "rms_norm", "attention", "swiglu", "cross_entropy", "rope", "attention_decode" (ops::attention's
@@ -130,7 +130,8 @@ bool use_cpu_loops(const torch::Tensor& t);
 // The same for the loops that also take bf16 (SwiGLU, the rotary embedding): fp32 or bf16.
 bool use_cpu_loops_fp32_or_bf16(const torch::Tensor& t);
 
-// The process's decision for `op` on `device` (CPU: never a kernel).
+// The process's decision for `op` on `device` (CPU: never a kernel). use_kernel is what the ops
+// ask on every call: its answer is remembered per ops.impl setting, op and device.
 KernelChoice kernel_choice(Op op, const torch::Device& device);
 bool use_kernel(Op op, const torch::Device& device);
 
