@@ -24,12 +24,18 @@ torch::Tensor SelfAttentionImpl::forward(const torch::Tensor& x, const ops::Rope
   q = ops::apply_rope(q, rope);
   k = ops::apply_rope(k, rope);
   if (cache) std::tie(k, v) = cache->append(layer, k, v);
-  if (cache && mask.documents && !mask.mask) {
-    throw_unsupported("attention over packed documents with a KV cache", "nn.SelfAttention",
-                      "generate one sequence per row, or pass a dense mask");
+  std::optional<torch::Tensor> dense = mask.mask;
+  if (cache && mask.documents && !dense) {
+    // Packed documents into an empty cache (a prefill): their dense mask. Later steps would need
+    // their own boundaries.
+    if (k.size(2) != t) {
+      throw_unsupported("attention over packed documents into a KV cache that already holds keys",
+                        "nn.SelfAttention", "decode one sequence per row, or pass a dense mask");
+    }
+    dense = mask.documents->dense_mask(b, t, x.device());
   }
   const ops::AttentionDocuments* documents = mask.documents && !cache ? &*mask.documents : nullptr;
-  auto out = ops::attention(q, k, v, mask.mask, mask.causal, documents);
+  auto out = ops::attention(q, k, v, dense, mask.causal, documents);
   return o_proj(out.transpose(1, 2).reshape({b, t, heads * head_dim}));
 }
 

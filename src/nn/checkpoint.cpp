@@ -102,8 +102,9 @@ struct BlockCheckpoint : public torch::autograd::Function<BlockCheckpoint> {
       ctx->saved_data["doc_max_len"] = docs.max_len;
       // The dense mask, if the forward fell back to SDPA and built it (after the forward, so that
       // the recomputation reuses it rather than building one per block).
-      const bool dense = docs.dense_cache && docs.dense_cache->defined();
-      ctx->saved_data["doc_dense"] = dense ? c10::IValue(*docs.dense_cache) : c10::IValue();
+      const bool dense = docs.dense_cache && docs.dense_cache->mask.defined() &&
+                         docs.dense_cache->built_from.is_same(docs.cu_tokens);
+      ctx->saved_data["doc_dense"] = dense ? c10::IValue(docs.dense_cache->mask) : c10::IValue();
     }
     return y;
   }
@@ -135,7 +136,7 @@ struct BlockCheckpoint : public torch::autograd::Function<BlockCheckpoint> {
       }
       documents.max_len = ctx->saved_data["doc_max_len"].toInt();
       if (!ctx->saved_data["doc_dense"].isNone()) {
-        *documents.dense_cache = ctx->saved_data["doc_dense"].toTensor();
+        *documents.dense_cache = {ctx->saved_data["doc_dense"].toTensor(), documents.cu_tokens};
       }
       mask.documents = std::move(documents);
     }

@@ -40,6 +40,7 @@ void fused_adamw_aten(const AdamWTensors& t, const AdamWHyper& h) {
 #if AVIARY_OPS_KERNELS
 
 bool kernel_supports(const AdamWTensors& t) {
+  if (!t.grads[0].defined()) return false;
   const torch::Device device = t.params[0].device();
   const auto grad_dtype = t.grads[0].scalar_type();
   kernels::DType dtype;
@@ -49,10 +50,11 @@ bool kernel_supports(const AdamWTensors& t) {
   };
   for (size_t i = 0; i < t.params.size(); ++i) {
     const int64_t n = t.params[i].numel();
-    if (!fp32_here(t.params[i]) || !fp32_here(t.exp_avgs[i]) || !fp32_here(t.exp_avg_sqs[i]) ||
-        t.exp_avgs[i].numel() != n || t.exp_avg_sqs[i].numel() != n ||
-        t.grads[i].device() != device || t.grads[i].scalar_type() != grad_dtype ||
-        !t.grads[i].is_contiguous() || t.grads[i].numel() != n) {
+    if (!t.grads[i].defined() || !fp32_here(t.params[i]) || !fp32_here(t.exp_avgs[i]) ||
+        !fp32_here(t.exp_avg_sqs[i]) || t.exp_avgs[i].numel() != n ||
+        t.exp_avg_sqs[i].numel() != n || t.grads[i].device() != device ||
+        t.grads[i].scalar_type() != grad_dtype || !t.grads[i].is_contiguous() ||
+        t.grads[i].numel() != n) {
       return false;
     }
   }
@@ -94,6 +96,11 @@ void adamw_kernel(const AdamWTensors& t, const AdamWHyper& h) {
     p.step = step;
     const cudaError_t err = kernels::adamw_step(p, stream);
     if (err != cudaSuccess) throw_kernel_error(err, "kernels::adamw_step", "ops.adamw");
+  }
+  // Written through raw pointers: tell autograd's version counters, as ATen's in-place ops do.
+  for (size_t i = 0; i < t.params.size(); ++i) {
+    for (const auto* x : {&t.params[i], &t.exp_avgs[i], &t.exp_avg_sqs[i]})
+      x->unsafeGetTensorImpl()->bump_version();
   }
 }
 

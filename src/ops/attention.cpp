@@ -488,10 +488,11 @@ bool is_decode_step(const torch::Tensor& q, const torch::Tensor& k, const torch:
 
 torch::Tensor AttentionDocuments::dense_mask(int64_t rows, int64_t length,
                                              const torch::Device& device) const {
-  const auto& cached = dense_cache ? *dense_cache : torch::Tensor();
-  if (cached.defined() && cached.device() == device && cached.size(0) == rows &&
-      cached.size(2) == length) {
-    return cached;
+  if (dense_cache && dense_cache->mask.defined() && dense_cache->built_from.is_same(cu_tokens)) {
+    const auto& cached = dense_cache->mask;
+    if (cached.device() == device && cached.size(0) == rows && cached.size(2) == length) {
+      return cached;
+    }
   }
   const auto cu = cu_tokens.to(torch::kCPU, torch::kInt64).contiguous();
   const int64_t n = cu.numel(), total = rows * length;
@@ -510,7 +511,7 @@ torch::Tensor AttentionDocuments::dense_mask(int64_t rows, int64_t length,
   auto ids = torch::tensor(doc).view({rows, length}).to(device);
   auto causal = torch::ones({length, length}, torch::dtype(torch::kBool).device(device)).tril();
   auto mask = ((ids.unsqueeze(2) == ids.unsqueeze(1)) & causal).unsqueeze(1);
-  if (dense_cache) *dense_cache = mask;
+  if (dense_cache) *dense_cache = {mask, cu_tokens};
   return mask;
 }
 

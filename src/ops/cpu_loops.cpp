@@ -223,10 +223,12 @@ AVIARY_CPU_CLONES void softmax_grad_row_inplace(float* __restrict x, int64_t n, 
     x[c] = scale * exp_poly(x[c] - lse);
 }
 
+// g[c] = bf16(softmax_scale * exp(x[c] - lse) - [c == target] * target_scale).
 AVIARY_CPU_CLONES void softmax_grad_row_bf16(const float* __restrict x, int64_t n, float lse,
-                                             float scale, int64_t target, uint16_t* __restrict g) {
+                                             float softmax_scale, int64_t target,
+                                             float target_scale, uint16_t* __restrict g) {
   for (int64_t c = 0; c < n; ++c)
-    store(g, c, scale * exp_poly(x[c] - lse) - (c == target ? scale : 0.0f));
+    store(g, c, softmax_scale * exp_poly(x[c] - lse) - (c == target ? target_scale : 0.0f));
 }
 
 }  // namespace
@@ -341,7 +343,8 @@ void embedding_backward(int64_t rows, int64_t cols, const int64_t* ids, const fl
 }
 
 void cross_entropy_forward(int64_t rows, int64_t vocab, const float* logits, int64_t stride,
-                           const int64_t* targets, int64_t ignore_index, float* loss, float* lse) {
+                           const int64_t* targets, int64_t ignore_index, float z_loss, float* loss,
+                           float* lse) {
   at::parallel_for(0, rows, grain_for(vocab), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const float* x = logits + r * stride;
@@ -356,7 +359,7 @@ void cross_entropy_forward(int64_t rows, int64_t vocab, const float* logits, int
       } else if (t < 0 || t >= vocab) {
         loss[r] = std::numeric_limits<float>::quiet_NaN();
       } else {
-        loss[r] = lse[r] - x[t];
+        loss[r] = z_loss == 0.0f ? lse[r] - x[t] : lse[r] - x[t] + z_loss * lse[r] * lse[r];
       }
     }
   });
@@ -364,8 +367,14 @@ void cross_entropy_forward(int64_t rows, int64_t vocab, const float* logits, int
 
 namespace {
 
-// grad[r] = scale * (softmax(row r) - one_hot(target[r])), 0 for ignored rows; softmax_row(r, g)
-// writes scale * softmax of row r into g.
+// The factor of row r's softmax in its gradient: scale, and with PaLM's z-loss (d(z lse^2) / dx =
+// 2 z lse softmax) scale * (1 + 2 z lse).
+inline float softmax_scale(float scale, float z_loss, float lse) {
+  return z_loss == 0.0f ? scale : scale * (1.0f + 2.0f * z_loss * lse);
+}
+
+// grad[r] = softmax_scale * softmax(row r) - scale * one_hot(target[r]), 0 for ignored rows;
+// softmax_row(r, g) writes softmax_scale(...) * softmax of row r into g.
 template <class SoftmaxRow>
 void gradient_rows(int64_t rows, int64_t vocab, const int64_t* targets, int64_t ignore_index,
                    float scale, float* grad, int64_t grad_stride, const SoftmaxRow& softmax_row) {
@@ -387,22 +396,26 @@ void gradient_rows(int64_t rows, int64_t vocab, const int64_t* targets, int64_t 
 
 void cross_entropy_backward_inplace(int64_t rows, int64_t vocab, float* logits, int64_t stride,
                                     const int64_t* targets, int64_t ignore_index, const float* lse,
-                                    float scale) {
+                                    float scale, float z_loss) {
   gradient_rows(rows, vocab, targets, ignore_index, scale, logits, stride,
-                [&](int64_t r, float* g) { softmax_grad_row_inplace(g, vocab, lse[r], scale); });
+                [&](int64_t r, float* g) {
+                  softmax_grad_row_inplace(g, vocab, lse[r], softmax_scale(scale, z_loss, lse[r]));
+                });
 }
 
 void cross_entropy_backward(int64_t rows, int64_t vocab, const float* logits, int64_t stride,
                             const int64_t* targets, int64_t ignore_index, const float* lse,
-                            float scale, float* grad, int64_t grad_stride) {
-  gradient_rows(
-      rows, vocab, targets, ignore_index, scale, grad, grad_stride,
-      [&](int64_t r, float* g) { softmax_grad_row(logits + r * stride, vocab, lse[r], scale, g); });
+                            float scale, float z_loss, float* grad, int64_t grad_stride) {
+  gradient_rows(rows, vocab, targets, ignore_index, scale, grad, grad_stride,
+                [&](int64_t r, float* g) {
+                  softmax_grad_row(logits + r * stride, vocab, lse[r],
+                                   softmax_scale(scale, z_loss, lse[r]), g);
+                });
 }
 
 void cross_entropy_backward_bf16(int64_t rows, int64_t vocab, const float* logits, int64_t stride,
                                  const int64_t* targets, int64_t ignore_index, const float* lse,
-                                 float scale, uint16_t* grad, int64_t grad_stride) {
+                                 float scale, float z_loss, uint16_t* grad, int64_t grad_stride) {
   at::parallel_for(0, rows, grain_for(vocab), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       uint16_t* g = grad + r * grad_stride;
@@ -411,7 +424,8 @@ void cross_entropy_backward_bf16(int64_t rows, int64_t vocab, const float* logit
         std::fill(g, g + vocab, uint16_t{0});
         continue;
       }
-      softmax_grad_row_bf16(logits + r * stride, vocab, lse[r], scale, t, g);
+      softmax_grad_row_bf16(logits + r * stride, vocab, lse[r],
+                            softmax_scale(scale, z_loss, lse[r]), t, scale, g);
     }
   });
 }

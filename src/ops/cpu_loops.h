@@ -77,26 +77,29 @@ void rope(int64_t batch, int64_t heads, int64_t tokens, int64_t dim, const T* x,
           HeadStrides os);
 
 // Per row r of logits [rows, vocab]: lse[r] = logsumexp(logits[r]) and loss[r] = lse[r] -
-// logits[r, target[r]] (0 where target[r] == ignore_index). Targets must be ignore_index or in
-// [0, vocab): the ops check them first (NaN otherwise).
+// logits[r, target[r]] + z_loss * lse[r]^2 (0 where target[r] == ignore_index). Targets must be
+// ignore_index or in [0, vocab): the ops check them first (NaN otherwise).
 void cross_entropy_forward(int64_t rows, int64_t vocab, const float* logits, int64_t stride,
-                           const int64_t* targets, int64_t ignore_index, float* loss, float* lse);
+                           const int64_t* targets, int64_t ignore_index, float z_loss, float* loss,
+                           float* lse);
 
-// In place: logits[r, c] = scale * (exp(logits[r, c] - lse[r]) - [c == target[r]]), and 0 for
-// ignored rows (the fused lm_head + cross-entropy turns each chunk of logits into its gradient).
+// The gradients below are, per row, scale * (softmax(logits[r]) * (1 + 2 z_loss lse[r]) -
+// one_hot(target[r])), and 0 for ignored rows.
+//
+// In place: the fused lm_head + cross-entropy turns each chunk of logits into its gradient.
 void cross_entropy_backward_inplace(int64_t rows, int64_t vocab, float* logits, int64_t stride,
                                     const int64_t* targets, int64_t ignore_index, const float* lse,
-                                    float scale);
+                                    float scale, float z_loss);
 
-// grad[r, c] = scale * (exp(logits[r, c] - lse[r]) - [c == target[r]]), and 0 for ignored rows.
+// Into grad [rows, vocab] (row stride grad_stride).
 void cross_entropy_backward(int64_t rows, int64_t vocab, const float* logits, int64_t stride,
                             const int64_t* targets, int64_t ignore_index, const float* lse,
-                            float scale, float* grad, int64_t grad_stride);
+                            float scale, float z_loss, float* grad, int64_t grad_stride);
 
 // The same gradient computed in fp32 and rounded once to bf16 (raw bits): the bf16 loss head turns
 // each chunk of fp32 logits into the bf16 operand of its gradient GEMMs in this one pass.
 void cross_entropy_backward_bf16(int64_t rows, int64_t vocab, const float* logits, int64_t stride,
                                  const int64_t* targets, int64_t ignore_index, const float* lse,
-                                 float scale, uint16_t* grad, int64_t grad_stride);
+                                 float scale, float z_loss, uint16_t* grad, int64_t grad_stride);
 
 }  // namespace aviary::ops::cpu

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <limits>
 #include <optional>
 #include <utility>
@@ -29,6 +30,13 @@
 
 namespace aviary::ops {
 namespace {
+
+void check_z_loss(double z_loss) {
+  if (!(z_loss >= 0.0) || !std::isfinite(z_loss)) {
+    throw_invalid("z_loss must be a finite number >= 0, got " + std::to_string(z_loss),
+                  "cross_entropy", "PaLM uses 1e-4; 0 turns the term off");
+  }
+}
 
 // The first row whose target is neither ignore_index nor in [0, vocab), or -1.
 int64_t first_bad_target(const int64_t* targets, int64_t rows, int64_t vocab,
@@ -74,7 +82,7 @@ class CrossEntropyCpuFunction : public torch::autograd::Function<CrossEntropyCpu
  public:
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& logits,
                                const torch::Tensor& targets, int64_t ignore_index,
-                               LossReduction reduction) {
+                               LossReduction reduction, double z_loss) {
     const int64_t rows = logits.size(0), vocab = logits.size(1);
     auto x = logits.stride(1) == 1 && (rows <= 1 || logits.stride(0) >= vocab)
                  ? logits
@@ -88,12 +96,14 @@ class CrossEntropyCpuFunction : public torch::autograd::Function<CrossEntropyCpu
       throw_bad_target(tp[bad], bad, vocab);
     }
     cpu::cross_entropy_forward(rows, vocab, x.data_ptr<float>(), stride, tp, ignore_index,
-                               loss.data_ptr<float>(), lse.data_ptr<float>());
+                               static_cast<float>(z_loss), loss.data_ptr<float>(),
+                               lse.data_ptr<float>());
     const double scale = reduction_scale(tp, rows, ignore_index, reduction);
     const double value = reduced_loss(loss.data_ptr<float>(), rows, scale, reduction);
     ctx->save_for_backward({x, t, lse});
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->saved_data["scale"] = scale;
+    ctx->saved_data["z_loss"] = z_loss;
     return torch::full({}, value, logits.options());
   }
 
@@ -108,8 +118,9 @@ class CrossEntropyCpuFunction : public torch::autograd::Function<CrossEntropyCpu
     cpu::cross_entropy_backward(rows, vocab, x.data_ptr<float>(), rows > 1 ? x.stride(0) : vocab,
                                 saved[1].data_ptr<int64_t>(),
                                 ctx->saved_data["ignore_index"].toInt(), saved[2].data_ptr<float>(),
-                                scale, grad.data_ptr<float>(), vocab);
-    return {grad, torch::Tensor(), torch::Tensor(), torch::Tensor()};
+                                scale, static_cast<float>(ctx->saved_data["z_loss"].toDouble()),
+                                grad.data_ptr<float>(), vocab);
+    return {grad, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
 
@@ -141,7 +152,8 @@ class LinearCrossEntropyCpuFunction
  public:
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& hidden,
                                const torch::Tensor& weight, const torch::Tensor& targets,
-                               int64_t ignore_index, LossReduction reduction, bool bf16) {
+                               int64_t ignore_index, LossReduction reduction, double z_loss,
+                               bool bf16) {
     const int64_t rows = hidden.size(0), width = hidden.size(1), vocab = weight.size(0);
     const auto compute = bf16 ? torch::kBFloat16 : torch::kFloat32;
     auto h = hidden.to(compute).contiguous();
@@ -164,6 +176,7 @@ class LinearCrossEntropyCpuFunction
         need_hidden ? torch::empty({rows, width}, hidden.options()) : torch::Tensor();
     torch::Tensor dweight = need_weight ? torch::empty({vocab, width}, f32) : torch::Tensor();
     const int64_t chunk = linear_cross_entropy_chunk_rows(rows, vocab);
+    const auto z = static_cast<float>(z_loss);
     auto buffer = torch::empty({chunk, vocab}, f32);
     auto grad_buffer =
         bf16 && (need_hidden || need_weight) ? torch::empty({chunk, vocab}, h.options()) : buffer;
@@ -177,17 +190,18 @@ class LinearCrossEntropyCpuFunction
         torch::mm_out(logits, hc, w.t());
       }
       float* lp = logits.data_ptr<float>();
-      cpu::cross_entropy_forward(n, vocab, lp, vocab, tp + r0, ignore_index,
+      cpu::cross_entropy_forward(n, vocab, lp, vocab, tp + r0, ignore_index, z,
                                  loss.data_ptr<float>() + r0, lse.data_ptr<float>() + r0);
       if (!need_hidden && !need_weight) continue;
       auto grad = grad_buffer.narrow(0, 0, n);
       if (bf16) {
         cpu::cross_entropy_backward_bf16(n, vocab, lp, vocab, tp + r0, ignore_index,
-                                         lse.data_ptr<float>() + r0, static_cast<float>(scale),
+                                         lse.data_ptr<float>() + r0, static_cast<float>(scale), z,
                                          reinterpret_cast<uint16_t*>(grad.data_ptr()), vocab);
       } else {
         cpu::cross_entropy_backward_inplace(n, vocab, lp, vocab, tp + r0, ignore_index,
-                                            lse.data_ptr<float>() + r0, static_cast<float>(scale));
+                                            lse.data_ptr<float>() + r0, static_cast<float>(scale),
+                                            z);
       }
       if (need_hidden) {
         auto rows_out = dhidden.narrow(0, r0, n);
@@ -220,7 +234,8 @@ class LinearCrossEntropyCpuFunction
     for (auto* g : {&dhidden, &dweight}) {
       if (g->defined() && grad_out != 1.0) g->mul_(grad_out);
     }
-    return {dhidden, dweight, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
+    return {dhidden,         dweight,         torch::Tensor(), torch::Tensor(),
+            torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
 
@@ -274,21 +289,24 @@ void check_launch(cudaError_t err, const char* launcher) {
 
 // Writes loss and lse ([rows] fp32) for `logits` ([rows, vocab], unit column stride).
 void kernel_forward(const torch::Tensor& logits, const torch::Tensor& targets, int64_t ignore_index,
-                    const torch::Tensor& loss, const torch::Tensor& lse) {
+                    double z_loss, const torch::Tensor& loss, const torch::Tensor& lse) {
   auto p = cross_entropy_params(logits, targets);
   p.ignore_index = ignore_index;
+  p.z_loss = static_cast<float>(z_loss);
   p.loss = loss.data_ptr<float>();
   p.lse = lse.data_ptr<float>();
   check_launch(kernels::cross_entropy_forward(p, current_stream(logits)),
                "kernels::cross_entropy_forward");
 }
 
-// dlogits[r] = weights[r] * (softmax(logits[r]) - onehot(targets[r])); dlogits may be logits.
+// dlogits[r] = weights[r] * (softmax(logits[r]) * (1 + 2 z_loss lse[r]) - onehot(targets[r]));
+// dlogits may be logits.
 void kernel_backward(const torch::Tensor& logits, const torch::Tensor& targets,
-                     int64_t ignore_index, const torch::Tensor& lse, const torch::Tensor& weights,
-                     const torch::Tensor& dlogits) {
+                     int64_t ignore_index, double z_loss, const torch::Tensor& lse,
+                     const torch::Tensor& weights, const torch::Tensor& dlogits) {
   auto p = cross_entropy_params(logits, targets);
   p.ignore_index = ignore_index;
+  p.z_loss = static_cast<float>(z_loss);
   p.lse = lse.data_ptr<float>();
   p.grad_loss = weights.data_ptr<float>();
   p.dlogits = dlogits.data_ptr();
@@ -301,16 +319,17 @@ class CrossEntropyCudaFunction : public torch::autograd::Function<CrossEntropyCu
  public:
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& logits,
                                const torch::Tensor& targets, int64_t ignore_index,
-                               LossReduction reduction) {
+                               LossReduction reduction, double z_loss) {
     const c10::cuda::CUDAGuard guard(logits.device());
     auto x = as_rows(logits);
     auto t = targets.to(torch::kInt64).contiguous();
     const auto f32 = logits.options().dtype(torch::kFloat32);
     auto loss = torch::empty({x.size(0)}, f32), lse = torch::empty({x.size(0)}, f32);
-    kernel_forward(x, t, ignore_index, loss, lse);
+    kernel_forward(x, t, ignore_index, z_loss, loss, lse);
     auto w = row_weights(t, ignore_index, reduction);
     ctx->save_for_backward({x, t, lse, w.weights});
     ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["z_loss"] = z_loss;
     return reduce_rows(loss, w, reduction);
   }
 
@@ -322,9 +341,9 @@ class CrossEntropyCudaFunction : public torch::autograd::Function<CrossEntropyCu
     // grad_out stays on the device: it scales the row weights, not a host float.
     auto weights = saved[3] * grads[0].to(torch::kFloat32);
     auto dlogits = torch::empty({x.size(0), x.size(1)}, x.options());
-    kernel_backward(x, saved[1], ctx->saved_data["ignore_index"].toInt(), saved[2], weights,
-                    dlogits);
-    return {dlogits, torch::Tensor(), torch::Tensor(), torch::Tensor()};
+    kernel_backward(x, saved[1], ctx->saved_data["ignore_index"].toInt(),
+                    ctx->saved_data["z_loss"].toDouble(), saved[2], weights, dlogits);
+    return {dlogits, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
 
@@ -347,7 +366,7 @@ class LinearCrossEntropyCudaFunction
  public:
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& hidden,
                                const torch::Tensor& weight, const torch::Tensor& targets,
-                               int64_t ignore_index, LossReduction reduction,
+                               int64_t ignore_index, LossReduction reduction, double z_loss,
                                torch::ScalarType compute) {
     const c10::cuda::CUDAGuard guard(hidden.device());
     // The GEMMs below run in `compute` as written; autocast must not recast them.
@@ -372,11 +391,11 @@ class LinearCrossEntropyCudaFunction
       auto tc = t.narrow(0, r0, n);
       auto logits = buffer.narrow(0, 0, n);
       torch::mm_out(logits, hc, w.t());
-      kernel_forward(logits, tc, ignore_index, loss.narrow(0, r0, n), lse.narrow(0, r0, n));
+      kernel_forward(logits, tc, ignore_index, z_loss, loss.narrow(0, r0, n), lse.narrow(0, r0, n));
       if (!need_hidden && !need_weight) continue;
       auto grad = logits;  // in place
-      kernel_backward(logits, tc, ignore_index, lse.narrow(0, r0, n), rw.weights.narrow(0, r0, n),
-                      grad);
+      kernel_backward(logits, tc, ignore_index, z_loss, lse.narrow(0, r0, n),
+                      rw.weights.narrow(0, r0, n), grad);
       if (need_hidden) {
         auto rows_out = dhidden.narrow(0, r0, n);
         if (rows_out.scalar_type() == compute) {
@@ -430,7 +449,8 @@ class LinearCrossEntropyCudaFunction
         part.copy_(part.to(torch::kFloat32) * grad_out);
       }
     }
-    return {dhidden, dweight, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
+    return {dhidden,         dweight,         torch::Tensor(), torch::Tensor(),
+            torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
 
@@ -479,11 +499,21 @@ std::optional<torch::ScalarType> cuda_loss_head_dtype(const torch::Tensor& hidde
 }  // namespace
 
 torch::Tensor cross_entropy_reference(const torch::Tensor& logits, const torch::Tensor& targets,
-                                      int64_t ignore_index, LossReduction reduction) {
+                                      int64_t ignore_index, LossReduction reduction,
+                                      double z_loss) {
   namespace F = torch::nn::functional;
   auto options = F::CrossEntropyFuncOptions().ignore_index(ignore_index);
-  if (reduction == LossReduction::kSum) options.reduction(torch::kSum);
-  return F::cross_entropy(logits, targets, options);
+  if (z_loss == 0.0) {
+    if (reduction == LossReduction::kSum) options.reduction(torch::kSum);
+    return F::cross_entropy(logits, targets, options);
+  }
+  // Per row in fp32: the cross-entropy (0 on ignored rows) plus z_loss * lse^2 on counted rows.
+  auto x = logits.to(torch::kFloat32);
+  auto counted = targets.ne(ignore_index).to(torch::kFloat32);
+  auto rows = F::cross_entropy(x, targets, options.reduction(torch::kNone)) +
+              z_loss * x.logsumexp(-1).pow(2) * counted;
+  auto total = rows.sum();
+  return reduction == LossReduction::kSum ? total : total / counted.sum();
 }
 
 namespace {
@@ -528,7 +558,8 @@ bool fused_linear_cross_entropy(const torch::Tensor& hidden, const torch::Tensor
 
 torch::Tensor linear_cross_entropy(const torch::Tensor& hidden, const torch::Tensor& weight,
                                    const torch::Tensor& targets, int64_t ignore_index,
-                                   LossReduction reduction) {
+                                   LossReduction reduction, double z_loss) {
+  check_z_loss(z_loss);
   if (fused_linear_cross_entropy(hidden, weight, targets)) {
     // The fused heads make their gradients in the forward, for the inputs that require one.
     // Without grad mode (evaluation) nothing will ask for them: detached inputs say so.
@@ -536,30 +567,32 @@ torch::Tensor linear_cross_entropy(const torch::Tensor& hidden, const torch::Ten
     const auto h = grad ? hidden : hidden.detach(), w = grad ? weight : weight.detach();
 #if AVIARY_OPS_KERNELS
     if (hidden.is_cuda()) {
-      return LinearCrossEntropyCudaFunction::apply(h, w, targets, ignore_index, reduction,
+      return LinearCrossEntropyCudaFunction::apply(h, w, targets, ignore_index, reduction, z_loss,
                                                    *cuda_loss_head_dtype(hidden, weight, targets));
     }
 #endif
     const bool bf16 = at::autocast::is_autocast_enabled(torch::kCPU);
-    return LinearCrossEntropyCpuFunction::apply(h, w, targets, ignore_index, reduction, bf16);
+    return LinearCrossEntropyCpuFunction::apply(h, w, targets, ignore_index, reduction, z_loss,
+                                                bf16);
   }
   return cross_entropy(torch::matmul(hidden, weight.t()).to(torch::kFloat32), targets, ignore_index,
-                       reduction);
+                       reduction, z_loss);
 }
 
 torch::Tensor cross_entropy(const torch::Tensor& logits, const torch::Tensor& targets,
-                            int64_t ignore_index, LossReduction reduction) {
+                            int64_t ignore_index, LossReduction reduction, double z_loss) {
+  check_z_loss(z_loss);
   if (use_cpu_loops(logits) && logits.dim() == 2 && logits.size(1) > 0 && targets.dim() == 1 &&
       targets.size(0) == logits.size(0) && targets.device().is_cpu() &&
       !c10::isFloatingType(targets.scalar_type())) {
-    return CrossEntropyCpuFunction::apply(logits, targets, ignore_index, reduction);
+    return CrossEntropyCpuFunction::apply(logits, targets, ignore_index, reduction, z_loss);
   }
 #if AVIARY_OPS_KERNELS
   if (cross_entropy_kernel_applies(logits, targets)) {
-    return CrossEntropyCudaFunction::apply(logits, targets, ignore_index, reduction);
+    return CrossEntropyCudaFunction::apply(logits, targets, ignore_index, reduction, z_loss);
   }
 #endif
-  return cross_entropy_reference(logits, targets, ignore_index, reduction);
+  return cross_entropy_reference(logits, targets, ignore_index, reduction, z_loss);
 }
 
 }  // namespace aviary::ops

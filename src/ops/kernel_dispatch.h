@@ -46,6 +46,18 @@ inline torch::Tensor kernel_workspace(size_t bytes, const torch::Tensor& t) {
   return torch::empty({static_cast<int64_t>((bytes + 3) / 4)}, t.options().dtype(torch::kFloat32));
 }
 
+// Whether a norm's backward kernel fits on t's device for rows of `cols` columns: it holds
+// `partials_per_col` fp32 partial rows of the columns (padded to 4) in shared memory, within its
+// own limit `max_cols` and the device's opt-in limit less 1 KB (kernels/device_common.cuh), which
+// is smaller on sm_86 / sm_89 than on A100 and H100.
+inline bool norm_backward_fits(int64_t cols, int64_t partials_per_col, int64_t max_cols,
+                               const torch::Tensor& t) {
+  if (cols > max_cols) return false;
+  const auto smem = static_cast<size_t>(partials_per_col * 4 * ((cols + 3) / 4 * 4));
+  if (smem <= 48 * 1024) return true;
+  return smem + 1024 <= at::cuda::getDeviceProperties(t.device().index())->sharedMemPerBlockOptin;
+}
+
 // A launcher's error as an aviary::Error naming the launcher, CUDA's message, the check that
 // failed (kernels/<file>.cu:<line>) and `op` ("ops.attention"), with the way around it.
 [[noreturn]] inline void throw_kernel_error(cudaError_t err, const char* launcher, const char* op) {

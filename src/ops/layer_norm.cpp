@@ -1,5 +1,6 @@
 #include "aviary/ops/layer_norm.h"
 
+#include <ATen/autocast_mode.h>
 #include <torch/autograd.h>
 
 #include "aviary/ops/impl.h"
@@ -118,7 +119,7 @@ class LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
     const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1),
                need_b = has_bias && ctx->needs_input_grad(2);
     if (!need_x && !need_w && !need_b) return {{}, {}, {}, {}};
-    if (x.size(-1) <= kBackwardKernelMaxCols) {
+    if (norm_backward_fits(x.size(-1), 2, kBackwardKernelMaxCols, x)) {
       auto [dx, dw, db] =
           layer_norm_kernel_backward(grads[0], x, weight, has_bias, saved[3], saved[4]);
       return {need_x ? dx : torch::Tensor(), need_w ? dw : torch::Tensor(),
@@ -146,8 +147,15 @@ class LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
 torch::Tensor layer_norm(const torch::Tensor& x, const torch::Tensor& weight,
                          const torch::Tensor& bias, double eps) {
 #if AVIARY_OPS_KERNELS
-  if (x.is_cuda() && kernel_supports(x, weight, bias) && use_kernel(Op::kLayerNorm, x.device())) {
-    return LayerNormFunction::apply(x, weight, bias, eps);
+  if (x.is_cuda() && use_kernel(Op::kLayerNorm, x.device())) {
+    // layer_norm is on CUDA autocast's fp32 list: under autocast it runs in fp32 whatever the
+    // inputs, as at::layer_norm does there.
+    const bool autocast = at::autocast::is_autocast_enabled(torch::kCUDA);
+    const auto in = [&](const torch::Tensor& t) {
+      return autocast && t.defined() ? t.to(torch::kFloat32) : t;
+    };
+    const auto xs = in(x), ws = in(weight), bs = in(bias);
+    if (kernel_supports(xs, ws, bs)) return LayerNormFunction::apply(xs, ws, bs, eps);
   }
 #endif
   return layer_norm_reference(x, weight, bias, eps);

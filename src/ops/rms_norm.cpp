@@ -175,7 +175,7 @@ class RmsNormFunction : public torch::autograd::Function<RmsNormFunction> {
     const auto saved = ctx->get_saved_variables();
     const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1);
     if (!need_x && !need_w) return {torch::Tensor(), torch::Tensor(), torch::Tensor()};
-    if (saved[0].size(-1) <= kBackwardKernelMaxCols) {
+    if (norm_backward_fits(saved[0].size(-1), 1, kBackwardKernelMaxCols, saved[0])) {
       auto [gx, gw] = rms_norm_kernel_backward(grads[0], saved[0], saved[1], saved[2]);
       return {need_x ? gx : torch::Tensor(), need_w ? gw : torch::Tensor(), torch::Tensor()};
     }

@@ -48,8 +48,8 @@ torch::Tensor causal_lm_loss(AquilaForCausalLMImpl& model, const torch::Tensor& 
     ops::AutocastGuard autocast(device.type(), options.bf16);
     auto flat_hidden = hidden.reshape({-1, width});
     if (ops::fused_linear_cross_entropy(flat_hidden, head.weight, flat_targets)) {
-      return normalized(
-          ops::linear_cross_entropy(flat_hidden, head.weight, flat_targets, kIgnore, reduction));
+      return normalized(ops::linear_cross_entropy(flat_hidden, head.weight, flat_targets, kIgnore,
+                                                  reduction, options.z_loss));
     }
   }
   torch::Tensor logits;
@@ -61,7 +61,8 @@ torch::Tensor causal_lm_loss(AquilaForCausalLMImpl& model, const torch::Tensor& 
   const int64_t vocab = logits.size(-1);
   auto flat_logits = logits.reshape({-1, vocab}).to(torch::kFloat32);
   logits = torch::Tensor();  // under bf16 the fp32 copy replaces it; only the loss keeps either
-  return normalized(ops::cross_entropy(flat_logits, flat_targets, kIgnore, reduction));
+  return normalized(
+      ops::cross_entropy(flat_logits, flat_targets, kIgnore, reduction, options.z_loss));
 }
 
 int64_t count_loss_targets(const torch::Tensor& loss_mask) {

@@ -53,6 +53,7 @@ TrainConfig TrainConfig::from_section(ConfigReader& r) {
   c.spike_window = r.get_int("spike_window", 100, 2);
   c.spike_factor = r.get_double("spike_factor", 2.0, 1.0);
   c.peak_tflops = r.get_double("peak_tflops", 0.0, 0.0);
+  c.z_loss = r.get_double("z_loss", 0.0, 0.0);
   Json schedule = r.get_raw("lr_schedule");
   if (!schedule.is_null() && !schedule.is_object())
     r.fail("lr_schedule", "expected a mapping", "lr_schedule: {type: cosine, warmup_steps: 100}");
@@ -76,6 +77,7 @@ Json TrainConfig::to_json() const {
               {"spike_window", spike_window},
               {"spike_factor", spike_factor},
               {"peak_tflops", peak_tflops},
+              {"z_loss", z_loss},
               {"lr_schedule", lr_schedule}};
 }
 
@@ -173,8 +175,9 @@ struct Trainer::State {
   void locate_resume();
   void resume();
 
-  // normalizer: see LmLossOptions (0 = the batch mean).
-  torch::Tensor batch_loss(const data::Batch& batch, double normalizer = 0.0);
+  // normalizer: see LmLossOptions (0 = the batch mean). Training adds train.z_loss's term;
+  // evaluation (training = false) is the plain cross-entropy.
+  torch::Tensor batch_loss(const data::Batch& batch, double normalizer = 0.0, bool training = true);
   std::pair<double, int64_t> evaluate();
   std::string save(double lr);
   // Test-only environment hooks, read once at construction (see read_test_hooks).
@@ -497,9 +500,11 @@ const Json& Trainer::resolved_config() const {
   return s_->resolved;
 }
 
-torch::Tensor Trainer::State::batch_loss(const data::Batch& batch, double normalizer) {
+torch::Tensor Trainer::State::batch_loss(const data::Batch& batch, double normalizer,
+                                         bool training) {
   LmLossOptions options;
   options.bf16 = train.precision == "bf16";
+  options.z_loss = training ? train.z_loss : 0.0;
   if (data.document_mask) options.documents = &batch.cu_lengths;
   options.loss_mask = batch.loss_mask;
   options.normalizer = normalizer;
@@ -547,7 +552,7 @@ std::pair<double, int64_t> Trainer::State::evaluate() {
         source_.get_loss_mask(begin + r, batch.loss_mask[r].data_ptr<uint8_t>());
     }
     // The sum over counted targets (normalizer 1), so batches with few targets weigh little.
-    const double sum = batch_loss(batch, 1.0).item<double>();
+    const double sum = batch_loss(batch, 1.0, /*training=*/false).item<double>();
     if (!counted) continue;
     loss_sum += sum;
     tokens += batch.loss_mask.defined() ? count_loss_targets(batch.loss_mask) : rows * len;

@@ -244,6 +244,64 @@ TEST(CpuCrossEntropy, ATargetOutsideTheVocabularyNamesItsRow) {
   }
 }
 
+// PaLM's z-loss written out in double: per counted row lse - x[target] + z * lse^2, summed or
+// averaged over the counted rows.
+torch::Tensor z_loss_exact(const torch::Tensor& logits, const torch::Tensor& targets, double z,
+                           ops::LossReduction reduction) {
+  auto counted = targets.ne(-100);
+  auto lse = logits.logsumexp(-1);
+  auto picked = logits.gather(1, targets.clamp_min(0).unsqueeze(1)).squeeze(1);
+  auto total = ((lse - picked + z * lse * lse) * counted).sum();
+  return reduction == ops::LossReduction::kSum ? total : total / counted.sum();
+}
+
+// The z-loss term on every CPU path: the reference, the fused loop, the fused loss head over one
+// chunk and over several, against the term written out in double; a negative z is refused.
+TEST(CpuCrossEntropy, ZLossMatchesTheTermWrittenOutInDouble) {
+  torch::manual_seed(12);
+  const double z = 0.01;
+  auto logits = (torch::randn({9, 1000}) * 6).requires_grad_(true);
+  auto targets = torch::randint(0, 1000, {9}, torch::kInt64);
+  targets[2] = -100;
+  targets[7] = -100;
+  for (auto reduction : {ops::LossReduction::kMean, ops::LossReduction::kSum}) {
+    auto xd = logits.detach().to(torch::kDouble).requires_grad_(true);
+    auto want = z_loss_exact(xd, targets, z, reduction);
+    auto dwant = torch::autograd::grad({want * 3.0}, {xd})[0];
+    EXPECT_GT(want.item<double>(),
+              ops::cross_entropy_reference(logits, targets, -100, reduction).item<double>() + 1.0)
+        << "the term is not negligible here";
+    for (bool fused : {false, true}) {
+      auto loss = fused ? ops::cross_entropy(logits, targets, -100, reduction, z)
+                        : ops::cross_entropy_reference(logits, targets, -100, reduction, z);
+      EXPECT_EQ(made_by(loss, "CrossEntropyCpuFunction"), fused);
+      auto g = torch::autograd::grad({loss * 3.0}, {logits})[0];
+      EXPECT_LT(max_rel(loss, want), 1e-6) << (fused ? "fused" : "reference");
+      EXPECT_LT(max_rel(g, dwant), 1e-5) << (fused ? "fused" : "reference");
+      EXPECT_TRUE(g[2].eq(0).all().item<bool>()) << "an ignored row got a gradient";
+    }
+  }
+  // The loss head, in chunks of 6 rows of a 300001-word vocabulary.
+  ops::set_loss_head_chunk_floats(6 * 300001);
+  auto hidden = torch::randn({9, 8}).requires_grad_(true);
+  auto weight = (torch::randn({300001, 8}) * 0.5).requires_grad_(true);
+  auto head_targets = torch::randint(0, 300001, {9}, torch::kInt64);
+  head_targets[4] = -100;
+  auto loss =
+      ops::linear_cross_entropy(hidden, weight, head_targets, -100, ops::LossReduction::kMean, z);
+  ops::set_loss_head_chunk_floats(0);
+  ASSERT_TRUE(made_by(loss, "LinearCrossEntropyCpuFunction"));
+  auto got = torch::autograd::grad({loss}, {hidden, weight});
+  auto hd = hidden.detach().to(torch::kDouble).requires_grad_(true);
+  auto wd = weight.detach().to(torch::kDouble).requires_grad_(true);
+  auto want = z_loss_exact(torch::matmul(hd, wd.t()), head_targets, z, ops::LossReduction::kMean);
+  auto dwant = torch::autograd::grad({want}, {hd, wd});
+  EXPECT_LT(max_rel(loss, want), 1e-6);
+  EXPECT_LT(max_rel(got[0], dwant[0]), 1e-5);
+  EXPECT_LT(max_rel(got[1], dwant[1]), 1e-5);
+  EXPECT_THROW(ops::cross_entropy(logits, targets, -100, ops::LossReduction::kMean, -1e-4), Error);
+}
+
 // A loss head's inputs: hidden [rows, width] and weight [vocab, width] needing gradients, random
 // targets with the given rows ignored (-100).
 struct LossHeadInputs {
@@ -609,7 +667,7 @@ TEST(CpuAttentionDocuments, BoundariesThatDoNotFitAndOpsImplTorchTakeTheDenseMas
   const auto& documents = *docs.mask.documents;
   auto q = heads_view(2, T, 2, 8, torch::kFloat32);
   // The dense mask the documents make: built on request, once, and shared by copies.
-  EXPECT_FALSE(documents.dense_cache->defined());
+  EXPECT_FALSE(documents.dense_cache->mask.defined());
   const auto mask = documents.dense_mask(2, T, torch::kCPU);
   EXPECT_EQ(mask.sizes(), (std::vector<int64_t>{2, 1, T, T}));
   EXPECT_TRUE(mask[0][0][40][35].item<bool>());   // same document, earlier
@@ -619,6 +677,11 @@ TEST(CpuAttentionDocuments, BoundariesThatDoNotFitAndOpsImplTorchTakeTheDenseMas
   EXPECT_EQ(mask.sum().item<int64_t>(), 30 * 31 / 2 + 45 * 46 / 2 + 25 * 26 / 2 + 100 * 101 / 2);
   const ops::AttentionDocuments copy = documents;
   EXPECT_TRUE(copy.dense_mask(2, T, torch::kCPU).is_same(mask));
+  // A copy given other boundaries builds their own mask (the shared cache knows its source).
+  ops::AttentionDocuments whole = documents;
+  whole.cu_tokens = torch::tensor({0, 100, 200}, torch::kInt64);
+  whole.max_len = 100;
+  EXPECT_EQ(whole.dense_mask(2, T, torch::kCPU).sum().item<int64_t>(), 2 * (100 * 101 / 2));
   auto dense =
       at::scaled_dot_product_attention(q, q, q, mask, 0.0, false, 1.0 / std::sqrt(8.0), false);
   // Boundaries for another batch size, one that crosses a row, and a wrong max_len: the mask
@@ -644,7 +707,7 @@ TEST(CpuAttentionDocuments, BoundariesThatDoNotFitAndOpsImplTorchTakeTheDenseMas
   auto out = ops::attention(q, q, q, std::nullopt, false, &*fresh.mask.documents);
   EXPECT_FALSE(made_by(out, "AttentionCpuDocumentsFunction"));
   EXPECT_TRUE(torch::allclose(out, dense, 1e-5, 1e-6));
-  EXPECT_TRUE(fresh.mask.documents->dense_cache->defined());
+  EXPECT_TRUE(fresh.mask.documents->dense_cache->mask.defined());
 }
 
 TEST(CpuEmbedding, LookupAndGradientMatchTheReferenceWithRepeatedIds) {

@@ -936,6 +936,39 @@ TEST(OpsCrossEntropyCuda, KernelMatchesTheExactLossAndGradientWithinTwiceTorchsE
   }
 }
 
+// The z-loss term through the kernel (bf16 logits, both reductions) against the fp32 reference
+// that ops.impl torch runs.
+TEST(OpsCrossEntropyCuda, ZLossKernelMatchesTheReference) {
+  if (!have_cuda()) GTEST_SKIP() << "no CUDA device";
+  if (!ops::kernels_built()) GTEST_SKIP() << "this build has no CUDA kernels";
+  ImplGuard guard;
+  torch::manual_seed(23);
+  const double z = 1e-3;
+  for (auto [rows, vocab] : std::vector<std::pair<int64_t, int64_t>>{{37, 1000}, {5, 151851}}) {
+    for (auto reduction : {ops::LossReduction::kMean, ops::LossReduction::kSum}) {
+      auto opts = torch::TensorOptions().dtype(torch::kBFloat16).device(torch::kCUDA);
+      auto logits = torch::randn({rows, vocab}, opts) * 4;
+      auto targets = torch::randint(0, vocab, {rows}, torch::kInt64);
+      targets[rows - 1] = -100;
+      targets = targets.to(torch::kCUDA);
+      double loss[2];
+      torch::Tensor grad[2];
+      for (int k = 0; k < 2; ++k) {
+        ops::set_ops_impl(k == 0 ? OpsImpl::kAviary : OpsImpl::kTorch);
+        auto x = logits.detach().requires_grad_();
+        auto out = ops::cross_entropy(x, targets, -100, reduction, z);
+        loss[k] = out.item<double>();
+        grad[k] = torch::autograd::grad({out}, {x})[0].to(torch::kFloat32);
+      }
+      EXPECT_NEAR(loss[0], loss[1], 1e-5 * std::abs(loss[1])) << rows << "x" << vocab;
+      // Both gradients are rounded to bf16 once (the kernel's from fp32 sums).
+      EXPECT_LE((grad[0] - grad[1]).abs().max().item<double>(),
+                1e-2 * grad[1].abs().max().item<double>())
+          << rows << "x" << vocab;
+    }
+  }
+}
+
 TEST(OpsCrossEntropyCuda, KernelMeanOverNoTargetIsNanWithZeroGradients) {
   if (!have_cuda()) GTEST_SKIP() << "no CUDA device";
   if (!ops::kernels_built()) GTEST_SKIP() << "this build has no CUDA kernels";

@@ -99,6 +99,35 @@ TEST(Trainer, ShortRunLearnsAndWritesItsRunDirectory) {
   EXPECT_TRUE(has_events);
 }
 
+// train.z_loss adds z * lse^2 per target to the training loss only. With a learning rate too small
+// to move the weights, the first step's loss rises by the term (lse ~ log(vocab), so about
+// z * 50 here) while the evaluation after it, the plain cross-entropy, stays the same.
+TEST(Trainer, ZLossRaisesTheTrainingLossButNotTheEvaluation) {
+  double train_loss[2], val_loss[2];
+  for (int k = 0; k < 2; ++k) {
+    TempDir dir;
+    Json config = tiny_config(dir.path(), 1);
+    config["train"]["eval_every"] = 1;
+    config["train"]["z_loss"] = k == 0 ? 0.0 : 0.01;
+    config["optim"]["lr"] = 1e-12;
+    config["train"]["lr_schedule"] = {{"type", "constant"}};
+    Trainer trainer(config, "test.yaml");
+    EXPECT_EQ(trainer.resolved_config()["train"]["z_loss"], k == 0 ? 0.0 : 0.01);
+    auto result = trainer.run();
+    ASSERT_TRUE(result.val_loss.has_value());
+    train_loss[k] = result.last_loss;
+    val_loss[k] = *result.val_loss;
+  }
+  EXPECT_GT(train_loss[1] - train_loss[0], 0.1) << train_loss[0] << " " << train_loss[1];
+  EXPECT_LT(train_loss[1] - train_loss[0], 1.0) << train_loss[0] << " " << train_loss[1];
+  EXPECT_NEAR(val_loss[1], val_loss[0], 1e-6);
+  TempDir dir;
+  Json config = tiny_config(dir.path(), 1);
+  config["train"]["z_loss"] = -1e-4;
+  auto e = expect_error(ErrorKind::kInvalidArgument, [&] { Trainer t(config, "test.yaml"); });
+  EXPECT_NE(std::string(e.what()).find("train.z_loss"), std::string::npos) << e.what();
+}
+
 TEST(Trainer, RefusesDataMadeWithAnotherTokenizer) {
   TempDir dir;
   Json config = tiny_config(dir.path());
@@ -430,6 +459,13 @@ TEST(DocumentMask, ADocumentIsSeenAsIfItWereAlone) {
   // Without the mask B sees A: the logits differ.
   auto causal = model->forward(packed, torch::arange(12).unsqueeze(0), {}, nullptr);
   EXPECT_FALSE(torch::allclose(causal.narrow(1, 5, 7), alone, 1e-4, 1e-5));
+  // A prefill of the packed row into an empty KV cache sees the documents' dense mask; a later
+  // step over packed documents is refused.
+  auto cache = model->make_cache(1, 16);
+  auto prefilled = model->forward(packed, doc.positions, doc.mask, &cache);
+  EXPECT_TRUE(torch::allclose(prefilled, packed_logits, 1e-5, 1e-6));
+  auto next = nn::document_attention({{0, 1}}, 1, torch::kCPU);
+  EXPECT_THROW(model->forward(b.narrow(1, 0, 1), next.positions, next.mask, &cache), Error);
 }
 
 }  // namespace

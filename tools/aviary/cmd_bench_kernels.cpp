@@ -433,8 +433,8 @@ void adamw_cases(const Context& c, std::vector<BenchCase>& out) {
   BenchCase b;
   b.op = "adamw";
   b.pass = "step";
-  b.shape = numel >= (1 << 20) ? fmt::format("{} tensors x {}M fp32", tensors, numel >> 20)
-                               : fmt::format("{} tensors x {}K fp32", tensors, numel >> 10);
+  b.shape = numel >= (1 << 20) ? fmt::format("{} tensors x {}M", tensors, numel >> 20)
+                               : fmt::format("{} tensors x {}K", tensors, numel >> 10);
   b.bytes = 7.0 * 4.0 * static_cast<double>(tensors * numel);
   b.op_id = ops::Op::kAdamW;
   b.ours = [=] {

@@ -19,8 +19,8 @@ struct AttentionMask {
   bool causal = true;                 // used when `mask` is empty
   std::optional<torch::Tensor> mask;  // bool [B, 1, Tq, Tk], true = may attend
   // Packed documents (nn/document_mask.h): the mask as boundaries, which ops::attention runs
-  // without a [T, T] mask where it can (it builds one only for SDPA). With a KV cache only `mask`
-  // applies: documents without it are refused there.
+  // without a [T, T] mask where it can (it builds one only for SDPA). With a KV cache `mask`
+  // applies, or the documents' dense mask when the cache was empty (a prefill).
   std::optional<ops::AttentionDocuments> documents;
 };
 

@@ -1,7 +1,8 @@
 // One AdamW step over many parameter tensors at once: the update of torch.optim.AdamW with fp32
 // parameters (the master weights) and fp32 moments. CUDA takes Aviary's multi-tensor kernel
-// (kernels/adamw.cu: one pass over parameter, gradient and both moments, the arithmetic of torch's
-// single-tensor AdamW bit for bit) where ops.impl allows it; everything else PyTorch's
+// (kernels/adamw.cu: one pass over parameter, gradient and both moments, in the operation order of
+// torch's single-tensor AdamW with every rounding pinned, so that it equals its CPU reference bit
+// for bit) where ops.impl allows it; everything else PyTorch's
 // at::_fused_adamw_, the kernel of torch.optim.AdamW(fused=True).
 //
 // train/optimizer.h's AdamW calls this for each param group when `optim.fused` is true.

@@ -39,7 +39,12 @@ struct AttentionDocuments {
   // the layers of one forward build it once, and a forward that never falls back never builds it.
   // Throws kInvalidArgument if the boundaries do not cover B·T tokens.
   torch::Tensor dense_mask(int64_t rows, int64_t length, const torch::Device& device) const;
-  std::shared_ptr<torch::Tensor> dense_cache = std::make_shared<torch::Tensor>();
+
+  struct DenseMask {
+    torch::Tensor mask;
+    torch::Tensor built_from;  // the cu_tokens it was built from: other boundaries rebuild it
+  };
+  std::shared_ptr<DenseMask> dense_cache = std::make_shared<DenseMask>();
 };
 
 torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,

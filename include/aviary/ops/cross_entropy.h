@@ -17,10 +17,14 @@ enum class LossReduction {
 };
 
 // logits: [rows, vocab]; targets: int64 [rows]. Throws kInvalidArgument naming the first row
-// whose target is neither ignore_index nor in [0, vocab).
+// whose target is neither ignore_index nor in [0, vocab), or for a negative z_loss.
+// z_loss > 0 adds PaLM's auxiliary term z_loss * lse^2 to each counted row's loss (lse: the
+// log-sum-exp of its logits), which keeps the softmax normaliser near 1 in long pretraining runs;
+// the gradient's softmax part is scaled by 1 + 2 z_loss lse. Every path (CPU loop, CUDA kernel,
+// reference) computes it in fp32.
 torch::Tensor cross_entropy(const torch::Tensor& logits, const torch::Tensor& targets,
                             int64_t ignore_index = -100,
-                            LossReduction reduction = LossReduction::kMean);
+                            LossReduction reduction = LossReduction::kMean, double z_loss = 0.0);
 
 // cross_entropy(hidden @ weight^T, targets): the loss head of a language model (lm_head, then
 // the loss) without its [rows, vocab] logits. hidden: [rows, width]; weight: [vocab, width]. On CPU
@@ -39,7 +43,8 @@ torch::Tensor cross_entropy(const torch::Tensor& logits, const torch::Tensor& ta
 // Otherwise (and under ops.impl torch) it is the reference: matmul, then cross_entropy in fp32.
 torch::Tensor linear_cross_entropy(const torch::Tensor& hidden, const torch::Tensor& weight,
                                    const torch::Tensor& targets, int64_t ignore_index = -100,
-                                   LossReduction reduction = LossReduction::kMean);
+                                   LossReduction reduction = LossReduction::kMean,
+                                   double z_loss = 0.0);
 
 // Whether linear_cross_entropy(hidden, weight, targets) runs as a fused op (on CPU: fp32, or under
 // CPU bf16 autocast over an fp32 weight; on CUDA: the kernel's conditions) rather than the
@@ -57,6 +62,7 @@ int64_t linear_cross_entropy_chunk_rows(int64_t rows, int64_t vocab);
 // The ATen reference (the oracle of the fused loop's tests).
 torch::Tensor cross_entropy_reference(const torch::Tensor& logits, const torch::Tensor& targets,
                                       int64_t ignore_index = -100,
-                                      LossReduction reduction = LossReduction::kMean);
+                                      LossReduction reduction = LossReduction::kMean,
+                                      double z_loss = 0.0);
 
 }  // namespace aviary::ops

@@ -10,7 +10,8 @@
 namespace aviary::ops {
 
 // x [..., cols]; weight [cols]; bias [cols] or undefined (none). On CUDA the kernel needs x,
-// weight and bias of one dtype (fp32, bf16 or fp16); other mixes take ATen's op.
+// weight and bias of one dtype (fp32, bf16 or fp16); other mixes take ATen's op. Under CUDA
+// autocast it runs in fp32 (autocast's policy for layer_norm).
 torch::Tensor layer_norm(const torch::Tensor& x, const torch::Tensor& weight,
                          const torch::Tensor& bias, double eps);
 

@@ -22,6 +22,9 @@ struct LmLossOptions {
   // in the whole global batch, so that micro-batches and ranks with different counts weigh each
   // target equally); 0: the mean over this batch's counted targets.
   double normalizer = 0.0;
+  // > 0: PaLM's z-loss, z_loss * logsumexp(logits)^2 per counted target, added to the loss
+  // (ops/cross_entropy.h); the trainer's train.z_loss.
+  double z_loss = 0.0;
 };
 
 // tokens: int64 [B, L + 1] (as data::Batch gives them); inputs are tokens[:, :L], targets

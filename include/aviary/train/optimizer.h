@@ -61,7 +61,9 @@ ParamGroups split_param_groups(const NamedTensors& named_params, const Optimizer
 // torch::optim::AdamW with the updates of Python's `torch.optim.AdamW`, bit for bit in fp32:
 //   fused = true:  ops::adamw_step over each param group: at::_fused_adamw_ as AdamW(fused=True)
 //                  calls it (one pass over parameter, gradient and both moments), or on CUDA
-//                  Aviary's multi-tensor kernel, which is the single-tensor arithmetic bit for bit;
+//                  Aviary's multi-tensor kernel: the single-tensor update's operations in order,
+//                  no FMA contraction (ATen's CUDA ops contract some, so on CUDA the paths differ
+//                  in the last bits);
 //   fused = false: the single-tensor path (foreach=False), op for op.
 // LibTorch's own AdamW::step updates the first moment with `exp_avg.mul_(beta1).add_(grad, 1 -
 // beta1)` where Python uses `exp_avg.lerp_(grad, 1 - beta1)`; the two differ in the last bits

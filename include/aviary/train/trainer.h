@@ -60,6 +60,7 @@ struct TrainConfig {
   int64_t spike_window = 100;
   double spike_factor = 2.0;
   double peak_tflops = 0.0;
+  double z_loss = 0.0;  // PaLM's z-loss coefficient in the training loss (0 = off; 1e-4 typical)
   Json lr_schedule = Json::object();  // read by LrScheduleConfig once optim.lr is known
 
   static TrainConfig from_section(ConfigReader& section);  // finish() included
