@@ -157,14 +157,14 @@ ValidationRecord ValidationRecord::parse(const std::string& text, const std::str
       const std::string path = "kernels." + name;
       if (!list.is_array()) {
         throw_invalid(
-            "expected a list of validations", source + ": " + path,
+            "expected a list of validations", std::string(source).append(": ").append(path),
             "[{\"gpu\": ..., \"sm\": 90, \"date\": ..., \"commit\": ..., \"test\": ...}]");
       }
       for (size_t i = 0; i < list.size(); ++i) {
         const std::string item = path + "[" + std::to_string(i) + "]";
         if (!list[i].is_object()) {
           throw_invalid(
-              "expected an object", source + ": " + item,
+              "expected an object", std::string(source).append(": ").append(item),
               "{\"gpu\": ..., \"sm\": 90, \"date\": ..., \"commit\": ..., \"test\": ...}");
         }
         ConfigReader r(list[i], item, source);

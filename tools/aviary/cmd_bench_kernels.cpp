@@ -87,7 +87,37 @@ struct BenchCase {
   std::function<torch::Tensor()> ours;
   std::string baseline_name;
   std::function<torch::Tensor()> baseline;
+  // The baseline may be unable to run these inputs (one SDPA backend forced): the row is left
+  // out, with a line on stderr, instead of failing the run.
+  bool optional_baseline = false;
 };
+
+// Runs fn with SDPA restricted to one CUDA backend ("flash" or "cudnn"), the user's choice of
+// backends restored afterwards.
+torch::Tensor with_sdpa_backend(const std::string& backend,
+                                const std::function<torch::Tensor()>& fn) {
+  auto& ctx = at::globalContext();
+  const bool flash = ctx.userEnabledFlashSDP(), efficient = ctx.userEnabledMemEfficientSDP(),
+             math = ctx.userEnabledMathSDP(), cudnn = ctx.userEnabledCuDNNSDP();
+  const auto restore = [&] {
+    ctx.setSDPUseFlash(flash);
+    ctx.setSDPUseMemEfficient(efficient);
+    ctx.setSDPUseMath(math);
+    ctx.setSDPUseCuDNN(cudnn);
+  };
+  ctx.setSDPUseFlash(backend == "flash");
+  ctx.setSDPUseMemEfficient(false);
+  ctx.setSDPUseMath(false);
+  ctx.setSDPUseCuDNN(backend == "cudnn");
+  try {
+    auto out = fn();
+    restore();
+    return out;
+  } catch (...) {
+    restore();
+    throw;
+  }
+}
 
 // ---------------------------------------------------------------- the ops
 
@@ -321,6 +351,18 @@ void attention_cases(const Context& c, std::vector<BenchCase>& out) {
   both.ours = [=] { return backward(ops::attention(qg, kg, vg, std::nullopt, true)); };
   both.baseline = [=] { return backward(baseline(qg, kg, vg)); };
   out.push_back(both);
+  if (c.cuda()) {
+    // SDPA picks its backend by priority; also each of its two fast ones alone.
+    for (const std::string backend : {"flash", "cudnn"}) {
+      for (const BenchCase* base : {&fwd, &both}) {
+        BenchCase only = *base;
+        only.baseline_name = "SDPA, " + backend + " only";
+        only.baseline = [backend, fn = base->baseline] { return with_sdpa_backend(backend, fn); };
+        only.optional_baseline = true;
+        out.push_back(std::move(only));
+      }
+    }
+  }
   document_attention_cases(c, out);
 
   // One decode step: a new query per sequence against an 8k (CUDA) KV cache, no gradient.
@@ -759,8 +801,17 @@ void run_kernels(const KernelBenchArgs& a) {
       const Context context{device, bench->fp32_state ? torch::kFloat32 : dtype};
       std::vector<BenchCase> cases;
       bench->cases(context, cases);
-      for (auto& b : cases)
-        rows.push_back(run_case(b, context, ceilings, a.seconds));
+      for (auto& b : cases) {
+        try {
+          rows.push_back(run_case(b, context, ceilings, a.seconds));
+        } catch (const c10::Error& e) {
+          if (!b.optional_baseline) throw;
+          const std::string why = e.what_without_backtrace();
+          std::fprintf(stderr, "bench kernels: %s %s %s vs %s: left out (%s)\n", b.op.c_str(),
+                       b.pass.c_str(), b.shape.c_str(), b.baseline_name.c_str(),
+                       why.substr(0, why.find('\n')).c_str());
+        }
+      }
 #ifdef AVIARY_TORCH_CUDA
       if (device.is_cuda()) c10::cuda::CUDACachingAllocator::emptyCache();  // next op's inputs
 #endif
