@@ -8,6 +8,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "aviary/kernels/common.h"
@@ -91,17 +92,20 @@ inline bool stride16(int64_t stride, DType t) {
   return (stride * dtype_size(t)) % 16 == 0;
 }
 
-// Lets `kernel` launch with `smem` bytes of dynamic shared memory. Above the default 48 KiB a
-// kernel must opt in, up to the device's limit (less 1 KiB for its static shared memory); beyond
-// that it returns cudaErrorInvalidValue with `too_large` as the recorded reason.
+// Lets `kernel` launch with `smem` bytes of dynamic shared memory. When that and the kernel's
+// static shared memory exceed the default 48 KiB, the kernel must opt in, up to the device's limit
+// less 1 KiB; beyond that it returns cudaErrorInvalidValue with `too_large` as the recorded
+// reason. (ops/ asks the same before choosing a kernel: norm_backward_fits.)
 template <typename Kernel>
 cudaError_t allow_dynamic_smem(Kernel* kernel, size_t smem, const char* too_large) {
-  if (smem <= 48 * 1024) return cudaSuccess;
+  cudaFuncAttributes attributes{};
+  AVIARY_KERNEL_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  if (smem + attributes.sharedSizeBytes <= 48 * 1024) return cudaSuccess;
   int device = 0, optin = 0;
   AVIARY_KERNEL_CHECK(cudaGetDevice(&device));
   AVIARY_KERNEL_CHECK(
       cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  if (smem + 1024 > static_cast<size_t>(optin))
+  if (smem + std::max<size_t>(attributes.sharedSizeBytes, 1024) > static_cast<size_t>(optin))
     return detail::record_error_site(cudaErrorInvalidValue, __FILE__, __LINE__, too_large);
   AVIARY_KERNEL_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            static_cast<int>(smem)));

@@ -95,7 +95,7 @@ void adamw_kernel(const AdamWTensors& t, const AdamWHyper& h) {
     p.weight_decay = h.weight_decay;
     p.step = step;
     const cudaError_t err = kernels::adamw_step(p, stream);
-    if (err != cudaSuccess) throw_kernel_error(err, "kernels::adamw_step", "ops.adamw");
+    check_kernel(err, "kernels::adamw_step", "ops.adamw", Op::kAdamW);
   }
   // Written through raw pointers: tell autograd's version counters, as ATen's in-place ops do.
   for (size_t i = 0; i < t.params.size(); ++i) {

@@ -377,7 +377,7 @@ class AttentionCudaFunction : public torch::autograd::Function<AttentionCudaFunc
     p.causal = causal;
     if (varlen) set_documents(p, cu, max_len, B * Tq);
     const cudaError_t err = kernels::attention_forward(p, current_stream(q));
-    if (err != cudaSuccess) throw_kernel_error(err, "kernels::attention_forward", "ops.attention");
+    check_kernel(err, "kernels::attention_forward", "ops.attention", Op::kAttention);
     save_for_backward(ctx, {q, k, v, out, lse, cu}, causal, scale);
     ctx->saved_data["max_len"] = max_len;
     return out;
@@ -429,7 +429,7 @@ class AttentionCudaFunction : public torch::autograd::Function<AttentionCudaFunc
     p.workspace = bytes > 0 ? workspace.data_ptr() : nullptr;
     p.workspace_bytes = bytes;
     const cudaError_t err = kernels::attention_backward(p, current_stream(q));
-    if (err != cudaSuccess) throw_kernel_error(err, "kernels::attention_backward", "ops.attention");
+    check_kernel(err, "kernels::attention_backward", "ops.attention", Op::kAttention);
     return {dq, dk, dv, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
@@ -467,7 +467,7 @@ torch::Tensor attention_decode_cuda(const torch::Tensor& q_in, const torch::Tens
   p.workspace = bytes > 0 ? workspace.data_ptr<float>() : nullptr;
   p.workspace_bytes = bytes;
   const cudaError_t err = kernels::attention_decode(p, current_stream(q));
-  if (err != cudaSuccess) throw_kernel_error(err, "kernels::attention_decode", "ops.attention");
+  check_kernel(err, "kernels::attention_decode", "ops.attention", Op::kAttentionDecode);
   return out;
 }
 

@@ -32,9 +32,9 @@ namespace aviary::ops {
 namespace {
 
 void check_z_loss(double z_loss) {
-  if (!(z_loss >= 0.0) || !std::isfinite(z_loss)) {
-    throw_invalid("z_loss must be a finite number >= 0, got " + std::to_string(z_loss),
-                  "cross_entropy", "PaLM uses 1e-4; 0 turns the term off");
+  if (!(z_loss >= 0.0 && z_loss <= 1.0)) {
+    throw_invalid("z_loss must be in [0, 1], got " + std::to_string(z_loss), "cross_entropy",
+                  "PaLM uses 1e-4; 0 turns the term off");
   }
 }
 
@@ -284,7 +284,7 @@ kernels::CrossEntropyParams cross_entropy_params(const torch::Tensor& logits,
 }
 
 void check_launch(cudaError_t err, const char* launcher) {
-  if (err != cudaSuccess) throw_kernel_error(err, launcher, "ops.cross_entropy");
+  check_kernel(err, launcher, "ops.cross_entropy", Op::kCrossEntropy);
 }
 
 // Writes loss and lse ([rows] fp32) for `logits` ([rows, vocab], unit column stride).
@@ -507,11 +507,18 @@ torch::Tensor cross_entropy_reference(const torch::Tensor& logits, const torch::
     if (reduction == LossReduction::kSum) options.reduction(torch::kSum);
     return F::cross_entropy(logits, targets, options);
   }
-  // Per row in fp32: the cross-entropy (0 on ignored rows) plus z_loss * lse^2 on counted rows.
+  // Per row in fp32: the cross-entropy (0 on ignored rows) plus z_loss * lse^2 on counted rows
+  // (an ignored row's logits are zeroed first, so that a non-finite one adds no NaN).
+  if (logits.dim() != 2) {
+    throw_invalid(
+        "z_loss needs [rows, vocab] logits, got " + std::to_string(logits.dim()) + " dimensions",
+        "cross_entropy");
+  }
   auto x = logits.to(torch::kFloat32);
-  auto counted = targets.ne(ignore_index).to(torch::kFloat32);
+  auto counted = targets.ne(ignore_index);
+  auto lse = x.masked_fill(counted.logical_not().unsqueeze(1), 0.0).logsumexp(-1);
   auto rows = F::cross_entropy(x, targets, options.reduction(torch::kNone)) +
-              z_loss * x.logsumexp(-1).pow(2) * counted;
+              z_loss * lse.pow(2) * counted.to(torch::kFloat32);
   auto total = rows.sum();
   return reduction == LossReduction::kSum ? total : total / counted.sum();
 }

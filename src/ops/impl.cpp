@@ -315,7 +315,18 @@ int device_index(const torch::Device& device) {
 #endif
 }
 
+// kernel_calls' counts.
+std::atomic<int64_t> g_kernel_calls[kOps];
+
 }  // namespace
+
+int64_t kernel_calls(Op op) {
+  return g_kernel_calls[static_cast<int>(op)].load(std::memory_order_relaxed);
+}
+
+void count_kernel_call(Op op) {
+  g_kernel_calls[static_cast<int>(op)].fetch_add(1, std::memory_order_relaxed);
+}
 
 bool use_kernel(Op op, const torch::Device& device) {
   if (!device.is_cuda()) return false;

@@ -15,6 +15,7 @@
 
 #include "aviary/core/error.h"
 #include "aviary/kernels/common.h"
+#include "aviary/ops/impl.h"
 
 namespace aviary::ops {
 
@@ -46,15 +47,17 @@ inline torch::Tensor kernel_workspace(size_t bytes, const torch::Tensor& t) {
   return torch::empty({static_cast<int64_t>((bytes + 3) / 4)}, t.options().dtype(torch::kFloat32));
 }
 
-// Whether a norm's backward kernel fits on t's device for rows of `cols` columns: it holds
-// `partials_per_col` fp32 partial rows of the columns (padded to 4) in shared memory, within its
-// own limit `max_cols` and the device's opt-in limit less 1 KB (kernels/device_common.cuh), which
-// is smaller on sm_86 / sm_89 than on A100 and H100.
+// Whether a norm's backward kernel fits on t's device for rows of `cols` columns: its
+// block-per-row layout holds `partials_per_col` fp32 partial rows of the columns (padded to 4) in
+// shared memory, next to under 1 KB of static shared memory, within its own limit `max_cols` and
+// the device's opt-in limit less 1 KB (kernels/device_common.cuh), which is smaller on sm_86 /
+// sm_89 than on A100 and H100. (The warp-per-row layout of narrow rows, four rows of partials per
+// block, stays far below 48 KB.)
 inline bool norm_backward_fits(int64_t cols, int64_t partials_per_col, int64_t max_cols,
                                const torch::Tensor& t) {
   if (cols > max_cols) return false;
   const auto smem = static_cast<size_t>(partials_per_col * 4 * ((cols + 3) / 4 * 4));
-  if (smem <= 48 * 1024) return true;
+  if (smem + 1024 <= 48 * 1024) return true;
   return smem + 1024 <= at::cuda::getDeviceProperties(t.device().index())->sharedMemPerBlockOptin;
 }
 
@@ -67,6 +70,13 @@ inline bool norm_backward_fits(int64_t cols, int64_t partials_per_col, int64_t m
               op,
               "set ops.impl: torch (or --ops-impl torch) to run PyTorch's op instead, and report "
               "this with the GPU's name");
+}
+
+// After a launcher call: throws its error (throw_kernel_error), or counts the launch for `op`
+// (ops::kernel_calls).
+inline void check_kernel(cudaError_t err, const char* launcher, const char* op_label, Op op) {
+  if (err != cudaSuccess) throw_kernel_error(err, launcher, op_label);
+  count_kernel_call(op);
 }
 
 }  // namespace aviary::ops

@@ -61,7 +61,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> layer_norm_kernel_forwar
   p.y_row_stride = x2.size(1);
   p.eps = static_cast<float>(eps);
   const cudaError_t err = kernels::layernorm_forward(p, current_stream(x));
-  if (err != cudaSuccess) throw_kernel_error(err, "kernels::layernorm_forward", "ops.layer_norm");
+  check_kernel(err, "kernels::layernorm_forward", "ops.layer_norm", Op::kLayerNorm);
   return {y.view(x.sizes()), stats[0], stats[1]};
 }
 
@@ -96,7 +96,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> layer_norm_kernel_backwa
   auto workspace = kernel_workspace(bytes, x);
   p.workspace = bytes > 0 ? workspace.data_ptr() : nullptr;
   const cudaError_t err = kernels::layernorm_backward(p, current_stream(x));
-  if (err != cudaSuccess) throw_kernel_error(err, "kernels::layernorm_backward", "ops.layer_norm");
+  check_kernel(err, "kernels::layernorm_backward", "ops.layer_norm", Op::kLayerNorm);
   return {dx.view(x.sizes()), dw, db};
 }
 
@@ -152,7 +152,9 @@ torch::Tensor layer_norm(const torch::Tensor& x, const torch::Tensor& weight,
     // inputs, as at::layer_norm does there.
     const bool autocast = at::autocast::is_autocast_enabled(torch::kCUDA);
     const auto in = [&](const torch::Tensor& t) {
-      return autocast && t.defined() ? t.to(torch::kFloat32) : t;
+      return autocast && t.defined() && c10::isReducedFloatingType(t.scalar_type())
+                 ? t.to(torch::kFloat32)
+                 : t;
     };
     const auto xs = in(x), ws = in(weight), bs = in(bias);
     if (kernel_supports(xs, ws, bs)) return LayerNormFunction::apply(xs, ws, bs, eps);

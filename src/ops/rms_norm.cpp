@@ -103,7 +103,7 @@ std::pair<torch::Tensor, torch::Tensor> rms_norm_kernel_forward(const torch::Ten
   p.y_row_stride = cols;
   p.eps = static_cast<float>(eps);
   const cudaError_t err = kernels::rmsnorm_forward(p, current_stream(x));
-  if (err != cudaSuccess) throw_kernel_error(err, "kernels::rmsnorm_forward", "ops.rms_norm");
+  check_kernel(err, "kernels::rmsnorm_forward", "ops.rms_norm", Op::kRmsNorm);
   return {y.view(x.sizes()), rstd};
 }
 
@@ -136,7 +136,7 @@ std::pair<torch::Tensor, torch::Tensor> rms_norm_kernel_backward(const torch::Te
   auto workspace = kernel_workspace(bytes, x);
   p.workspace = bytes > 0 ? workspace.data_ptr() : nullptr;
   const cudaError_t err = kernels::rmsnorm_backward(p, current_stream(x));
-  if (err != cudaSuccess) throw_kernel_error(err, "kernels::rmsnorm_backward", "ops.rms_norm");
+  check_kernel(err, "kernels::rmsnorm_backward", "ops.rms_norm", Op::kRmsNorm);
   return {dx.view(x.sizes()), dw};
 }
 

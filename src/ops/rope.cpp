@@ -105,7 +105,7 @@ void rope_in_place(const torch::Tensor& t, const torch::Tensor& positions, doubl
   p.theta = static_cast<float>(theta);
   p.position_scale = static_cast<float>(position_scale);
   const cudaError_t err = kernels::rope_apply(p, current_stream(t));
-  if (err != cudaSuccess) throw_kernel_error(err, "kernels::rope_apply", "ops.apply_rope");
+  check_kernel(err, "kernels::rope_apply", "ops.apply_rope", Op::kRope);
 }
 
 class RopeCudaFunction : public torch::autograd::Function<RopeCudaFunction> {

@@ -73,7 +73,7 @@ class SwiGluCudaFunction : public torch::autograd::Function<SwiGluCudaFunction> 
     p.up_row_stride = row_stride(u);
     p.out_row_stride = g.size(1);
     const cudaError_t err = kernels::swiglu_forward(p, current_stream(gate));
-    if (err != cudaSuccess) throw_kernel_error(err, "kernels::swiglu_forward", "ops.swiglu");
+    check_kernel(err, "kernels::swiglu_forward", "ops.swiglu", Op::kSwiGlu);
     ctx->save_for_backward({gate, up});
     return out.view(gate.sizes());
   }
@@ -101,7 +101,7 @@ class SwiGluCudaFunction : public torch::autograd::Function<SwiGluCudaFunction> 
     p.dgate_row_stride = g.size(1);
     p.dup_row_stride = g.size(1);
     const cudaError_t err = kernels::swiglu_backward(p, current_stream(g));
-    if (err != cudaSuccess) throw_kernel_error(err, "kernels::swiglu_backward", "ops.swiglu");
+    check_kernel(err, "kernels::swiglu_backward", "ops.swiglu", Op::kSwiGlu);
     return {dgate.view(saved[0].sizes()), dup.view(saved[1].sizes())};
   }
 };

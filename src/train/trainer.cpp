@@ -53,7 +53,7 @@ TrainConfig TrainConfig::from_section(ConfigReader& r) {
   c.spike_window = r.get_int("spike_window", 100, 2);
   c.spike_factor = r.get_double("spike_factor", 2.0, 1.0);
   c.peak_tflops = r.get_double("peak_tflops", 0.0, 0.0);
-  c.z_loss = r.get_double("z_loss", 0.0, 0.0);
+  c.z_loss = r.get_double("z_loss", 0.0, 0.0, 1.0);
   Json schedule = r.get_raw("lr_schedule");
   if (!schedule.is_null() && !schedule.is_object())
     r.fail("lr_schedule", "expected a mapping", "lr_schedule: {type: cosine, warmup_steps: 100}");
@@ -856,6 +856,13 @@ TrainResult Trainer::run() {
     result.status = "completed";
   }
   metrics.close();
+  // Which of Aviary's CUDA kernels this process ran (nothing on CPU, or with ops.impl torch).
+  std::string launches;
+  for (const auto& k : ops::kernel_registry()) {
+    if (const int64_t n = ops::kernel_calls(k.op); n > 0)
+      launches += (launches.empty() ? "" : ", ") + std::string(k.kernel) + " " + std::to_string(n);
+  }
+  if (!launches.empty()) spdlog::info("Aviary kernel launches: {}", launches);
   result.step = s.state.step;
   result.tokens = s.state.tokens_seen;
   result.last_loss = last_loss;

@@ -300,6 +300,19 @@ TEST(CpuCrossEntropy, ZLossMatchesTheTermWrittenOutInDouble) {
   EXPECT_LT(max_rel(got[0], dwant[0]), 1e-5);
   EXPECT_LT(max_rel(got[1], dwant[1]), 1e-5);
   EXPECT_THROW(ops::cross_entropy(logits, targets, -100, ops::LossReduction::kMean, -1e-4), Error);
+  EXPECT_THROW(ops::cross_entropy(logits, targets, -100, ops::LossReduction::kMean, 2.0), Error);
+  // An ignored row of -inf logits adds nothing to the loss (the reference's gradient there is
+  // log_softmax's NaN, as PyTorch's own; the fused loop writes zeros).
+  auto with_inf = logits.detach().clone();
+  with_inf[2].fill_(-INFINITY);
+  auto x = with_inf.clone().requires_grad_(true);
+  auto fused = ops::cross_entropy(x, targets, -100, ops::LossReduction::kMean, z);
+  auto reference =
+      ops::cross_entropy_reference(with_inf, targets, -100, ops::LossReduction::kMean, z);
+  EXPECT_TRUE(std::isfinite(reference.item<double>()));
+  EXPECT_NEAR(fused.item<double>(), reference.item<double>(),
+              1e-6 * std::abs(reference.item<double>()));
+  EXPECT_TRUE(torch::autograd::grad({fused}, {x})[0].isfinite().all().item<bool>());
 }
 
 // A loss head's inputs: hidden [rows, width] and weight [vocab, width] needing gradients, random

@@ -400,6 +400,19 @@ TEST(OpsImplTraining, CpuTrainsAlikeWithEverySetting) {
     EXPECT_NEAR(runs[1][i], runs[0][i], 1e-5 * std::abs(runs[0][i])) << "step " << i;
 }
 
+// Training on CPU never counts a kernel launch, whatever the setting.
+TEST(OpsImplTraining, CpuLaunchesNoKernel) {
+  ImplGuard guard;
+  std::vector<int64_t> before;
+  for (const auto& k : ops::kernel_registry())
+    before.push_back(ops::kernel_calls(k.op));
+  test::TempDir dir;
+  Trainer trainer(tiny_config(dir.path(), "aviary"), "ops.yaml");
+  EXPECT_EQ(trainer.run().status, "completed");
+  for (size_t i = 0; i < before.size(); ++i)
+    EXPECT_EQ(ops::kernel_calls(ops::kernel_registry()[i].op), before[i]);
+}
+
 TEST(OpsImplTraining, BadValueIsRefusedBeforeTraining) {
   test::TempDir dir;
   auto e = expect_error(ErrorKind::kInvalidArgument,
@@ -721,7 +734,12 @@ TEST(OpsAttentionDecodeCuda, KernelMatchesTheExactResultWithinTwiceSdpasError) {
             ASSERT_TRUE(ops::use_kernel(Op::kAttentionDecode, q.device()));
           }
           torch::NoGradGuard no_grad;
+          const int64_t decode_calls = ops::kernel_calls(Op::kAttentionDecode),
+                        attention_calls = ops::kernel_calls(Op::kAttention);
           got[impl] = ops::attention(q, k, v, std::nullopt, s.causal);
+          // The decode kernel ran (once) under aviary, no kernel under torch.
+          EXPECT_EQ(ops::kernel_calls(Op::kAttentionDecode), decode_calls + (impl == 0 ? 1 : 0));
+          EXPECT_EQ(ops::kernel_calls(Op::kAttention), attention_calls);
         }
         ASSERT_EQ(got[0].sizes(), q.sizes());
         auto err = [&](const torch::Tensor& x) {
@@ -1467,8 +1485,10 @@ TEST(OpsAdamWCuda, KernelIsTheSingleTensorArithmeticBitForBit) {
       m.push_back(gpu.exp_avgs[i].cpu());
       v.push_back(gpu.exp_avg_sqs[i].cpu());
     }
+    const int64_t calls = ops::kernel_calls(Op::kAdamW);
     for (int round = 0; round < 3; ++round) {
       ops::adamw_step(gpu, h);
+      EXPECT_EQ(ops::kernel_calls(Op::kAdamW), calls + 2 * (round + 1));  // two step counts
       for (size_t i = 0; i < p.size(); ++i) {
         float* pp = p[i].data_ptr<float>();
         const void* gp = g[i].data_ptr();
@@ -1527,11 +1547,14 @@ TEST(OpsAdamWCuda, TheTrainersOptimizerAgreesWithTorchsFusedAdamW) {
     OptimizerConfig config;
     config.lr = 1e-2;
     auto optimizer = make_adamw(named, config);
+    const int64_t calls = ops::kernel_calls(Op::kAdamW);
     for (int step = 0; step < 4; ++step) {
       for (size_t i = 0; i < named.size(); ++i)
         named[i].second.mutable_grad() = grads[i] * (1 + step);
       optimizer->step();
     }
+    // One launch per param group and step (decay, no-decay) under aviary; none under torch.
+    EXPECT_EQ(ops::kernel_calls(Op::kAdamW), calls + (k == 0 ? 8 : 0));
     for (const auto& [name, p] : named)
       after[k].push_back(p.detach().cpu());
   }

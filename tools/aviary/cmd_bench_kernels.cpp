@@ -98,14 +98,17 @@ torch::Tensor with_sdpa_backend(const std::string& backend,
                                 const std::function<torch::Tensor()>& fn) {
   auto& ctx = at::globalContext();
   const bool flash = ctx.userEnabledFlashSDP(), efficient = ctx.userEnabledMemEfficientSDP(),
-             math = ctx.userEnabledMathSDP(), cudnn = ctx.userEnabledCuDNNSDP();
+             math = ctx.userEnabledMathSDP(), cudnn = ctx.userEnabledCuDNNSDP(),
+             fa3 = ctx.userEnabledFA3SDP();
   const auto restore = [&] {
     ctx.setSDPUseFlash(flash);
     ctx.setSDPUseMemEfficient(efficient);
     ctx.setSDPUseMath(math);
     ctx.setSDPUseCuDNN(cudnn);
+    ctx.setSDPUseFA3(fa3);
   };
   ctx.setSDPUseFlash(backend == "flash");
+  ctx.setSDPUseFA3(false);  // "flash" is PyTorch's own FlashAttention-2 build
   ctx.setSDPUseMemEfficient(false);
   ctx.setSDPUseMath(false);
   ctx.setSDPUseCuDNN(backend == "cudnn");
@@ -804,6 +807,10 @@ void run_kernels(const KernelBenchArgs& a) {
       for (auto& b : cases) {
         try {
           rows.push_back(run_case(b, context, ceilings, a.seconds));
+        } catch (const c10::OutOfMemoryError&) {
+          throw;
+        } catch (const c10::AcceleratorError&) {
+          throw;  // a device error is not a backend that declined the shape
         } catch (const c10::Error& e) {
           if (!b.optional_baseline) throw;
           const std::string why = e.what_without_backtrace();

@@ -135,6 +135,12 @@ bool use_cpu_loops_fp32_or_bf16(const torch::Tensor& t);
 KernelChoice kernel_choice(Op op, const torch::Device& device);
 bool use_kernel(Op op, const torch::Device& device);
 
+// How many kernel launches ops/ has made for `op`'s family in this process (a forward and a
+// backward count one each; AdamW one per step count): what tests and tools check to know which
+// path ran. count_kernel_call is ops/'s side.
+int64_t kernel_calls(Op op);
+void count_kernel_call(Op op);
+
 // Whether this libaviary has kernels/ compiled in, and for which architectures (empty without).
 bool kernels_built();
 std::vector<int> built_cuda_archs();
