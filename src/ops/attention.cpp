@@ -18,7 +18,6 @@
 #include "tensor_rows.h"
 
 #if AVIARY_OPS_KERNELS
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "aviary/kernels/attention.h"
@@ -424,7 +423,6 @@ class AttentionCudaFunction : public torch::autograd::Function<AttentionCudaFunc
     p.causal = ctx->saved_data["causal"].toBool();
     if (varlen) set_documents(p, cu, ctx->saved_data["max_len"].toInt(), q.size(0) * q.size(2));
     const size_t bytes = kernels::attention_backward_workspace_bytes(p);
-    // fp32 elements, rounded up: the caching allocator's blocks are 512-byte aligned.
     auto workspace = kernel_workspace(bytes, q);
     p.workspace = bytes > 0 ? workspace.data_ptr() : nullptr;
     p.workspace_bytes = bytes;
@@ -462,7 +460,6 @@ torch::Tensor attention_decode_cuda(const torch::Tensor& q_in, const torch::Tens
   p.softmax_scale = static_cast<float>(scale);
   p.causal = causal;
   const size_t bytes = kernels::attention_decode_workspace_bytes(p);
-  // fp32 elements, rounded up: the caching allocator's blocks are 512-byte aligned.
   auto workspace = kernel_workspace(bytes, q);
   p.workspace = bytes > 0 ? workspace.data_ptr<float>() : nullptr;
   p.workspace_bytes = bytes;

@@ -42,7 +42,8 @@ inline cudaStream_t current_stream(const torch::Tensor& t) {
   return at::cuda::getCurrentCUDAStream(t.device().index()).stream();
 }
 
-// A kernel's scratch space: an uninitialised fp32 tensor of at least `bytes` on t's device.
+// A kernel's scratch space: an uninitialised fp32 tensor of at least `bytes` on t's device (whole
+// fp32 elements, rounded up; the caching allocator's blocks are 512-byte aligned).
 inline torch::Tensor kernel_workspace(size_t bytes, const torch::Tensor& t) {
   return torch::empty({static_cast<int64_t>((bytes + 3) / 4)}, t.options().dtype(torch::kFloat32));
 }

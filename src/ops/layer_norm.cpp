@@ -8,7 +8,6 @@
 #include "tensor_rows.h"
 
 #if AVIARY_OPS_KERNELS
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "aviary/kernels/layernorm.h"
