@@ -195,6 +195,66 @@ AVIARY_CPU_CLONES void rope_rows(int64_t i0, int64_t i1, int64_t heads, int64_t 
   rope_body(i0, i1, heads, tokens, dim, x, xs, cos, sin, ts, transpose, out, os);
 }
 
+// One segment's pairs (j * kStep, j * kStep + gap): kStep 2, gap 1 interleaved; kStep 1, gap
+// half rotate-half. A compile-time step lets both vectorise.
+template <int kStep, typename T>
+inline __attribute__((always_inline)) void rope_segment(const T* __restrict x, T* __restrict out,
+                                                        const float* __restrict c,
+                                                        const float* __restrict s, int64_t half,
+                                                        int64_t gap, float sign) {
+  for (int64_t j = 0; j < half; ++j) {
+    const float x0 = load(x, j * kStep), x1 = load(x, j * kStep + gap);
+    const float sj = sign * s[j];
+    store(out, j * kStep, x0 * c[j] - x1 * sj);
+    store(out, j * kStep + gap, x1 * c[j] + x0 * sj);
+  }
+}
+
+template <typename T>
+inline __attribute__((always_inline)) void rope_pairs_body(int64_t i0, int64_t i1, int64_t heads,
+                                                           int64_t tokens, int64_t dim,
+                                                           RopePairing pr, const T* x,
+                                                           HeadStrides xs, const float* cos,
+                                                           const float* sin, TableStrides ts,
+                                                           bool inverse, T* out, HeadStrides os) {
+  const int64_t half = pr.segment / 2, nseg = pr.rotary_dim / pr.segment;
+  const float sign = inverse ? -1.0f : 1.0f;
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t b = i / tokens, t = i % tokens;
+    const float* c = cos + b * ts.b + t * ts.t;
+    const float* s = sin + b * ts.b + t * ts.t;
+    for (int64_t h = 0; h < heads; ++h) {
+      const T* xp = x + b * xs.b + h * xs.h + t * xs.t;
+      T* op = out + b * os.b + h * os.h + t * os.t;
+      for (int64_t seg = 0; seg < nseg; ++seg) {
+        const int64_t f = seg * pr.segment, k = seg * half;
+        if (pr.interleaved) {
+          rope_segment<2>(xp + f, op + f, c + k, s + k, half, 1, sign);
+        } else {
+          rope_segment<1>(xp + f, op + f, c + k, s + k, half, half, sign);
+        }
+      }
+      for (int64_t j = pr.rotary_dim; j < dim; ++j)
+        op[j] = xp[j];
+    }
+  }
+}
+
+AVIARY_CPU_CLONES void rope_pairs_rows(int64_t i0, int64_t i1, int64_t heads, int64_t tokens,
+                                       int64_t dim, RopePairing pr, const float* x, HeadStrides xs,
+                                       const float* cos, const float* sin, TableStrides ts,
+                                       bool inverse, float* out, HeadStrides os) {
+  rope_pairs_body(i0, i1, heads, tokens, dim, pr, x, xs, cos, sin, ts, inverse, out, os);
+}
+
+AVIARY_CPU_CLONES void rope_pairs_rows(int64_t i0, int64_t i1, int64_t heads, int64_t tokens,
+                                       int64_t dim, RopePairing pr, const uint16_t* x,
+                                       HeadStrides xs, const float* cos, const float* sin,
+                                       TableStrides ts, bool inverse, uint16_t* out,
+                                       HeadStrides os) {
+  rope_pairs_body(i0, i1, heads, tokens, dim, pr, x, xs, cos, sin, ts, inverse, out, os);
+}
+
 AVIARY_CPU_CLONES float row_max(const float* __restrict x, int64_t n) {
   return max_body(x, n);
 }
@@ -309,6 +369,20 @@ template void rope(int64_t, int64_t, int64_t, int64_t, const float*, HeadStrides
                    const float*, TableStrides, bool, float*, HeadStrides);
 template void rope(int64_t, int64_t, int64_t, int64_t, const uint16_t*, HeadStrides, const float*,
                    const float*, TableStrides, bool, uint16_t*, HeadStrides);
+
+template <typename T>
+void rope_pairs(int64_t batch, int64_t heads, int64_t tokens, int64_t dim, RopePairing pairing,
+                const T* x, HeadStrides xs, const float* cos, const float* sin, TableStrides ts,
+                bool inverse, T* out, HeadStrides os) {
+  at::parallel_for(0, batch * tokens, grain_for(heads * dim), [&](int64_t i0, int64_t i1) {
+    rope_pairs_rows(i0, i1, heads, tokens, dim, pairing, x, xs, cos, sin, ts, inverse, out, os);
+  });
+}
+template void rope_pairs(int64_t, int64_t, int64_t, int64_t, RopePairing, const float*, HeadStrides,
+                         const float*, const float*, TableStrides, bool, float*, HeadStrides);
+template void rope_pairs(int64_t, int64_t, int64_t, int64_t, RopePairing, const uint16_t*,
+                         HeadStrides, const float*, const float*, TableStrides, bool, uint16_t*,
+                         HeadStrides);
 
 double sum_of_squares(const float* x, int64_t n) {
   const int64_t blocks = (n + kChunkElements - 1) / kChunkElements;

@@ -76,6 +76,23 @@ void rope(int64_t batch, int64_t heads, int64_t tokens, int64_t dim, const T* x,
           const float* cos, const float* sin, TableStrides ts, bool transpose, T* out,
           HeadStrides os);
 
+// Rotary embedding from per-token angle tables, in any pairing, for x [B, H, T, D]: the first
+// rotary_dim features split into segments of `segment` features (one in 1-D, two in 2-D), whose
+// pairs are (2i, 2i + 1) if `interleaved`, else (i, i + segment / 2); pair k = seg * segment / 2 +
+// i turns by (cos[k], sin[k]) of its token's row of the [B or 1, T, rotary_dim / 2] tables (fp32,
+// row stride ts.t). Features past rotary_dim are copied. With `inverse`, by minus the angles (the
+// gradient). out must not overlap x. T: float, or uint16_t for bf16 x and out (fp32 maths, one
+// rounding).
+struct RopePairing {
+  int64_t rotary_dim = 0;
+  int64_t segment = 0;
+  bool interleaved = false;
+};
+template <typename T>
+void rope_pairs(int64_t batch, int64_t heads, int64_t tokens, int64_t dim, RopePairing pairing,
+                const T* x, HeadStrides xs, const float* cos, const float* sin, TableStrides ts,
+                bool inverse, T* out, HeadStrides os);
+
 // Per row r of logits [rows, vocab]: lse[r] = logsumexp(logits[r]) and loss[r] = lse[r] -
 // logits[r, target[r]] + z_loss * lse[r]^2 (0 where target[r] == ignore_index). Targets must be
 // ignore_index or in [0, vocab): the ops check them first (NaN otherwise).

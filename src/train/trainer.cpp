@@ -9,6 +9,9 @@
 #include <cstdlib>
 #include <filesystem>
 #include <numeric>
+#include <set>
+#include <string>
+#include <vector>
 
 #include "aviary/core/atomic_file.h"
 #include "aviary/core/dtype.h"
@@ -108,6 +111,39 @@ std::string format_count(double n) {
   return buf;
 }
 
+// The settings of `now` that differ from `saved` (both resolved configs; nullptr: the key is
+// absent), one "key: old -> new" per leaf (arrays compared whole), in key order.
+// checkpoint.resume is left out: it says where this run starts, not what it trains.
+void config_changes(const Json* saved, const Json* now, const std::string& prefix,
+                    std::vector<std::string>& out) {
+  if (saved && now && saved->is_object() && now->is_object()) {
+    std::set<std::string> keys;
+    for (const Json* side : {saved, now}) {
+      for (const auto& [k, v] : side->items())
+        keys.insert(k);
+    }
+    for (const auto& k : keys) {
+      std::string key = prefix;
+      if (!key.empty()) key += '.';
+      key += k;
+      if (key == "checkpoint.resume") continue;
+      config_changes(saved->contains(k) ? &saved->at(k) : nullptr,
+                     now->contains(k) ? &now->at(k) : nullptr, key, out);
+    }
+    return;
+  }
+  if (saved && now && *saved == *now) return;
+  auto show = [](const Json* v) { return v ? v->dump() : std::string("(absent)"); };
+  out.push_back(prefix + ": " + show(saved) + " -> " + show(now));
+}
+
+std::string joined(const std::vector<std::string>& items) {
+  std::string out;
+  for (const auto& item : items)
+    out += (out.empty() ? "" : "; ") + item;
+  return out;
+}
+
 }  // namespace
 
 struct Trainer::State {
@@ -154,6 +190,8 @@ struct Trainer::State {
   int64_t bad_steps = 0;                   // consecutive non-finite steps
   std::optional<std::string> resume_path;  // the checkpoint to resume (locate_resume)
   std::string resumed_from;
+  Json resumed_config;                      // the resumed checkpoint's config.json
+  std::vector<std::string> resume_changes;  // the settings that differ from it (config_changes)
 
   std::string where(const std::string& key) const { return source + ": " + key; }
   void read_config(const std::string& resume_override);
@@ -453,6 +491,7 @@ void Trainer::State::resume() {
   }
   bad_steps = state.extra.value("bad_steps", int64_t{0});
   resumed_from = *path;
+  resumed_config = loaded.config;
 }
 
 Trainer::Trainer(const Json& config, const std::string& source, const std::string& resume)
@@ -492,6 +531,15 @@ Trainer::Trainer(const Json& config, const std::string& source, const std::strin
   }
   if (s_->sources.sft) resolved["sft"] = {{"chat_template", s_->sources.sft_chat_template}};
   s_->resolved = resolved;
+  if (!s_->resumed_from.empty()) {
+    // Resuming with other settings is allowed (more steps, another world size or strategy) but
+    // never silent: a changed objective or data would otherwise go unnoticed.
+    config_changes(&s_->resumed_config, &resolved, "", s_->resume_changes);
+    if (!s_->resume_changes.empty() && s_->leader) {
+      spdlog::warn("resuming {} with {} setting(s) changed since it was saved: {}",
+                   s_->resumed_from, s_->resume_changes.size(), joined(s_->resume_changes));
+    }
+  }
 }
 
 Trainer::~Trainer() = default;
@@ -680,7 +728,11 @@ TrainResult Trainer::run() {
                s.train.micro_batch, s.accumulation, s.train.global_batch, tokens_per_step,
                s.train.steps);
   if (!s.resumed_from.empty()) {
-    metrics.event(s.state.step, "resume", "resumed from " + s.resumed_from);
+    std::string message = "resumed from " + s.resumed_from;
+    if (!s.resume_changes.empty()) {
+      message += "; changed since it was saved: " + joined(s.resume_changes);
+    }
+    metrics.event(s.state.step, "resume", message);
   }
 
   const auto run_start = Clock::now();

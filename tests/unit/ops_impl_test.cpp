@@ -4,6 +4,7 @@
 // runs them on the device machine).
 #include <cmath>
 #include <filesystem>
+#include <functional>
 #include <set>
 #include <sstream>
 
@@ -1141,6 +1142,42 @@ TEST(AquilaRope, TheTablesAngleSourceGivesTheirAngles) {
   }
 }
 
+// Runs `rope` on x under ops.impl aviary (where it must take RopeCudaFunction) and torch, and
+// checks the kernel's values and gradients (for upstream `grad`) within twice the reference's
+// error of the exact ones, plus an atol for the dtype.
+void expect_rope_kernel_within_twice_the_reference(
+    const std::function<torch::Tensor(const torch::Tensor&)>& rope, const torch::Tensor& x,
+    const torch::Tensor& grad, const torch::Tensor& exact, const torch::Tensor& exact_grad,
+    const std::string& what) {
+  torch::Tensor out[2], dx[2];
+  for (int k = 0; k < 2; ++k) {
+    ops::set_ops_impl(k == 0 ? OpsImpl::kAviary : OpsImpl::kTorch);
+    auto xr = x.detach().requires_grad_();
+    out[k] = rope(xr);
+    if (k == 0) {
+      ASSERT_TRUE(out[k].grad_fn() &&
+                  std::string(out[k].grad_fn()->name()).find("RopeCudaFunction") !=
+                      std::string::npos)
+          << what;
+    }
+    dx[k] = torch::autograd::grad({out[k]}, {xr}, {grad})[0];
+  }
+  const double atol = x.scalar_type() == torch::kFloat32 ? 1e-5 : 1e-3;
+  for (int g = 0; g < 2; ++g) {
+    const auto want = (g == 0 ? exact : exact_grad).detach();
+    const torch::Tensor* got = g == 0 ? out : dx;
+    ASSERT_EQ(got[0].scalar_type(), x.scalar_type()) << what;
+    ASSERT_EQ(got[0].sizes(), x.sizes()) << what;
+    auto err = [&](const torch::Tensor& t) {
+      return (t.to(torch::kCPU, torch::kFloat64) - want).abs().max().item<double>();
+    };
+    const double scale = std::max(1.0, want.abs().max().item<double>());
+    EXPECT_LE(err(got[0]), 2 * err(got[1]) + atol * scale)
+        << what << (g == 0 ? " out" : " dx") << ": kernel " << err(got[0]) << ", reference "
+        << err(got[1]);
+  }
+}
+
 TEST(OpsRopeCuda, KernelMatchesTheExactRotationWithinTwiceTheReferencesError) {
   if (!have_cuda()) GTEST_SKIP() << "no CUDA device";
   if (!ops::kernels_built()) GTEST_SKIP() << "this build has no CUDA kernels";
@@ -1168,37 +1205,63 @@ TEST(OpsRopeCuda, KernelMatchesTheExactRotationWithinTwiceTheReferencesError) {
       tables.positions = positions;
       tables.theta = c.theta;
       tables.position_scale = c.scale;
-      torch::Tensor out[2], dx[2];
-      for (int k = 0; k < 2; ++k) {
-        ops::set_ops_impl(k == 0 ? OpsImpl::kAviary : OpsImpl::kTorch);
-        if (k == 0) {
-          ASSERT_TRUE(ops::use_kernel(Op::kRope, x.device()));
-        }
-        auto xr = x.detach().requires_grad_();
-        out[k] = ops::apply_rope(xr, tables);
-        if (k == 0) {
-          ASSERT_TRUE(out[k].grad_fn() &&
-                      std::string(out[k].grad_fn()->name()).find("RopeCudaFunction") !=
-                          std::string::npos);
-        }
-        dx[k] = torch::autograd::grad({out[k]}, {xr}, {grad})[0];
-      }
+      ops::set_ops_impl(OpsImpl::kAviary);
+      ASSERT_TRUE(ops::use_kernel(Op::kRope, x.device()));
       std::ostringstream what;
       what << c10::toString(dtype) << " B" << c.b << " H" << c.h << " T" << c.t << " D" << c.d;
-      const double atol = dtype == torch::kFloat32 ? 1e-5 : 1e-3;
-      for (int g = 0; g < 2; ++g) {
-        const auto& want = g == 0 ? exact : exact_grad;
-        const torch::Tensor* got = g == 0 ? out : dx;
-        ASSERT_EQ(got[0].scalar_type(), dtype);
-        ASSERT_EQ(got[0].sizes(), x.sizes());
-        auto err = [&](const torch::Tensor& t) {
-          return (t.to(torch::kCPU, torch::kFloat64) - want).abs().max().item<double>();
-        };
-        const double scale = std::max(1.0, want.abs().max().item<double>());
-        EXPECT_LE(err(got[0]), 2 * err(got[1]) + atol * scale)
-            << what.str() << (g == 0 ? " out" : " dx") << ": kernel " << err(got[0])
-            << ", reference " << err(got[1]);
-      }
+      expect_rope_kernel_within_twice_the_reference(
+          [&](const torch::Tensor& xr) { return ops::apply_rope(xr, tables); }, x, grad, exact,
+          exact_grad, what.str());
+    }
+  }
+}
+
+// The positional entry point on the kernel: every convention (rotate-half and interleaved, 1-D
+// and EVA-02's 2-D, partial rotary, positions broadcast over the batch), values and gradients,
+// within twice the ATen reference's error of the rotation in fp64 (plus an ulp of the dtype).
+TEST(OpsRopeCuda, PositionalSpecsMatchTheExactRotationInEveryConvention) {
+  if (!have_cuda()) GTEST_SKIP() << "no CUDA device";
+  if (!ops::kernels_built()) GTEST_SKIP() << "this build has no CUDA kernels";
+  ImplGuard guard;
+  torch::manual_seed(31);
+  struct Case {
+    ops::RopeStyle style;
+    bool two_d, broadcast;
+    int64_t b, h, t, d, rotary_dim;
+    double theta, scale;
+  };
+  const Case cases[] = {
+      {ops::RopeStyle::kRotateHalf, false, false, 2, 4, 37, 128, 0, 1e6, 1.0},
+      {ops::RopeStyle::kRotateHalf, false, true, 2, 3, 20, 96, 32, 10000.0, 0.5},
+      {ops::RopeStyle::kInterleaved, false, false, 3, 2, 113, 256, 64, 10000.0, 1.0},
+      {ops::RopeStyle::kInterleaved, true, true, 2, 4, 257, 64, 0, 10000.0, 16.0 / 14.0},
+      {ops::RopeStyle::kInterleaved, true, false, 1, 2, 1, 128, 64, 100.0, 1.0},
+  };
+  for (const Case& c : cases) {
+    ops::RopeSpec spec;
+    spec.style = c.style;
+    spec.rotary_dim = c.rotary_dim;
+    spec.theta = c.theta;
+    spec.position_scale = c.scale;
+    const int64_t pb = c.broadcast ? 1 : c.b;
+    auto positions = (c.two_d ? torch::randint(0, 16, {pb, c.t, 2}, torch::kInt64)
+                              : torch::randint(0, 9000, {pb, c.t}, torch::kInt64))
+                         .to(torch::kCUDA);
+    for (auto dtype : {torch::kFloat32, torch::kBFloat16, torch::kFloat16}) {
+      auto opts = torch::TensorOptions().dtype(dtype).device(torch::kCUDA);
+      auto x = torch::randn({c.b, c.t, c.h, c.d}, opts).transpose(1, 2);  // the model's layout
+      auto grad = torch::randn({c.b, c.h, c.t, c.d}, opts);
+      auto x64 = x.to(torch::kCPU, torch::kFloat64).requires_grad_();
+      auto exact = ops::apply_rope_reference(x64, positions.cpu(), spec);
+      auto exact_grad =
+          torch::autograd::grad({exact}, {x64}, {grad.to(torch::kCPU, torch::kFloat64)})[0];
+      std::ostringstream what;
+      what << c10::toString(dtype) << (c.two_d ? " 2-D" : " 1-D")
+           << (c.style == ops::RopeStyle::kInterleaved ? " interleaved" : " rotate-half")
+           << " rotary_dim " << c.rotary_dim << " B" << c.b << " T" << c.t << " D" << c.d;
+      expect_rope_kernel_within_twice_the_reference(
+          [&](const torch::Tensor& xr) { return ops::apply_rope(xr, positions, spec); }, x, grad,
+          exact, exact_grad, what.str());
     }
   }
 }

@@ -323,6 +323,36 @@ TEST(TrainerResume, SigtermThenResumeAutoIsBitwiseIdenticalToAnUninterruptedRun)
       << "final weights differ";
 }
 
+// Resuming with other settings works, and every changed setting is named in the resume event
+// (and the log): here the objective (z_loss) and the length of the run.
+TEST(TrainerResume, SettingsChangedSinceTheCheckpointAreListed) {
+  TempDir dir;
+  Json config = tiny_config(dir.path(), 2);
+  config["checkpoint"]["every"] = 2;
+  Trainer(config, "test.yaml").run();
+  config["train"]["steps"] = 3;
+  config["train"]["z_loss"] = 0.01;
+  config["checkpoint"]["resume"] = dir.path() + "/checkpoints/step-000002";
+  auto result = Trainer(config, "test.yaml").run();
+  EXPECT_EQ(result.step, 3);
+  std::string message;
+  for (const auto& e : records(dir.file("metrics.jsonl"), "event"))
+    if (e["event"] == "resume") message = e["message"].get<std::string>();
+  EXPECT_NE(message.find("step-000002; changed since it was saved: "), std::string::npos)
+      << message;
+  EXPECT_NE(message.find("train.z_loss: 0.0 -> 0.01"), std::string::npos) << message;
+  EXPECT_NE(message.find("train.steps: 2 -> 3"), std::string::npos) << message;
+  EXPECT_NE(message.find("train.lr_schedule.total_steps: 2 -> 3"), std::string::npos) << message;
+  EXPECT_EQ(message.find("checkpoint.resume"), std::string::npos) << message;
+  EXPECT_EQ(message.find("data."), std::string::npos) << message;
+  // Resuming the same settings (from step 3, the end of that run) says only where it resumed from.
+  config["checkpoint"]["resume"] = "auto";
+  EXPECT_EQ(Trainer(config, "test.yaml").run().step, 3);
+  for (const auto& e : records(dir.file("metrics.jsonl"), "event"))
+    if (e["event"] == "resume") message = e["message"].get<std::string>();
+  EXPECT_EQ(message.find("changed"), std::string::npos) << message;
+}
+
 TEST(TrainerResume, ACrashAtAnyStageOfASaveResumesFromThePreviousCheckpoint) {
   constexpr int64_t kSteps = 4;
   auto make = [](const TempDir& dir) {

@@ -84,6 +84,7 @@ struct BenchCase {
   double bytes = 0;          // fewest bytes moved: each input read once, each output written once
   double flops = 0;          // > 0: reported in TFLOP/s against the GEMM ceiling, else GB/s
   std::optional<ops::Op> op_id;  // its kernel family, if it has one
+  std::string cpu_path;          // what runs on CPU, where not the op's usual path there
   std::function<torch::Tensor()> ours;
   std::string baseline_name;
   std::function<torch::Tensor()> baseline;
@@ -206,6 +207,40 @@ void layer_norm_cases(const Context& c, std::vector<BenchCase>& out) {
   }
 }
 
+// EVA-02's 2-D RoPE on a ViT-L/14's queries at 224 px (16 x 16 patches, 16 heads of 64), from
+// the patches' (row, column), against timm's apply_rot_embed_cat on its precomputed tables.
+void rope_2d_case(const Context& c, std::vector<BenchCase>& out) {
+  const int64_t B = c.cuda() ? 64 : 4, H = 16, side = 16, T = side * side, D = 64;
+  const auto long_opts = torch::TensorOptions().dtype(torch::kInt64).device(c.device);
+  auto rows = torch::arange(T, long_opts).floor_divide(side);
+  auto positions = torch::stack({rows, torch::arange(T, long_opts) - rows * side}, -1)
+                       .unsqueeze(0);  // [1, T, 2]
+  auto x = torch::randn({B, T, H, D}, c.options()).transpose(1, 2);
+  ops::RopeSpec spec;
+  spec.style = ops::RopeStyle::kInterleaved;
+  // timm's tables, [T, D] in the activation dtype: [row bands, column bands], each band twice.
+  auto bands = torch::pow(10000.0, -torch::arange(0, D / 2, 2, long_opts).to(torch::kFloat32) /
+                                       static_cast<double>(D / 2));
+  auto angles =
+      (positions[0].to(torch::kFloat32).unsqueeze(-1) * bands).flatten(1).repeat_interleave(2, -1);
+  auto cos = angles.cos().to(c.dtype), sin = angles.sin().to(c.dtype);
+  BenchCase b;
+  b.op = "rope";
+  b.op_id = ops::Op::kRope;
+  b.shape = fmt::format("EVA-02 2-D B{} H{} {}x{} D{}", B, H, side, side, D);
+  b.bytes = c.elem() * 2.0 * static_cast<double>(B * H * T * D);
+  if (c.dtype == torch::kFloat32 || c.dtype == torch::kBFloat16) {
+    b.cpu_path = "aviary: fused CPU loop";  // bf16 too: no tables for ATen to promote
+  }
+  b.ours = [=] { return ops::apply_rope(x, positions, spec); };
+  b.baseline_name = "timm apply_rot_embed_cat (ATen)";
+  b.baseline = [=] {
+    auto even = x.slice(-1, 0, D, 2), odd = x.slice(-1, 1, D, 2);
+    return x * cos + torch::stack({-odd, even}, -1).reshape(x.sizes()) * sin;
+  };
+  out.push_back(std::move(b));
+}
+
 void rope_cases(const Context& c, std::vector<BenchCase>& out) {
   // [B, H, T, D]: 16k tokens of 32 heads on CUDA (one Aquila-7B layer's queries).
   const int64_t B = c.cuda() ? 4 : 1, H = c.cuda() ? 32 : 8, T = c.cuda() ? 4096 : 512,
@@ -232,6 +267,7 @@ void rope_cases(const Context& c, std::vector<BenchCase>& out) {
     return x * tables.cos.unsqueeze(1) + torch::cat({-x2, x1}, -1) * tables.sin.unsqueeze(1);
   };
   out.push_back(std::move(b));
+  rope_2d_case(c, out);
 }
 
 // SwiGLU's gating product on the two halves of a fused gate-up projection, forward and
@@ -652,6 +688,7 @@ torch::ScalarType bench_dtype(const std::string& name) {
 std::string describe_path(const BenchCase& b, const torch::Device& device,
                           torch::ScalarType dtype) {
   if (!device.is_cuda()) {
+    if (!b.cpu_path.empty()) return b.cpu_path;
     // ops/impl.h: fp32 CPU tensors take Aviary's fused loops where an op has one (RoPE in bf16
     // only with fp32 tables, which this bench does not build), and attention runs Aviary's own
     // in fp32 and bf16.
