@@ -92,23 +92,51 @@ inline bool stride16(int64_t stride, DType t) {
   return (stride * dtype_size(t)) % 16 == 0;
 }
 
-// Lets `kernel` launch with `smem` bytes of dynamic shared memory. When that and the kernel's
-// static shared memory exceed the default 48 KiB, the kernel must opt in, up to the device's limit
-// less 1 KiB; beyond that it returns cudaErrorInvalidValue with `too_large` as the recorded
-// reason. (ops/ asks the same before choosing a kernel: norm_backward_fits.)
+// Whether `kernel` can launch with `smem` bytes of dynamic shared memory on the current device:
+// within the default 48 KiB with its static shared memory, or else within the device's opt-in
+// limit less 1 KiB (the reserve, or the static memory if larger). *needs_opt_in says whether the
+// launch must opt in first (allow_dynamic_smem does).
 template <typename Kernel>
-cudaError_t allow_dynamic_smem(Kernel* kernel, size_t smem, const char* too_large) {
+cudaError_t dynamic_smem_fits(Kernel* kernel, size_t smem, bool* fits, bool* needs_opt_in) {
   cudaFuncAttributes attributes{};
   AVIARY_KERNEL_CHECK(cudaFuncGetAttributes(&attributes, kernel));
-  if (smem + attributes.sharedSizeBytes <= 48 * 1024) return cudaSuccess;
+  *needs_opt_in = smem + attributes.sharedSizeBytes > 48 * 1024;
+  *fits = true;
+  if (!*needs_opt_in) return cudaSuccess;
   int device = 0, optin = 0;
   AVIARY_KERNEL_CHECK(cudaGetDevice(&device));
   AVIARY_KERNEL_CHECK(
       cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  if (smem + std::max<size_t>(attributes.sharedSizeBytes, 1024) > static_cast<size_t>(optin))
-    return detail::record_error_site(cudaErrorInvalidValue, __FILE__, __LINE__, too_large);
+  *fits = smem + std::max<size_t>(attributes.sharedSizeBytes, 1024) <= static_cast<size_t>(optin);
+  return cudaSuccess;
+}
+
+// Lets `kernel` launch with `smem` bytes of dynamic shared memory, opting in past the default
+// 48 KiB; where that does not fit (dynamic_smem_fits) it returns cudaErrorInvalidValue with
+// `too_large` as the recorded reason. (ops/ asks the same before choosing a kernel, through the
+// launchers' *_backward_fits queries.)
+template <typename Kernel>
+cudaError_t allow_dynamic_smem(Kernel* kernel, size_t smem, const char* too_large) {
+  bool fits = false, needs_opt_in = false;
+  const cudaError_t err = dynamic_smem_fits(kernel, smem, &fits, &needs_opt_in);
+  if (err != cudaSuccess) return err;  // its site is recorded
+  if (!fits) return detail::record_error_site(cudaErrorInvalidValue, __FILE__, __LINE__, too_large);
+  if (!needs_opt_in) return cudaSuccess;
   AVIARY_KERNEL_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            static_cast<int>(smem)));
+  return cudaSuccess;
+}
+
+// Whether both variants (vectorised or not) of a norm's backward kernel fit `smem` bytes of
+// dynamic shared memory on the current device: the *_backward_fits queries.
+template <typename Kernel>
+cudaError_t both_fit(Kernel* vectorized, Kernel* scalar, size_t smem, bool* fits) {
+  bool fits_v = false, fits_s = false, opt_in = false;
+  cudaError_t err = dynamic_smem_fits(vectorized, smem, &fits_v, &opt_in);
+  if (err != cudaSuccess) return err;
+  err = dynamic_smem_fits(scalar, smem, &fits_s, &opt_in);
+  if (err != cudaSuccess) return err;
+  *fits = fits_v && fits_s;
   return cudaSuccess;
 }
 

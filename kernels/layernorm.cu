@@ -250,11 +250,15 @@ int64_t backward_blocks(const LayerNormBackwardParams& p) {
   return std::min(p.rows, kBwdMaxBlocksBlockPerRow);
 }
 
+// Dynamic shared memory of a backward block: two fp32 partial rows (dweight, dbias; padded to
+// 4) per row.
+size_t backward_smem(int64_t cols, int rows) {
+  return static_cast<size_t>(rows) * 2 * static_cast<size_t>((cols + 3) / 4 * 4) * sizeof(float);
+}
+
 template <DType D, bool kVectorized, int kThreads, int kRows>
 cudaError_t launch_backward(const LayerNormBackwardParams& p, int64_t blocks, cudaStream_t stream) {
-  const int cols_pad = static_cast<int>((p.cols + 3) / 4 * 4);
-  const size_t smem =
-      static_cast<size_t>(kRows) * 2 * static_cast<size_t>(cols_pad) * sizeof(float);
+  const size_t smem = backward_smem(p.cols, kRows);
   auto* kernel = layernorm_backward_kernel<D, kVectorized, kThreads, kRows>;
   const cudaError_t smem_ok = allow_dynamic_smem(
       kernel, smem, "layernorm_backward: cols too large for this device's shared memory");
@@ -293,6 +297,20 @@ cudaError_t dispatch_backward(const LayerNormBackwardParams& p, bool vectorized,
   return cudaSuccess;
 }
 
+// The variants dispatch_backward<D> may launch for `cols`, both (vectorised or not) within the
+// device's shared memory.
+template <DType D>
+cudaError_t backward_fits(int64_t cols, bool* fits) {
+  if (cols <= kWarpPerRowMaxCols) {
+    return both_fit(layernorm_backward_kernel<D, true, 32, kWarpPerRowRows>,
+                    layernorm_backward_kernel<D, false, 32, kWarpPerRowRows>,
+                    backward_smem(cols, kWarpPerRowRows), fits);
+  }
+  return both_fit(layernorm_backward_kernel<D, true, kBlockPerRowThreads, 1>,
+                  layernorm_backward_kernel<D, false, kBlockPerRowThreads, 1>,
+                  backward_smem(cols, 1), fits);
+}
+
 }  // namespace
 
 cudaError_t layernorm_forward(const LayerNormForwardParams& p, cudaStream_t stream) {
@@ -324,6 +342,22 @@ cudaError_t layernorm_forward(const LayerNormForwardParams& p, cudaStream_t stre
 size_t layernorm_backward_workspace_bytes(const LayerNormBackwardParams& p) {
   if (p.rows <= 0 || p.cols <= 0) return 0;
   return static_cast<size_t>(backward_blocks(p)) * 2 * static_cast<size_t>(p.cols) * sizeof(float);
+}
+
+cudaError_t layernorm_backward_fits(DType dtype, int64_t cols, bool* fits) {
+  AVIARY_KERNEL_REQUIRE(fits != nullptr, "layernorm_backward_fits: null pointer");
+  *fits = false;
+  AVIARY_KERNEL_REQUIRE(dtype_valid(dtype), "layernorm_backward_fits: unknown dtype");
+  if (cols < 1 || cols > kBwdMaxCols) return cudaSuccess;
+  switch (dtype) {
+    case DType::f32:
+      return backward_fits<DType::f32>(cols, fits);
+    case DType::f16:
+      return backward_fits<DType::f16>(cols, fits);
+    case DType::bf16:
+      return backward_fits<DType::bf16>(cols, fits);
+  }
+  return cudaErrorInvalidValue;  // unreachable: dtype was validated
 }
 
 cudaError_t layernorm_backward(const LayerNormBackwardParams& p, cudaStream_t stream) {

@@ -112,7 +112,8 @@ const std::vector<KernelInfo>& kernel_registry() {
       {Op::kAdamW, "adamw", "*AdamWKernel*", "OpsAdamWCuda.*"},
       // Forward and backward, in place on a chunk of logits inside the fused loss head.
       {Op::kCrossEntropy, "cross_entropy", "*CrossEntropyKernel*", "OpsCrossEntropyCuda.*"},
-      // In place on a copy, forward and backward (the inverse rotation); rotate-half, 1-D.
+      // In place on a copy, forward and backward (the inverse rotation): both pairings, 1-D and
+      // EVA-02 2-D, partial rotary.
       {Op::kRope, "rope", "*RopeKernel*", "OpsRopeCuda.*"},
       // ops::attention's decode steps (<= 64 queries over a KV cache, no gradient): split-KV.
       {Op::kAttentionDecode, "attention_decode", "*AttentionDecodeKernelTest*",

@@ -11,6 +11,7 @@
 #include <string>
 
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <torch/types.h>
 
 #include "aviary/core/error.h"
@@ -48,20 +49,6 @@ inline torch::Tensor kernel_workspace(size_t bytes, const torch::Tensor& t) {
   return torch::empty({static_cast<int64_t>((bytes + 3) / 4)}, t.options().dtype(torch::kFloat32));
 }
 
-// Whether a norm's backward kernel fits on t's device for rows of `cols` columns: its
-// block-per-row layout holds `partials_per_col` fp32 partial rows of the columns (padded to 4) in
-// shared memory, next to under 1 KB of static shared memory, within its own limit `max_cols` and
-// the device's opt-in limit less 1 KB (kernels/device_common.cuh), which is smaller on sm_86 /
-// sm_89 than on A100 and H100. (The warp-per-row layout of narrow rows, four rows of partials per
-// block, stays far below 48 KB.)
-inline bool norm_backward_fits(int64_t cols, int64_t partials_per_col, int64_t max_cols,
-                               const torch::Tensor& t) {
-  if (cols > max_cols) return false;
-  const auto smem = static_cast<size_t>(partials_per_col * 4 * ((cols + 3) / 4 * 4));
-  if (smem + 1024 <= 48 * 1024) return true;
-  return smem + 1024 <= at::cuda::getDeviceProperties(t.device().index())->sharedMemPerBlockOptin;
-}
-
 // A launcher's error as an aviary::Error naming the launcher, CUDA's message, the check that
 // failed (kernels/<file>.cu:<line>) and `op` ("ops.attention"), with the way around it.
 [[noreturn]] inline void throw_kernel_error(cudaError_t err, const char* launcher, const char* op) {
@@ -71,6 +58,25 @@ inline bool norm_backward_fits(int64_t cols, int64_t partials_per_col, int64_t m
               op,
               "set ops.impl: torch (or --ops-impl torch) to run PyTorch's op instead, and report "
               "this with the GPU's name");
+}
+
+// A launcher's query of whether its backward kernel takes rows of `cols` columns in `dtype` on
+// the current device (kernels::rmsnorm_backward_fits, kernels::layernorm_backward_fits).
+using BackwardFitsQuery = cudaError_t (*)(kernels::DType dtype, int64_t cols, bool* fits);
+
+// Whether a norm's backward kernel takes t's rows on t's device, as the kernel itself answers it:
+// its column limit, and its shared memory against what this device grants a block (less on
+// sm_86 / sm_89 than on A100 and H100). Where it says no, the op takes the reference's backward
+// instead of a launch that would fail.
+inline bool backward_kernel_fits(BackwardFitsQuery query, const char* query_name, const char* op,
+                                 const torch::Tensor& t) {
+  kernels::DType dtype;
+  if (!kernel_dtype(t.scalar_type(), &dtype)) return false;
+  const c10::cuda::CUDAGuard guard(t.device());  // the query asks the current device
+  bool fits = false;
+  const cudaError_t err = query(dtype, t.size(-1), &fits);
+  if (err != cudaSuccess) throw_kernel_error(err, query_name, op);
+  return fits;
 }
 
 // After a launcher call: throws its error (throw_kernel_error), or counts the launch for `op`

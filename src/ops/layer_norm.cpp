@@ -118,7 +118,8 @@ class LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
     const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1),
                need_b = has_bias && ctx->needs_input_grad(2);
     if (!need_x && !need_w && !need_b) return {{}, {}, {}, {}};
-    if (norm_backward_fits(x.size(-1), 2, kBackwardKernelMaxCols, x)) {
+    if (backward_kernel_fits(kernels::layernorm_backward_fits, "kernels::layernorm_backward_fits",
+                             "ops.layer_norm", x)) {
       auto [dx, dw, db] =
           layer_norm_kernel_backward(grads[0], x, weight, has_bias, saved[3], saved[4]);
       return {need_x ? dx : torch::Tensor(), need_w ? dw : torch::Tensor(),
@@ -133,10 +134,6 @@ class LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
                                                        weight, bias, {need_x, need_w, need_b});
     return {dx, dw, db, torch::Tensor()};
   }
-
- private:
-  // Two fp32 partial rows (dweight, dbias) of a backward block live in shared memory (params.h).
-  static constexpr int64_t kBackwardKernelMaxCols = 16384;
 };
 
 #endif  // AVIARY_OPS_KERNELS

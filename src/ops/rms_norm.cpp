@@ -174,7 +174,8 @@ class RmsNormFunction : public torch::autograd::Function<RmsNormFunction> {
     const auto saved = ctx->get_saved_variables();
     const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1);
     if (!need_x && !need_w) return {torch::Tensor(), torch::Tensor(), torch::Tensor()};
-    if (norm_backward_fits(saved[0].size(-1), 1, kBackwardKernelMaxCols, saved[0])) {
+    if (backward_kernel_fits(kernels::rmsnorm_backward_fits, "kernels::rmsnorm_backward_fits",
+                             "ops.rms_norm", saved[0])) {
       auto [gx, gw] = rms_norm_kernel_backward(grads[0], saved[0], saved[1], saved[2]);
       return {need_x ? gx : torch::Tensor(), need_w ? gw : torch::Tensor(), torch::Tensor()};
     }
@@ -182,10 +183,6 @@ class RmsNormFunction : public torch::autograd::Function<RmsNormFunction> {
                                                 ctx->saved_data["eps"].toDouble(), need_x, need_w);
     return {gx, gw, torch::Tensor()};
   }
-
- private:
-  // The backward kernel keeps a block's fp32 dweight partial in shared memory (params.h).
-  static constexpr int64_t kBackwardKernelMaxCols = 32768;
 };
 
 #endif  // AVIARY_OPS_KERNELS

@@ -254,5 +254,57 @@ TEST(LayerNormKernelParams, RejectsBadParams) {
   EXPECT_EQ(layernorm_backward_workspace_bytes(g), 0u);
 }
 
+// The backward's width query agrees with its launcher (as RmsNormKernelBackwardFitsTest): widths it
+// says fit launch, wider ones are refused, and sm_80 / sm_90 take every width up to 16384.
+class LayerNormKernelBackwardFitsTest : public test::GpuTest {};
+
+TEST_F(LayerNormKernelBackwardFitsTest, AgreesWithTheLauncher) {
+  int device = 0, major = 0, optin = 0;
+  AVIARY_CUDA_ASSERT(cudaGetDevice(&device));
+  AVIARY_CUDA_ASSERT(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  AVIARY_CUDA_ASSERT(
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  constexpr int64_t kWidest = 16384;
+  DeviceBuffer x(kWidest * 4), dy(kWidest * 4), dx(kWidest * 4), weight(kWidest * 4), stats(16),
+      dweight(kWidest * 4), dbias(kWidest * 4), workspace(2 * kWidest * 4 * 4);
+  for (auto* b : {&x, &dy, &dx, &weight, &stats, &dweight, &dbias, &workspace}) {
+    AVIARY_CUDA_ASSERT(b->status());
+    AVIARY_CUDA_ASSERT(cudaMemset(b->get(), 0, b->bytes()));  // zeros: finite gradients
+  }
+  for (DType dtype : {DType::f32, DType::f16, DType::bf16}) {
+    for (int64_t cols : {int64_t{1}, int64_t{1024}, int64_t{1025}, int64_t{4099}, kWidest}) {
+      bool fits = false;
+      ASSERT_EQ(layernorm_backward_fits(dtype, cols, &fits), cudaSuccess) << last_error_site();
+      if ((major == 8 || major == 9) && optin >= 160 * 1024) {
+        EXPECT_TRUE(fits) << cols;
+      }
+      LayerNormBackwardParams p;
+      p.dtype = dtype;
+      p.x = x.get();
+      p.dy = dy.get();
+      p.dx = dx.get();
+      p.weight = weight.get();
+      p.mean = static_cast<const float*>(stats.get());
+      p.rstd = static_cast<const float*>(stats.get()) + 1;
+      p.dweight = dweight.get();
+      p.dbias = dbias.get();
+      p.workspace = workspace.get();
+      p.rows = 1;
+      p.cols = cols;
+      p.x_row_stride = p.dy_row_stride = p.dx_row_stride = cols;
+      ASSERT_LE(layernorm_backward_workspace_bytes(p), workspace.bytes());
+      EXPECT_EQ(layernorm_backward(p, nullptr), fits ? cudaSuccess : cudaErrorInvalidValue)
+          << "cols " << cols << ": " << last_error_site();
+      AVIARY_CUDA_ASSERT(cudaDeviceSynchronize());
+    }
+    bool fits = true;
+    ASSERT_EQ(layernorm_backward_fits(dtype, kWidest + 1, &fits), cudaSuccess);
+    EXPECT_FALSE(fits);
+  }
+  bool fits = false;
+  EXPECT_EQ(layernorm_backward_fits(DType::f32, 16, nullptr), cudaErrorInvalidValue);
+  EXPECT_EQ(layernorm_backward_fits(static_cast<DType>(9), 16, &fits), cudaErrorInvalidValue);
+}
+
 }  // namespace
 }  // namespace aviary::kernels

@@ -663,6 +663,68 @@ TEST(RmsNormBackwardKernelParams, RejectsBadParamsAndZeroRows) {
   EXPECT_EQ(rmsnorm_backward_workspace_bytes(p), 512u * 4096u * 4u);  // 512 blocks of 1 row
 }
 
+// The backward's width query agrees with its launcher: every width it says fits launches (one row
+// of zeros, aligned and not), the rest are refused; on sm_80 / sm_90 (>= 160 KiB a block) every
+// width up to 32768 fits.
+class RmsNormKernelBackwardFitsTest : public test::GpuTest {};
+
+TEST_F(RmsNormKernelBackwardFitsTest, AgreesWithTheLauncher) {
+  int device = 0, major = 0, optin = 0;
+  AVIARY_CUDA_ASSERT(cudaGetDevice(&device));
+  AVIARY_CUDA_ASSERT(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  AVIARY_CUDA_ASSERT(
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  constexpr int64_t kWidest = 32768;
+  test::DeviceBuffer x(2 * kWidest * 4 + 16), dy(2 * kWidest * 4 + 16), dx(2 * kWidest * 4 + 16),
+      weight(kWidest * 4 + 16), rstd(16), dweight(kWidest * 4), workspace(kWidest * 4 * 4);
+  for (auto* b : {&x, &dy, &dx, &weight, &rstd, &dweight, &workspace}) {
+    AVIARY_CUDA_ASSERT(b->status());
+    AVIARY_CUDA_ASSERT(cudaMemset(b->get(), 0, b->bytes()));  // zeros: finite gradients
+  }
+  for (DType dtype : {DType::f32, DType::f16, DType::bf16}) {
+    for (int64_t cols : {int64_t{1}, int64_t{1024}, int64_t{1025}, int64_t{8191}, kWidest}) {
+      bool fits = false;
+      ASSERT_EQ(rmsnorm_backward_fits(dtype, cols, &fits), cudaSuccess) << last_error_site();
+      if ((major == 8 || major == 9) && optin >= 160 * 1024) {
+        EXPECT_TRUE(fits) << cols;
+      }
+      for (int64_t misalign : {0, 1}) {  // the vectorised and the scalar variant
+        RmsNormBackwardParams p;
+        p.dtype = dtype;
+        const int64_t elem = dtype == DType::f32 ? 4 : 2;
+        auto at = [&](const test::DeviceBuffer& b) {
+          return static_cast<char*>(b.get()) + misalign * elem;
+        };
+        p.x = at(x);
+        p.dy = at(dy);
+        p.dx = at(dx);
+        p.weight = at(weight);
+        p.rstd = static_cast<const float*>(rstd.get());
+        p.dweight = dweight.get();
+        p.workspace = workspace.get();
+        p.rows = 1;
+        p.cols = cols;
+        p.x_row_stride = p.dy_row_stride = p.dx_row_stride = cols;
+        ASSERT_LE(rmsnorm_backward_workspace_bytes(p), workspace.bytes());
+        const cudaError_t err = rmsnorm_backward(p, nullptr);
+        EXPECT_EQ(err, fits ? cudaSuccess : cudaErrorInvalidValue)
+            << "cols " << cols << " misalign " << misalign << ": " << last_error_site();
+        AVIARY_CUDA_ASSERT(cudaDeviceSynchronize());
+      }
+    }
+    bool fits = true;
+    ASSERT_EQ(rmsnorm_backward_fits(dtype, kWidest + 1, &fits), cudaSuccess);
+    EXPECT_FALSE(fits);
+    fits = true;
+    ASSERT_EQ(rmsnorm_backward_fits(dtype, 0, &fits), cudaSuccess);
+    EXPECT_FALSE(fits);
+  }
+  bool fits = false;
+  EXPECT_EQ(rmsnorm_backward_fits(DType::f32, 16, nullptr), cudaErrorInvalidValue);
+  EXPECT_EQ(rmsnorm_backward_fits(static_cast<DType>(9), 16, &fits), cudaErrorInvalidValue);
+  EXPECT_NE(std::string(last_error_site()).find("unknown dtype"), std::string::npos);
+}
+
 // rows == 0 writes dweight = 0 (it launches only the reduction).
 class RmsNormBackwardKernelZeroRowsTest : public test::GpuTest {};
 

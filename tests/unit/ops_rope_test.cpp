@@ -212,7 +212,8 @@ TEST(OpsRopePositions, CpuLoopMatchesTheReferenceOverLayoutsAndDtypes) {
   EXPECT_FALSE(fused);
 }
 
-// 2-D positions as a transposed [2, T] grid: any layout of the positions works.
+// 2-D positions as a transposed [2, T] grid: any layout of the positions works; (0, 0) is the
+// identity.
 TEST(OpsRopePositions, TransposedTwoDPositionsWork) {
   torch::manual_seed(23);
   ops::RopeSpec spec;
@@ -224,6 +225,10 @@ TEST(OpsRopePositions, TransposedTwoDPositionsWork) {
   auto x = torch::randn({2, 3, 12, 16});
   auto want = ops::apply_rope(x, transposed.contiguous(), spec);
   EXPECT_TRUE(torch::equal(ops::apply_rope(x, transposed, spec), want));
+  // Position (0, 0), the first patch's (and the class token's, which timm leaves unrotated),
+  // turns by a zero angle: bit for bit unchanged.
+  EXPECT_TRUE(torch::equal(want.select(2, 0), x.select(2, 0)));
+  EXPECT_FALSE(torch::equal(want.select(2, 1), x.select(2, 1)));
   EXPECT_TRUE(torch::equal(ops::apply_rope_reference(x, transposed, spec),
                            ops::apply_rope_reference(x, transposed.contiguous(), spec)));
 }

@@ -207,6 +207,28 @@ void layer_norm_cases(const Context& c, std::vector<BenchCase>& out) {
   }
 }
 
+// Pushes a RoPE case's forward row and its forward + backward row (x's gradient compared; the
+// backward reads the upstream gradient and writes dx: two more passes over x's size).
+void push_rope_rows(BenchCase fwd, const torch::Tensor& x,
+                    const std::function<torch::Tensor(const torch::Tensor&)>& ours,
+                    const std::function<torch::Tensor(const torch::Tensor&)>& baseline,
+                    std::vector<BenchCase>& out) {
+  fwd.ours = [=] { return ours(x); };
+  fwd.baseline = [=] { return baseline(x); };
+  out.push_back(fwd);
+  auto xg = x.detach().requires_grad_();
+  auto grad = torch::randn(x.sizes(), x.options());
+  auto backward = [=](const torch::Tensor& y) {
+    return torch::autograd::grad({y}, {xg}, {grad})[0];
+  };
+  BenchCase both = fwd;
+  both.pass = "fwd+bwd";
+  both.bytes = fwd.bytes + 2.0 * static_cast<double>(x.numel() * x.element_size());
+  both.ours = [=] { return backward(ours(xg)); };
+  both.baseline = [=] { return backward(baseline(xg)); };
+  out.push_back(std::move(both));
+}
+
 // EVA-02's 2-D RoPE on a ViT-L/14's queries at 224 px (16 x 16 patches, 16 heads of 64), from
 // the patches' (row, column), against timm's apply_rot_embed_cat on its precomputed tables.
 void rope_2d_case(const Context& c, std::vector<BenchCase>& out) {
@@ -232,13 +254,14 @@ void rope_2d_case(const Context& c, std::vector<BenchCase>& out) {
   if (c.dtype == torch::kFloat32 || c.dtype == torch::kBFloat16) {
     b.cpu_path = "aviary: fused CPU loop";  // bf16 too: no tables for ATen to promote
   }
-  b.ours = [=] { return ops::apply_rope(x, positions, spec); };
   b.baseline_name = "timm apply_rot_embed_cat (ATen)";
-  b.baseline = [=] {
-    auto even = x.slice(-1, 0, D, 2), odd = x.slice(-1, 1, D, 2);
-    return x * cos + torch::stack({-odd, even}, -1).reshape(x.sizes()) * sin;
-  };
-  out.push_back(std::move(b));
+  push_rope_rows(
+      b, x, [=](const torch::Tensor& t) { return ops::apply_rope(t, positions, spec); },
+      [=](const torch::Tensor& t) {
+        auto even = t.slice(-1, 0, D, 2), odd = t.slice(-1, 1, D, 2);
+        return t * cos + torch::stack({-odd, even}, -1).reshape(t.sizes()) * sin;
+      },
+      out);
 }
 
 void rope_cases(const Context& c, std::vector<BenchCase>& out) {
@@ -260,13 +283,14 @@ void rope_cases(const Context& c, std::vector<BenchCase>& out) {
   b.shape = fmt::format("B{} H{} T{} D{}", B, H, T, D);
   b.bytes =
       c.elem() * (2.0 * static_cast<double>(B * H * T * D) + 2.0 * static_cast<double>(B * T * D));
-  b.ours = [=] { return ops::apply_rope(x, tables); };
   b.baseline_name = "HF rotate_half (ATen)";
-  b.baseline = [=] {
-    auto x1 = x.narrow(-1, 0, D / 2), x2 = x.narrow(-1, D / 2, D / 2);
-    return x * tables.cos.unsqueeze(1) + torch::cat({-x2, x1}, -1) * tables.sin.unsqueeze(1);
-  };
-  out.push_back(std::move(b));
+  push_rope_rows(
+      b, x, [=](const torch::Tensor& t) { return ops::apply_rope(t, tables); },
+      [=](const torch::Tensor& t) {
+        auto x1 = t.narrow(-1, 0, D / 2), x2 = t.narrow(-1, D / 2, D / 2);
+        return t * tables.cos.unsqueeze(1) + torch::cat({-x2, x1}, -1) * tables.sin.unsqueeze(1);
+      },
+      out);
   rope_2d_case(c, out);
 }
 

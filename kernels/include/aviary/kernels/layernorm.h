@@ -19,6 +19,13 @@ cudaError_t layernorm_forward(const LayerNormForwardParams& params, cudaStream_t
 // (dweight, dbias) per backward block. 0 when rows == 0.
 size_t layernorm_backward_workspace_bytes(const LayerNormBackwardParams& params);
 
+// Whether layernorm_backward can take rows of `cols` columns in `dtype` on the current device:
+// cols in [1, 16384] and the backward block's shared memory (two fp32 partial rows (dweight, dbias)
+// per row of the block) within what the device grants a block. ops/ asks it before choosing the
+// kernel, so the launcher never has to refuse a width. Returns cudaErrorInvalidValue for a null
+// `fits` or an unknown dtype, and any error of the CUDA runtime's queries.
+cudaError_t layernorm_backward_fits(DType dtype, int64_t cols, bool* fits);
+
 // Enqueues dx, dweight (and dbias): the row pass, then the deterministic column reductions over
 // the workspace. cols <= 16384.
 cudaError_t layernorm_backward(const LayerNormBackwardParams& params, cudaStream_t stream);
