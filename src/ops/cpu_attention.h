@@ -8,8 +8,8 @@
 // saved log-sum-exp instead of storing them. The GEMMs are MKL's (bf16 x bf16 -> fp32 with AMX
 // where the CPU has it), which ATen's kernel does not reach for these shapes.
 //
-// Results do not depend on the thread count: the forward splits over (batch, head), the backward
-// over (batch, KV head), and each task sums in a fixed order.
+// Results do not depend on the thread count: the forward splits over (batch, head, query block),
+// the backward over (batch, KV head) or finer (BackwardSplit), and each task sums in a fixed order.
 #pragma once
 
 #include <cstdint>
@@ -37,6 +37,17 @@ void attention_forward(const AttentionShape& s, const T* q, HeadStrides qs, cons
                        HeadStrides ks, const T* v, HeadStrides vs, T* out, HeadStrides os,
                        float* lse);
 
+// How the backward divides its work among the threads:
+//   kByKvHead  one task per (batch, KV head), which computes all its gradients: 5 GEMMs per
+//              (query block, key chunk);
+//   kByBlock   dK and dV by (batch, KV head, key chunk), then dQ by (batch, head, query block),
+//              recomputing P and dS: 7 GEMMs, but work for every thread when batch x KV heads is
+//              small (one long sequence, few KV heads);
+//   kAuto      kByBlock where (batch, KV head) tasks would leave a third or more of the threads
+//              idle and there are 1024 keys or more (cpu_attention.cpp: split_backward).
+// Both sum every gradient in the same order.
+enum class BackwardSplit { kAuto, kByKvHead, kByBlock };
+
 // The gradients dq, dk, dv (shaped and strided like q, k, v by the caller's choice of strides)
 // given dout and the forward's out and lse. KV heads' gradients are summed over their query heads,
 // and dq over the keys (taken in chunks), in fp32 and rounded once.
@@ -44,6 +55,7 @@ template <typename T>
 void attention_backward(const AttentionShape& s, const T* q, HeadStrides qs, const T* k,
                         HeadStrides ks, const T* v, HeadStrides vs, const T* out, HeadStrides os,
                         const T* dout, HeadStrides dos, const float* lse, T* dq, HeadStrides dqs,
-                        T* dk, HeadStrides dks, T* dv, HeadStrides dvs);
+                        T* dk, HeadStrides dks, T* dv, HeadStrides dvs,
+                        BackwardSplit split = BackwardSplit::kAuto);
 
 }  // namespace aviary::ops::cpu

@@ -48,6 +48,14 @@ constexpr int kCrashExitCode = 86;
 const char* const kCrashStages[] = {"after_model",     "after_optimizer", "after_state",
                                     "before_complete", "before_rename",   "before_latest"};
 
+// An error's context for tensor `key` of the file at `path`: "path: key".
+std::string where_in(const std::string& path, const std::string& key) {
+  std::string where = path;
+  where += ": ";
+  where += key;
+  return where;
+}
+
 std::string errno_text(int err) {
   return std::string(std::strerror(err));
 }
@@ -249,7 +257,8 @@ void save_rng(const std::string& dir) {
     std::lock_guard<std::mutex> lock(gen.mutex());
     states.emplace_back("cpu", at::Tensor(gen.get_state()));
   }
-  const int64_t cuda_devices = static_cast<int64_t>(torch::cuda::device_count());
+  // DeviceIndex is a signed char: read it as a count (never negative).
+  const int64_t cuda_devices = std::max<int>(0, torch::cuda::device_count());
   for (int64_t i = 0; i < cuda_devices; ++i) {
     auto gen = at::globalContext().defaultGenerator(c10::Device(c10::kCUDA, i));
     std::lock_guard<std::mutex> lock(gen.mutex());
@@ -423,7 +432,7 @@ void load_optimizer(const std::string& step_dir, const NamedTensors& named_param
       auto moment = [&](const std::string& suffix) {
         const std::string key = name + suffix;
         if (!file->contains(key)) {
-          throw_corruption("tensor '" + key + "' is missing", tensors_path + ": " + key,
+          throw_corruption("tensor '" + key + "' is missing", where_in(tensors_path, key),
                            "the checkpoint is damaged; resume from an older one");
         }
         torch::Tensor src = file->tensor(key);
@@ -431,7 +440,7 @@ void load_optimizer(const std::string& step_dir, const NamedTensors& named_param
           throw_invalid(
               "shape mismatch for '" + key + "': checkpoint has " + shape_string(src.sizes()) +
                   ", parameter has " + shape_string(p.sizes()),
-              tensors_path + ": " + key, "the optimizer state belongs to a different model");
+              where_in(tensors_path, key), "the optimizer state belongs to a different model");
         }
         return src.to(p.options(), /*non_blocking=*/false, /*copy=*/true);
       };
@@ -908,7 +917,7 @@ LoadedCheckpoint load_checkpoint(const std::string& step_dir, const ShardedParam
         for (const char* suffix : {".exp_avg", ".exp_avg_sq"}) {
           const std::string key = run->name + suffix;
           if (!file->contains(key)) {
-            throw_corruption("tensor '" + key + "' is missing", path + ": " + key,
+            throw_corruption("tensor '" + key + "' is missing", where_in(path, key),
                              "the checkpoint is damaged; resume from an older one");
           }
           torch::Tensor src = file->tensor(key);
@@ -916,7 +925,7 @@ LoadedCheckpoint load_checkpoint(const std::string& step_dir, const ShardedParam
             throw_invalid("shape mismatch for '" + key + "': checkpoint has " +
                               shape_string(src.sizes()) + ", parameter has " +
                               shape_string(run->shape),
-                          path + ": " + key, "the optimizer state belongs to a different model");
+                          where_in(path, key), "the optimizer state belongs to a different model");
           }
           auto& moment = std::string(suffix) == ".exp_avg" ? state->exp_avg() : state->exp_avg_sq();
           moment.narrow(0, run->owner_offset, run->numel)

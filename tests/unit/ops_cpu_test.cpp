@@ -23,6 +23,7 @@
 #include "aviary/ops/rope.h"
 #include "aviary/ops/swiglu.h"
 #include "expect_error.h"
+#include "ops/cpu_attention.h"
 #include "ops/cpu_gemm.h"
 #include "ops/cpu_loops.h"
 #include "ops/loss_head_chunks.h"
@@ -282,7 +283,7 @@ TEST(CpuCrossEntropy, ZLossMatchesTheTermWrittenOutInDouble) {
     }
   }
   // The loss head, in chunks of 6 rows of a 300001-word vocabulary.
-  ops::set_loss_head_chunk_floats(6 * 300001);
+  ops::set_loss_head_chunk_floats(int64_t{6} * 300001);
   auto hidden = torch::randn({9, 8}).requires_grad_(true);
   auto weight = (torch::randn({300001, 8}) * 0.5).requires_grad_(true);
   auto head_targets = torch::randint(0, 300001, {9}, torch::kInt64);
@@ -336,7 +337,7 @@ LossHeadInputs loss_head_inputs(int64_t rows, int64_t width, int64_t vocab,
 // take several chunks.
 class SmallLossHeadChunks {
  public:
-  SmallLossHeadChunks() { ops::set_loss_head_chunk_floats(6 * 300001); }
+  SmallLossHeadChunks() { ops::set_loss_head_chunk_floats(int64_t{6} * 300001); }
   ~SmallLossHeadChunks() { ops::set_loss_head_chunk_floats(0); }
 };
 
@@ -551,6 +552,90 @@ std::vector<torch::Tensor> sdpa_double(const torch::Tensor& q, const torch::Tens
   return {out, g[0], g[1], g[2]};
 }
 
+// The split backward (dK and dV by key chunk, then dQ by query block, recomputing P and dS)
+// against the per-KV-head one over several chunks and blocks: the same sums in the same order, so
+// the same gradients up to the GEMMs' own rounding (fp32 and bf16, GQA, causal with an offset
+// and full).
+TEST_P(CpuAttention, BackwardSplitByBlockGivesTheSameGradients) {
+  torch::manual_seed(19);
+  const int64_t B = 1, H = 4, KVH = 2, D = 32;
+  struct Case {
+    int64_t tq, tk;
+    bool causal;
+  };
+  // 3 key chunks over 11 or 3 query blocks; one chunk under one block.
+  for (const Case c :
+       {Case{700, 1100, true}, Case{130, 1100, false}, Case{40, 300, true}, Case{5, 70, false}}) {
+    for (auto dtype : {torch::kFloat32, torch::kBFloat16}) {
+      auto q = torch::randn({B, H, c.tq, D}).to(dtype),
+           k = torch::randn({B, KVH, c.tk, D}).to(dtype),
+           v = torch::randn({B, KVH, c.tk, D}).to(dtype),
+           dout = torch::randn({B, H, c.tq, D}).to(dtype);
+      auto strides = [](const torch::Tensor& t) {
+        return ops::cpu::HeadStrides{t.stride(0), t.stride(1), t.stride(2)};
+      };
+      // The gradients in the model's [B, T, H, D] layout, unlike q, k and v: a stride taken from
+      // the wrong tensor puts rows in the wrong place.
+      auto token_major = [&](int64_t heads, int64_t t) {
+        return torch::empty({B, t, heads, D}, q.options()).transpose(1, 2);
+      };
+      ops::cpu::AttentionShape s;
+      s.batch = B;
+      s.heads = H;
+      s.kv_heads = KVH;
+      s.queries = c.tq;
+      s.keys = c.tk;
+      s.dim = D;
+      s.causal = c.causal;
+      s.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
+      auto out = torch::empty_like(q);
+      auto lse = torch::empty({B, H, c.tq});
+      std::vector<torch::Tensor> grads[2];
+      for (int mode = 0; mode < 2; ++mode) {
+        auto dq = token_major(H, c.tq), dk = token_major(KVH, c.tk), dv = token_major(KVH, c.tk);
+        const auto split =
+            mode == 0 ? ops::cpu::BackwardSplit::kByKvHead : ops::cpu::BackwardSplit::kByBlock;
+        if (dtype == torch::kFloat32) {
+          ops::cpu::attention_forward(s, q.data_ptr<float>(), strides(q), k.data_ptr<float>(),
+                                      strides(k), v.data_ptr<float>(), strides(v),
+                                      out.data_ptr<float>(), strides(out), lse.data_ptr<float>());
+          ops::cpu::attention_backward(s, q.data_ptr<float>(), strides(q), k.data_ptr<float>(),
+                                       strides(k), v.data_ptr<float>(), strides(v),
+                                       out.data_ptr<float>(), strides(out), dout.data_ptr<float>(),
+                                       strides(dout), lse.data_ptr<float>(), dq.data_ptr<float>(),
+                                       strides(dq), dk.data_ptr<float>(), strides(dk),
+                                       dv.data_ptr<float>(), strides(dv), split);
+        } else {
+          auto bits = [](const torch::Tensor& t) {
+            return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>());
+          };
+          ops::cpu::attention_forward(s, bits(q), strides(q), bits(k), strides(k), bits(v),
+                                      strides(v), bits(out), strides(out), lse.data_ptr<float>());
+          ops::cpu::attention_backward(s, bits(q), strides(q), bits(k), strides(k), bits(v),
+                                       strides(v), bits(out), strides(out), bits(dout),
+                                       strides(dout), lse.data_ptr<float>(), bits(dq), strides(dq),
+                                       bits(dk), strides(dk), bits(dv), strides(dv), split);
+        }
+        grads[mode] = {dq, dk, dv};
+      }
+      for (int i = 0; i < 3; ++i) {
+        std::ostringstream what;
+        what << "gradient " << i << " Tq " << c.tq << " Tk " << c.tk
+             << (c.causal ? " causal " : " full ") << c10::toString(dtype);
+        if (GetParam()) {
+          // MKL: the same GEMMs on the same operands in the same order, bit for bit.
+          EXPECT_TRUE(torch::equal(grads[0][i], grads[1][i])) << what.str();
+        } else {
+          // ATen's fallback GEMM, once its thread pool has been resized, rounds an ulp
+          // differently from call to call.
+          EXPECT_LT(max_rel(grads[1][i], grads[0][i]), dtype == torch::kFloat32 ? 1e-6 : 8e-3)
+              << what.str();
+        }
+      }
+    }
+  }
+}
+
 TEST_P(CpuAttention, Fp32MatchesSdpaInDoubleForCausalOffsetAndFullMasksWithGqa) {
   torch::manual_seed(11);
   struct Case {
@@ -752,6 +837,10 @@ TEST(CpuLoops, ResultsDoNotDependOnTheThreadCount) {
   auto ids = torch::randint(0, 300, {700}, torch::kInt64);  // embedding rows of gate
   auto rows_grad = torch::randn({700, 515});
   auto q = heads_view(2, 90, 4, 16, torch::kFloat32), k = heads_view(2, 90, 2, 16, torch::kFloat32);
+  // One sequence of 2048 tokens, one KV head: the backward splits by block at 2 and 8 threads,
+  // not at 1.
+  auto q1 = heads_view(1, 2048, 2, 16, torch::kFloat32),
+       k1 = heads_view(1, 2048, 1, 16, torch::kFloat32);
   auto run = [&](int threads) {
     ThreadsGuard guard(threads);
     auto loss = ops::cross_entropy(logits, targets);
@@ -764,6 +853,8 @@ TEST(CpuLoops, ResultsDoNotDependOnTheThreadCount) {
     const double squares = ops::cpu::sum_of_squares(gate.data_ptr<float>(), gate.numel());
     auto att = ops::attention(q, k, k, std::nullopt, true);
     auto datt = torch::autograd::grad({att.square().sum()}, {q, k});
+    auto datt1 = torch::autograd::grad(
+        {ops::attention(q1, k1, k1, std::nullopt, true).square().sum()}, {q1, k1});
     return std::vector<torch::Tensor>{loss,
                                       dl,
                                       out,
@@ -774,11 +865,15 @@ TEST(CpuLoops, ResultsDoNotDependOnTheThreadCount) {
                                       att,
                                       datt[0],
                                       datt[1],
+                                      datt1[0],
+                                      datt1[1],
                                       torch::tensor(squares, torch::kFloat64)};
   };
-  auto one = run(1), two = run(2);
-  for (size_t i = 0; i < one.size(); ++i)
+  auto one = run(1), two = run(2), eight = run(8);
+  for (size_t i = 0; i < one.size(); ++i) {
     EXPECT_TRUE(torch::equal(one[i], two[i])) << "output " << i;
+    EXPECT_TRUE(torch::equal(one[i], eight[i])) << "output " << i << " at 8 threads";
+  }
 }
 
 TEST(CpuLoops, OpsImplTorchAndOtherDtypesKeepTheReference) {

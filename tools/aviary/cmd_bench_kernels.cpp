@@ -129,7 +129,9 @@ void rms_norm_cases(const Context& c, std::vector<BenchCase>& out) {
   const std::vector<std::pair<int64_t, int64_t>> shapes =
       c.cuda() ? std::vector<std::pair<int64_t, int64_t>>{{16384, 4096}, {16384, 8192}}
                : std::vector<std::pair<int64_t, int64_t>>{{2048, 1024}, {512, 4096}};
-  for (const auto& [rows, cols] : shapes) {
+  for (const auto& shape : shapes) {
+    // Named copies, not structured bindings: the lambdas below capture them.
+    const int64_t rows = shape.first, cols = shape.second;
     auto x = torch::randn({rows, cols}, c.options());
     auto w = (1.0 + 0.1 * torch::randn({cols}, c.options().dtype(torch::kFloat32))).to(c.dtype);
     const double eps = 1e-6;
@@ -160,7 +162,9 @@ void layer_norm_cases(const Context& c, std::vector<BenchCase>& out) {
   const std::vector<std::pair<int64_t, int64_t>> shapes =
       c.cuda() ? std::vector<std::pair<int64_t, int64_t>>{{65536, 1024}, {32768, 1792}}
                : std::vector<std::pair<int64_t, int64_t>>{{2048, 1024}};
-  for (const auto& [rows, cols] : shapes) {
+  for (const auto& shape : shapes) {
+    // Named copies, not structured bindings: the lambdas below capture them.
+    const int64_t rows = shape.first, cols = shape.second;
     auto x = torch::randn({rows, cols}, c.options());
     auto w = (1.0 + 0.1 * torch::randn({cols}, c.options().dtype(torch::kFloat32))).to(c.dtype);
     auto b = (0.1 * torch::randn({cols}, c.options().dtype(torch::kFloat32))).to(c.dtype);
@@ -241,8 +245,9 @@ void rope_2d_case(const Context& c, std::vector<BenchCase>& out) {
   ops::RopeSpec spec;
   spec.style = ops::RopeStyle::kInterleaved;
   // timm's tables, [T, D] in the activation dtype: [row bands, column bands], each band twice.
-  auto bands = torch::pow(10000.0, -torch::arange(0, D / 2, 2, long_opts).to(torch::kFloat32) /
-                                       static_cast<double>(D / 2));
+  const int64_t segment = D / 2;  // each axis turns half of the head
+  auto bands = torch::pow(10000.0, -torch::arange(0, segment, 2, long_opts).to(torch::kFloat32) /
+                                       static_cast<double>(segment));
   auto angles =
       (positions[0].to(torch::kFloat32).unsqueeze(-1) * bands).flatten(1).repeat_interleave(2, -1);
   auto cos = angles.cos().to(c.dtype), sin = angles.sin().to(c.dtype);
@@ -839,6 +844,7 @@ void run_kernels(const KernelBenchArgs& a) {
         a.cpu ? std::vector<std::string>{"fp32", "bf16"} : std::vector<std::string>{"bf16"};
   }
   std::vector<torch::ScalarType> dtypes;
+  dtypes.reserve(dtype_names.size());
   for (const auto& d : dtype_names)
     dtypes.push_back(bench_dtype(d));
   std::vector<const OpBench*> selected;
