@@ -362,12 +362,10 @@ void cross_entropy_cases(const Context& c, std::vector<BenchCase>& out) {
 
 void document_attention_cases(const Context& c, std::vector<BenchCase>& out);
 
-// Causal self-attention with grouped-query heads, forward and forward + backward; then over
-// packed documents.
-void attention_cases(const Context& c, std::vector<BenchCase>& out) {
-  // B x T = 16k tokens at d = 128 on CUDA (the DESIGN target's shape).
-  const int64_t B = c.cuda() ? 8 : 1, H = c.cuda() ? 32 : 8, KVH = c.cuda() ? 8 : 2,
-                T = c.cuda() ? 2048 : 512, D = c.cuda() ? 128 : 64;
+// Causal self-attention with grouped-query heads over B x T tokens, forward and forward +
+// backward (on CUDA also against each of SDPA's fast backends alone).
+void causal_attention_cases(const Context& c, int64_t B, int64_t H, int64_t KVH, int64_t T,
+                            int64_t D, std::vector<BenchCase>& out) {
   auto q = torch::randn({B, H, T, D}, c.options());
   auto k = torch::randn({B, KVH, T, D}, c.options());
   auto v = torch::randn({B, KVH, T, D}, c.options());
@@ -430,6 +428,20 @@ void attention_cases(const Context& c, std::vector<BenchCase>& out) {
         out.push_back(std::move(only));
       }
     }
+  }
+}
+
+// Causal self-attention, then over packed documents, then a decode step.
+void attention_cases(const Context& c, std::vector<BenchCase>& out) {
+  // B x T = 16k tokens at d = 128 on CUDA (the DESIGN target's shape).
+  const int64_t H = c.cuda() ? 32 : 8, KVH = c.cuda() ? 8 : 2, D = c.cuda() ? 128 : 64;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  causal_attention_cases(c, c.cuda() ? 8 : 1, H, KVH, c.cuda() ? 2048 : 512, D, out);
+  if (!c.cuda() && at::get_num_threads() > 1) {
+    // One long sequence over one KV head: fewer (batch, KV head) tasks than threads, where the
+    // CPU backward splits by key chunk and query block (src/ops/cpu_attention.h). On one thread
+    // it would measure nothing new.
+    causal_attention_cases(c, 1, H, 1, 2048, D, out);
   }
   document_attention_cases(c, out);
 
