@@ -265,8 +265,10 @@ TEST_F(LayerNormKernelBackwardFitsTest, AgreesWithTheLauncher) {
   AVIARY_CUDA_ASSERT(
       cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   constexpr int64_t kWidest = 16384;
-  DeviceBuffer x(kWidest * 4), dy(kWidest * 4), dx(kWidest * 4), weight(kWidest * 4), stats(16),
-      dweight(kWidest * 4), dbias(kWidest * 4), workspace(2 * kWidest * 4 * 4);
+  // One element of slack: the scalar variant runs on pointers one element past the aligned ones.
+  DeviceBuffer x(kWidest * 4 + 16), dy(kWidest * 4 + 16), dx(kWidest * 4 + 16),
+      weight(kWidest * 4 + 16), stats(16), dweight(kWidest * 4), dbias(kWidest * 4),
+      workspace(2 * kWidest * 4 * 4);
   for (auto* b : {&x, &dy, &dx, &weight, &stats, &dweight, &dbias, &workspace}) {
     AVIARY_CUDA_ASSERT(b->status());
     AVIARY_CUDA_ASSERT(cudaMemset(b->get(), 0, b->bytes()));  // zeros: finite gradients
@@ -278,27 +280,36 @@ TEST_F(LayerNormKernelBackwardFitsTest, AgreesWithTheLauncher) {
       if ((major == 8 || major == 9) && optin >= 160 * 1024) {
         EXPECT_TRUE(fits) << cols;
       }
-      LayerNormBackwardParams p;
-      p.dtype = dtype;
-      p.x = x.get();
-      p.dy = dy.get();
-      p.dx = dx.get();
-      p.weight = weight.get();
-      p.mean = static_cast<const float*>(stats.get());
-      p.rstd = static_cast<const float*>(stats.get()) + 1;
-      p.dweight = dweight.get();
-      p.dbias = dbias.get();
-      p.workspace = workspace.get();
-      p.rows = 1;
-      p.cols = cols;
-      p.x_row_stride = p.dy_row_stride = p.dx_row_stride = cols;
-      ASSERT_LE(layernorm_backward_workspace_bytes(p), workspace.bytes());
-      EXPECT_EQ(layernorm_backward(p, nullptr), fits ? cudaSuccess : cudaErrorInvalidValue)
-          << "cols " << cols << ": " << last_error_site();
-      AVIARY_CUDA_ASSERT(cudaDeviceSynchronize());
+      for (int64_t misalign : {0, 1}) {  // the vectorised and the scalar variant
+        const int64_t elem = dtype == DType::f32 ? 4 : 2;
+        auto at = [&](const DeviceBuffer& b) {
+          return static_cast<char*>(b.get()) + misalign * elem;
+        };
+        LayerNormBackwardParams p;
+        p.dtype = dtype;
+        p.x = at(x);
+        p.dy = at(dy);
+        p.dx = at(dx);
+        p.weight = at(weight);
+        p.mean = static_cast<const float*>(stats.get());
+        p.rstd = static_cast<const float*>(stats.get()) + 1;
+        p.dweight = dweight.get();
+        p.dbias = dbias.get();
+        p.workspace = workspace.get();
+        p.rows = 1;
+        p.cols = cols;
+        p.x_row_stride = p.dy_row_stride = p.dx_row_stride = cols;
+        ASSERT_LE(layernorm_backward_workspace_bytes(p), workspace.bytes());
+        EXPECT_EQ(layernorm_backward(p, nullptr), fits ? cudaSuccess : cudaErrorInvalidValue)
+            << "cols " << cols << " misalign " << misalign << ": " << last_error_site();
+        AVIARY_CUDA_ASSERT(cudaDeviceSynchronize());
+      }
     }
     bool fits = true;
     ASSERT_EQ(layernorm_backward_fits(dtype, kWidest + 1, &fits), cudaSuccess);
+    EXPECT_FALSE(fits);
+    fits = true;
+    ASSERT_EQ(layernorm_backward_fits(dtype, 0, &fits), cudaSuccess);
     EXPECT_FALSE(fits);
   }
   bool fits = false;

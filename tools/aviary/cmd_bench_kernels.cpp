@@ -437,7 +437,7 @@ void attention_cases(const Context& c, std::vector<BenchCase>& out) {
   const int64_t H = c.cuda() ? 32 : 8, KVH = c.cuda() ? 8 : 2, D = c.cuda() ? 128 : 64;
   const double scale = 1.0 / std::sqrt(static_cast<double>(D));
   causal_attention_cases(c, c.cuda() ? 8 : 1, H, KVH, c.cuda() ? 2048 : 512, D, out);
-  if (!c.cuda() && at::get_num_threads() > 1) {
+  if (!c.cuda() && torch::get_num_threads() > 1) {
     // One long sequence over one KV head: fewer (batch, KV head) tasks than threads, where the
     // CPU backward splits by key chunk and query block (src/ops/cpu_attention.h). On one thread
     // it would measure nothing new.
