@@ -297,6 +297,37 @@ bool rope_spec_kernel_applies(const torch::Tensor& x, const RopeGeometry& g) {
 
 #endif  // AVIARY_OPS_KERNELS
 
+// The ATen reference on already validated inputs.
+torch::Tensor rope_reference(const torch::Tensor& x, const torch::Tensor& positions,
+                             const RopeSpec& spec, const RopeGeometry& g) {
+  if (x.numel() == 0) return x.clone();
+  const int64_t B = x.size(0), H = x.size(1), T = x.size(2), D = x.size(3);
+  const int64_t nseg = g.two_d ? 2 : 1, half = g.segment / 2;
+  // fp32 maths, as the kernel does; fp64 x gets fp64 angles too (the tests' exact oracle).
+  const auto compute = x.scalar_type() == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32;
+  auto angles =
+      rope_angles(positions, spec, g, compute).view({positions.size(0), 1, T, nseg, half});
+  auto cos = angles.cos(), sin = angles.sin();
+  // The rotated features as [B, H, T, nseg, half, 2]: the pair's two members on the last axis.
+  auto rotated = x.narrow(-1, 0, g.rotary_dim).to(compute);
+  torch::Tensor x0, x1;
+  if (spec.style == RopeStyle::kInterleaved) {
+    auto pairs = rotated.reshape({B, H, T, nseg, half, 2});
+    x0 = pairs.select(-1, 0);
+    x1 = pairs.select(-1, 1);
+  } else {
+    auto halves = rotated.reshape({B, H, T, nseg, 2, half});
+    x0 = halves.select(-2, 0);
+    x1 = halves.select(-2, 1);
+  }
+  auto y0 = x0 * cos - x1 * sin, y1 = x1 * cos + x0 * sin;
+  auto y = spec.style == RopeStyle::kInterleaved ? torch::stack({y0, y1}, -1)
+                                                 : torch::stack({y0, y1}, -2);
+  y = y.reshape({B, H, T, g.rotary_dim}).to(x.scalar_type());
+  if (g.rotary_dim == D) return y;
+  return torch::cat({y, x.narrow(-1, g.rotary_dim, D - g.rotary_dim)}, -1);
+}
+
 }  // namespace
 
 torch::Tensor rope_inv_freq(int64_t head_dim, double theta) {
@@ -370,38 +401,12 @@ torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& positions,
     return RopeCudaFunction::apply(x, rope);
   }
 #endif
-  return apply_rope_reference(x, positions, spec);
+  return rope_reference(x, positions, spec, g);
 }
 
 torch::Tensor apply_rope_reference(const torch::Tensor& x, const torch::Tensor& positions,
                                    const RopeSpec& spec) {
-  const RopeGeometry g = rope_geometry(x, positions, spec);
-  if (x.numel() == 0) return x.clone();
-  const int64_t B = x.size(0), H = x.size(1), T = x.size(2), D = x.size(3);
-  const int64_t nseg = g.two_d ? 2 : 1, half = g.segment / 2;
-  // fp32 maths, as the kernel does; fp64 x gets fp64 angles too (the tests' exact oracle).
-  const auto compute = x.scalar_type() == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32;
-  auto angles =
-      rope_angles(positions, spec, g, compute).view({positions.size(0), 1, T, nseg, half});
-  auto cos = angles.cos(), sin = angles.sin();
-  // The rotated features as [B, H, T, nseg, half, 2]: the pair's two members on the last axis.
-  auto rotated = x.narrow(-1, 0, g.rotary_dim).to(compute);
-  torch::Tensor x0, x1;
-  if (spec.style == RopeStyle::kInterleaved) {
-    auto pairs = rotated.reshape({B, H, T, nseg, half, 2});
-    x0 = pairs.select(-1, 0);
-    x1 = pairs.select(-1, 1);
-  } else {
-    auto halves = rotated.reshape({B, H, T, nseg, 2, half});
-    x0 = halves.select(-2, 0);
-    x1 = halves.select(-2, 1);
-  }
-  auto y0 = x0 * cos - x1 * sin, y1 = x1 * cos + x0 * sin;
-  auto y = spec.style == RopeStyle::kInterleaved ? torch::stack({y0, y1}, -1)
-                                                 : torch::stack({y0, y1}, -2);
-  y = y.reshape({B, H, T, g.rotary_dim}).to(x.scalar_type());
-  if (g.rotary_dim == D) return y;
-  return torch::cat({y, x.narrow(-1, g.rotary_dim, D - g.rotary_dim)}, -1);
+  return rope_reference(x, positions, spec, rope_geometry(x, positions, spec));
 }
 
 }  // namespace aviary::ops

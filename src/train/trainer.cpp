@@ -9,7 +9,6 @@
 #include <cstdlib>
 #include <filesystem>
 #include <numeric>
-#include <set>
 #include <string>
 #include <vector>
 
@@ -111,30 +110,33 @@ std::string format_count(double n) {
   return buf;
 }
 
-// The settings of `now` that differ from `saved` (both resolved configs; nullptr: the key is
-// absent), one "key: old -> new" per leaf (arrays compared whole), in key order.
-// checkpoint.resume is left out: it says where this run starts, not what it trains.
-void config_changes(const Json* saved, const Json* now, const std::string& prefix,
-                    std::vector<std::string>& out) {
-  if (saved && now && saved->is_object() && now->is_object()) {
-    std::set<std::string> keys;
-    for (const Json* side : {saved, now}) {
-      for (const auto& [k, v] : side->items())
-        keys.insert(k);
+// The settings of `now` that differ from `saved` (both resolved configs), one
+// "key: old -> new" per changed leaf ("(absent)" for a key one side lacks), from the JSON patch
+// that turns one into the other. checkpoint.resume is left out: it says where this run starts,
+// not what it trains.
+std::vector<std::string> config_changes(const Json& saved, const Json& now) {
+  std::vector<std::string> out;
+  for (const auto& op : Json::diff(saved, now)) {
+    const std::string pointer = op.at("path").get<std::string>();
+    // "/train/z_loss" -> "train.z_loss" (JSON pointers escape '~' and '/' as ~0 and ~1).
+    std::string key;
+    for (size_t c = 1; c < pointer.size(); ++c) {
+      if (pointer[c] == '/') {
+        key += '.';
+      } else if (pointer[c] == '~' && c + 1 < pointer.size()) {
+        key += pointer[++c] == '1' ? '/' : '~';
+      } else {
+        key += pointer[c];
+      }
     }
-    for (const auto& k : keys) {
-      std::string key = prefix;
-      if (!key.empty()) key += '.';
-      key += k;
-      if (key == "checkpoint.resume") continue;
-      config_changes(saved->contains(k) ? &saved->at(k) : nullptr,
-                     now->contains(k) ? &now->at(k) : nullptr, key, out);
-    }
-    return;
+    if (key == "checkpoint.resume") continue;
+    const std::string kind = op.at("op").get<std::string>();
+    const std::string before =
+        kind == "add" ? "(absent)" : saved.at(Json::json_pointer(pointer)).dump();
+    const std::string after = kind == "remove" ? "(absent)" : op.at("value").dump();
+    out.push_back(key + ": " + before + " -> " + after);
   }
-  if (saved && now && *saved == *now) return;
-  auto show = [](const Json* v) { return v ? v->dump() : std::string("(absent)"); };
-  out.push_back(prefix + ": " + show(saved) + " -> " + show(now));
+  return out;
 }
 
 std::string joined(const std::vector<std::string>& items) {
@@ -534,7 +536,7 @@ Trainer::Trainer(const Json& config, const std::string& source, const std::strin
   if (!s_->resumed_from.empty()) {
     // Resuming with other settings is allowed (more steps, another world size or strategy) but
     // never silent: a changed objective or data would otherwise go unnoticed.
-    config_changes(&s_->resumed_config, &resolved, "", s_->resume_changes);
+    s_->resume_changes = config_changes(s_->resumed_config, resolved);
     if (!s_->resume_changes.empty() && s_->leader) {
       spdlog::warn("resuming {} with {} setting(s) changed since it was saved: {}",
                    s_->resumed_from, s_->resume_changes.size(), joined(s_->resume_changes));

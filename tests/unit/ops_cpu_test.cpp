@@ -27,6 +27,7 @@
 #include "ops/cpu_gemm.h"
 #include "ops/cpu_loops.h"
 #include "ops/loss_head_chunks.h"
+#include "tensor_checks.h"
 
 namespace aviary {
 namespace {
@@ -51,17 +52,8 @@ class ThreadsGuard {
   int saved_;
 };
 
-// max |a - b| relative to max |b|: elementwise relative errors blow up where a difference of
-// products cancels, so the scale is the tensor's.
-double max_rel(const torch::Tensor& a, const torch::Tensor& b) {
-  auto ad = a.to(torch::kFloat64), bd = b.to(torch::kFloat64);
-  return ((ad - bd).abs().max() / bd.abs().max().clamp_min(1e-30)).item<double>();
-}
-
-// Whether t was made by the autograd node `name` (custom functions' names are qualified).
-bool made_by(const torch::Tensor& t, const std::string& name) {
-  return t.grad_fn() && t.grad_fn()->name().find(name) != std::string::npos;
-}
+using test::made_by;
+using test::max_rel;
 
 TEST(CpuExp, WithinThreeUlpOverTheWholeRangeAndExactAtTheEdges) {
   double worst = 0.0;

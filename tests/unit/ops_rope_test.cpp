@@ -19,19 +19,14 @@
 #include "aviary/ops/impl.h"
 #include "aviary/ops/rope.h"
 #include "expect_error.h"
+#include "tensor_checks.h"
 #include "test_util.h"
 
 namespace aviary {
 namespace {
 
-double max_rel(const torch::Tensor& a, const torch::Tensor& b) {
-  auto ad = a.to(torch::kFloat64), bd = b.to(torch::kFloat64);
-  return ((ad - bd).abs().max() / bd.abs().max().clamp_min(1e-30)).item<double>();
-}
-
-bool made_by(const torch::Tensor& t, const std::string& name) {
-  return t.grad_fn() && t.grad_fn()->name().find(name) != std::string::npos;
-}
+using test::made_by;
+using test::max_rel;
 
 ops::RopeSpec spec_from(const Json& j) {
   ops::RopeSpec spec;
