@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <numeric>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "aviary/core/atomic_file.h"
@@ -134,7 +135,11 @@ std::vector<std::string> config_changes(const Json& saved, const Json& now) {
     const std::string before =
         kind == "add" ? "(absent)" : saved.at(Json::json_pointer(pointer)).dump();
     const std::string after = kind == "remove" ? "(absent)" : op.at("value").dump();
-    out.push_back(key + ": " + before + " -> " + after);
+    key += ": ";
+    key += before;
+    key += " -> ";
+    key += after;
+    out.push_back(std::move(key));
   }
   return out;
 }
