@@ -22,7 +22,9 @@ namespace aviary::ops::cpu {
 constexpr int kLanes = 16;
 
 // Cephes expf: n = round(x / ln2), r = x - n ln2 (in two parts), exp(r) by a degree-7
-// polynomial, times 2^n built in the exponent bits. Branch-free so that loops vectorise.
+// polynomial, times 2^n built in the exponent bits. Branch-free so that loops vectorise, given
+// -fno-trapping-math (CMakeLists.txt): without it GCC may not evaluate the selects' comparisons and
+// products unconditionally, and only AVX-512 (masked operations) vectorised the loops.
 inline __attribute__((always_inline)) float exp_poly(float x) {
   constexpr float kLow = -87.33654f, kHigh = 88.37626f;
   const float xc = x < kLow ? kLow : (x > kHigh ? kHigh : x);
@@ -53,25 +55,29 @@ inline __attribute__((always_inline)) float sum_lanes(float (&acc)[kLanes]) {
   return acc[0];
 }
 
-// The largest of x[0, n), -inf for n = 0. One running maximum per lane, kept in a GCC vector
-// (lowered to one AVX-512 register, two AVX2 or four SSE ones): written as an array of 16 floats,
-// GCC neither vectorises the select nor a single `m = x > m ? x : m` chain (it may not reorder a
-// float max without -ffast-math), and 16 scalar maxss chains ran the attention's softmax at a
-// quarter of its speed. Lane l takes elements l, l + 16, ...; NaNs are skipped as by the scalar
-// select.
+// The largest of x[0, n), -inf for n = 0. One running maximum per lane, kept in two GCC vectors of
+// 8 floats (one AVX2 register each, two SSE ones; one vector of 16 is lowered to scalar code where
+// the target has no 64-byte registers): written as an array of 16 floats, GCC neither vectorises
+// the select nor a single `m = x > m ? x : m` chain (it may not reorder a float max without
+// -ffast-math), and 16 scalar maxss chains ran the attention's softmax at a quarter of its speed.
+// Lane l takes elements l, l + 16, ...; NaNs are skipped as by the scalar select.
 inline __attribute__((always_inline)) float max_body(const float* __restrict x, int64_t n) {
-  using Lanes = float __attribute__((vector_size(kLanes * sizeof(float))));
-  Lanes acc;
-  for (int l = 0; l < kLanes; ++l)
-    acc[l] = -std::numeric_limits<float>::infinity();
+  constexpr int kHalf = kLanes / 2;
+  using Lanes = float __attribute__((vector_size(kHalf * sizeof(float))));
+  Lanes lo, hi;
+  for (int l = 0; l < kHalf; ++l)
+    lo[l] = hi[l] = -std::numeric_limits<float>::infinity();
   int64_t c = 0;
   for (; c + kLanes <= n; c += kLanes) {
-    Lanes v;
-    std::memcpy(&v, x + c, sizeof(v));
-    acc = v > acc ? v : acc;
+    Lanes a, b;
+    std::memcpy(&a, x + c, sizeof(a));
+    std::memcpy(&b, x + c + kHalf, sizeof(b));
+    lo = a > lo ? a : lo;
+    hi = b > hi ? b : hi;
   }
   float lanes[kLanes];
-  std::memcpy(lanes, &acc, sizeof(lanes));
+  std::memcpy(lanes, &lo, sizeof(lo));
+  std::memcpy(lanes + kHalf, &hi, sizeof(hi));
   for (; c < n; ++c)
     lanes[0] = x[c] > lanes[0] ? x[c] : lanes[0];
   float m = lanes[0];

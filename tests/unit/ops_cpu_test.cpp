@@ -290,7 +290,10 @@ TEST(CpuCrossEntropy, ZLossMatchesTheTermWrittenOutInDouble) {
   auto want = z_loss_exact(torch::matmul(hd, wd.t()), head_targets, z, ops::LossReduction::kMean);
   auto dwant = torch::autograd::grad({want}, {hd, wd});
   EXPECT_LT(max_rel(loss, want), 1e-6);
-  EXPECT_LT(max_rel(got[0], dwant[0]), 1e-5);
+  // d hidden sums 300001 fp32 products per element, in the BLAS's order: about sqrt(n) * 2^-24 =
+  // 3e-5 of the terms' magnitude (1.4e-5 measured over MKL's AVX2 kernels, under 1e-5 over its
+  // AVX-512 ones).
+  EXPECT_LT(max_rel(got[0], dwant[0]), 5e-5);
   EXPECT_LT(max_rel(got[1], dwant[1]), 1e-5);
   EXPECT_THROW(ops::cross_entropy(logits, targets, -100, ops::LossReduction::kMean, -1e-4), Error);
   EXPECT_THROW(ops::cross_entropy(logits, targets, -100, ops::LossReduction::kMean, 2.0), Error);
