@@ -52,6 +52,27 @@ class SerialGemmScope {
   int previous_ = 0;
 };
 
+// bf16 products where ATen's own would crawl. On x86 CPUs without AVX-512 (BW, VL and DQ), ATen's
+// bf16 matmul cannot use oneDNN and falls back to one dot product per output element, re-reading
+// the weight for every row: on 2 AVX2 cores a 768 -> 2048 projection takes 0.16 ms a row (80 ms
+// for 512 rows), where MKL's bf16 x bf16 -> fp32 GEMM takes 9 ms, fp32's speed. Whether mm_bf16
+// should replace ATen's bf16 product of `rows` rows here: on such a CPU, where MKL's GEMM is
+// present, from 4 rows on (at 1-2 rows, a matrix-vector product, ATen's dot is the faster).
+bool mkl_bf16_mm_pays(int64_t rows);
+
+// bf16(a @ b + bias) for bf16 a [m, k] and b [k, n] (either may be a transposed view) and an
+// optional bf16 bias [n]: the products summed in fp32 (mm_bf16_into_f32), the bias added in fp32,
+// rounded once. ATen's bf16 addmm computes the same values, up to the order of the sums.
+torch::Tensor mm_bf16(const torch::Tensor& a, const torch::Tensor& b,
+                      const torch::Tensor& bias = {});
+
+// Tests: which bf16 product mkl_bf16_mm_pays chooses. kAuto: as above; kMkl: mm_bf16 from 4 rows on
+// whatever the CPU; kAten: never. Process-wide; kAuto by default.
+enum class Bf16MmChoice { kAuto, kMkl, kAten };
+void choose_bf16_mm(Bf16MmChoice choice);
+// How many times mm_bf16 has run in this process (tests: which path a call took).
+int64_t mm_bf16_calls();
+
 // Tests: false makes mm_bf16_into_f32, gemm_f32 and gemm_bf16_f32 take their ATen fallback even
 // where MKL's GEMMs exist, so that the path a LibTorch without MKL takes is exercised too.
 // Process-wide; true by default.

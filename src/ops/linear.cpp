@@ -9,14 +9,27 @@
 namespace aviary::ops {
 namespace {
 
+// bf16 x @ w^T + bias in bf16 (sums in fp32, rounded once): ATen's product, or MKL's where ATen's
+// is the slow per-element one (cpu::mkl_bf16_mm_pays).
+torch::Tensor bf16_product(const torch::Tensor& x, const torch::Tensor& w,
+                           const torch::Tensor& bias) {
+  const int64_t in = w.size(1);
+  const int64_t rows = in == 0 ? 0 : x.numel() / in;
+  if (!cpu::mkl_bf16_mm_pays(rows)) return torch::linear(x, w, bias);
+  auto sizes = x.sizes().vec();
+  sizes.back() = w.size(0);
+  return cpu::mm_bf16(x.reshape({rows, in}), w.t(), bias).view(sizes);
+}
+
 // The bf16 linear's two halves, shared by the functions with and without a bias (an undefined
 // tensor cannot be a custom function's input).
 torch::Tensor bf16_linear_forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
                                   const torch::Tensor& weight, const torch::Tensor& bias) {
-  // The casts autocast would make, and its bf16 product: the forward's values are unchanged.
+  // The casts autocast would make, and its bf16 product: the forward's values are unchanged (up
+  // to the order of the sums where MKL's GEMM replaces ATen's slow one: cpu::mkl_bf16_mm_pays).
   auto xb = x.to(torch::kBFloat16);
   auto wb = weight.to(torch::kBFloat16);
-  auto y = torch::linear(xb, wb, bias.defined() ? bias.to(torch::kBFloat16) : torch::Tensor());
+  auto y = bf16_product(xb, wb, bias.defined() ? bias.to(torch::kBFloat16) : torch::Tensor());
   // Each operand is kept only for the other's gradient, as autocast's matmul does: a frozen
   // weight (LoRA's base) keeps no input.
   ctx->save_for_backward(
@@ -40,7 +53,7 @@ torch::autograd::variable_list bf16_linear_backward(torch::autograd::AutogradCon
       dx = torch::empty({g.size(0), in}, g.options().dtype(torch::kFloat32));
       cpu::mm_bf16_into_f32(g, wb, dx, /*accumulate=*/false);
     } else {
-      dx = torch::mm(g, wb);
+      dx = cpu::mkl_bf16_mm_pays(g.size(0)) ? cpu::mm_bf16(g, wb) : torch::mm(g, wb);
     }
     dx = dx.view(x_sizes);
   }
@@ -91,12 +104,33 @@ bool use_cpu_bf16_linear(const torch::Tensor& x, const torch::Tensor& weight,
                               bias.dim() == 1 && bias.size(0) == weight.size(0)));
 }
 
+namespace {
+
+// A bf16 model's linear on CPU that needs no gradient (inference): x, weight and bias bf16.
+bool is_bf16_inference_linear(const torch::Tensor& x, const torch::Tensor& weight,
+                              const torch::Tensor& bias) {
+  const auto is_bf16_cpu = [](const torch::Tensor& t) {
+    return t.device().is_cpu() && t.scalar_type() == torch::kBFloat16;
+  };
+  const bool wants_grad =
+      torch::GradMode::is_enabled() &&
+      (x.requires_grad() || weight.requires_grad() || (bias.defined() && bias.requires_grad()));
+  return ops_impl() != OpsImpl::kTorch && !wants_grad && is_bf16_cpu(x) && is_bf16_cpu(weight) &&
+         x.dim() >= 1 && weight.dim() == 2 && x.size(-1) == weight.size(1) &&
+         (!bias.defined() ||
+          (is_bf16_cpu(bias) && bias.dim() == 1 && bias.size(0) == weight.size(0))) &&
+         !at::autocast::is_autocast_enabled(torch::kCPU);
+}
+
+}  // namespace
+
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& weight,
                      const torch::Tensor& bias) {
   if (use_cpu_bf16_linear(x, weight, bias)) {
     return bias.defined() ? Bf16LinearBiasCpuFunction::apply(x, weight, bias)
                           : Bf16LinearCpuFunction::apply(x, weight);
   }
+  if (is_bf16_inference_linear(x, weight, bias)) return bf16_product(x, weight, bias);
   return torch::linear(x, weight, bias);
 }
 

@@ -41,6 +41,15 @@ class ImplGuard {
   ops::OpsImpl saved_;
 };
 
+// Which bf16 product ops/ takes, for a scope (ops/cpu_gemm.h: mkl_bf16_mm_pays).
+class Bf16MmGuard {
+ public:
+  explicit Bf16MmGuard(ops::cpu::Bf16MmChoice choice) { ops::cpu::choose_bf16_mm(choice); }
+  ~Bf16MmGuard() { ops::cpu::choose_bf16_mm(ops::cpu::Bf16MmChoice::kAuto); }
+  Bf16MmGuard(const Bf16MmGuard&) = delete;
+  Bf16MmGuard& operator=(const Bf16MmGuard&) = delete;
+};
+
 class ThreadsGuard {
  public:
   explicit ThreadsGuard(int threads) : saved_(at::get_num_threads()) {
@@ -424,10 +433,44 @@ TEST_P(CpuBf16Gemm, MatchesFp32ProductsOfTheBf16ValuesForEveryLayout) {
   EXPECT_TRUE(z.eq(0).all().item<bool>());
 }
 
+// |got - want| <= rel * |want| + 1e-5 * (|a| @ |b|): a relative bound, plus the error of fp32 sums
+// of the products (which cancellation can leave larger than the result).
+bool within(const torch::Tensor& got, const torch::Tensor& want, double rel, const torch::Tensor& a,
+            const torch::Tensor& b) {
+  const auto magnitude = torch::mm(a.to(torch::kFloat64).abs(), b.to(torch::kFloat64).abs());
+  const auto error = (got.to(torch::kFloat64) - want.to(torch::kFloat64)).abs();
+  return (error <= want.to(torch::kFloat64).abs() * rel + magnitude * 1e-5).all().item<bool>();
+}
+
+TEST_P(CpuBf16Gemm, Bf16ProductIsOneRoundingOfTheExactSumAndWithinAnUlpOfAtens) {
+  torch::manual_seed(14);
+  for (int64_t rows : {4, 37, 300}) {
+    auto a = torch::randn({rows, 70}).to(torch::kBFloat16);
+    auto w = torch::randn({50, 70}).to(torch::kBFloat16);
+    auto bias = torch::randn({50}).to(torch::kBFloat16);
+    for (bool with_bias : {false, true}) {
+      const auto b = with_bias ? bias : torch::Tensor();
+      auto got = ops::cpu::mm_bf16(a, w.t(), b);
+      ASSERT_EQ(got.scalar_type(), torch::kBFloat16);
+      ASSERT_EQ(got.sizes(), (std::vector<int64_t>{rows, 50}));
+      auto exact = torch::mm(a.to(torch::kFloat64), w.to(torch::kFloat64).t());
+      if (with_bias) exact += bias.to(torch::kFloat64);
+      // Rounded once: half a bf16 ulp (2^-9 relative), with room for a sum that lands on the
+      // other side of a rounding boundary. ATen's bf16 addmm rounds the same sums, in another
+      // order: at most an ulp (2^-8) apart.
+      EXPECT_TRUE(within(got, exact, std::ldexp(1.0, -8), a, w.t())) << rows << " rows";
+      EXPECT_TRUE(within(got, torch::linear(a, w, b), std::ldexp(1.0, -7), a, w.t()))
+          << rows << " rows";
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(NativeAndFallback, CpuBf16Gemm, ::testing::Bool(),
                          [](const auto& info) { return info.param ? "Native" : "Fallback"; });
 
 TEST(CpuBf16Linear, ForwardIsAutocastsAndGradientsAreFp32SumsOfTheBf16Operands) {
+  // ATen's bf16 product, whatever the CPU: the forward is then autocast's bit for bit.
+  const Bf16MmGuard aten(ops::cpu::Bf16MmChoice::kAten);
   torch::manual_seed(9);
   auto x = torch::randn({3, 5, 40}).requires_grad_(true);
   auto weight = (torch::randn({24, 40}) * 0.2).requires_grad_(true);
@@ -474,6 +517,70 @@ TEST(CpuBf16Linear, ForwardIsAutocastsAndGradientsAreFp32SumsOfTheBf16Operands) 
   ImplGuard torch_impl(ops::OpsImpl::kTorch);
   ops::AutocastGuard autocast(torch::kCPU, true);
   EXPECT_FALSE(made_by(ops::linear(x, weight, bias), "Bf16Linear"));
+}
+
+TEST(CpuBf16Linear, ProductsTakeMklsGemmFromFourRowsWhereChosen) {
+  torch::manual_seed(15);
+  auto x = torch::randn({2, 5, 40}).to(torch::kBFloat16);
+  auto w = torch::randn({24, 40}).to(torch::kBFloat16);
+  auto bias = torch::randn({24}).to(torch::kBFloat16);
+  {
+    // A bf16 model's inference: 10 rows take mm_bf16, one row (decoding) ATen's dot products.
+    const Bf16MmGuard mkl(ops::cpu::Bf16MmChoice::kMkl);
+    const torch::NoGradGuard no_grad;
+    auto calls = ops::cpu::mm_bf16_calls();
+    auto y = ops::linear(x, w, bias);
+    EXPECT_EQ(ops::cpu::mm_bf16_calls(), calls + 1);
+    EXPECT_TRUE(
+        torch::equal(y, ops::cpu::mm_bf16(x.reshape({10, 40}), w.t(), bias).view({2, 5, 24})));
+    calls = ops::cpu::mm_bf16_calls();
+    auto one = ops::linear(x.narrow(1, 0, 1), w);
+    EXPECT_EQ(ops::cpu::mm_bf16_calls(), calls);
+    EXPECT_TRUE(torch::equal(one, torch::linear(x.narrow(1, 0, 1), w)));
+    // ops.impl torch: ATen's.
+    const ImplGuard torch_impl(ops::OpsImpl::kTorch);
+    ops::linear(x, w, bias);
+    EXPECT_EQ(ops::cpu::mm_bf16_calls(), calls);
+  }
+  {
+    // A gradient wanted: torch::linear, whose backward autograd knows.
+    const Bf16MmGuard mkl(ops::cpu::Bf16MmChoice::kMkl);
+    const auto calls = ops::cpu::mm_bf16_calls();
+    auto y = ops::linear(x.clone().requires_grad_(true), w, bias);
+    EXPECT_EQ(ops::cpu::mm_bf16_calls(), calls);
+    EXPECT_TRUE(y.requires_grad());
+  }
+  {
+    // Under autocast: the forward and a bf16 input's gradient, within an ulp of autocast's.
+    const Bf16MmGuard mkl(ops::cpu::Bf16MmChoice::kMkl);
+    auto xh = x.clone().requires_grad_(true);
+    auto wf = (torch::randn({24, 40}) * 0.2).requires_grad_(true);
+    torch::Tensor y, autocast_y;
+    auto calls = ops::cpu::mm_bf16_calls();
+    {
+      ops::AutocastGuard autocast(torch::kCPU, true);
+      y = ops::linear(xh, wf);
+      autocast_y = torch::linear(xh, wf);
+    }
+    ASSERT_TRUE(made_by(y, "Bf16LinearCpuFunction"));
+    EXPECT_EQ(ops::cpu::mm_bf16_calls(), calls + 1);
+    const auto wb = wf.detach().to(torch::kBFloat16);
+    EXPECT_TRUE(within(y.reshape({10, 24}), autocast_y.reshape({10, 24}), std::ldexp(1.0, -7),
+                       x.reshape({10, 40}), wb.t()));
+    auto grad = torch::randn({2, 5, 24}).to(torch::kBFloat16);
+    calls = ops::cpu::mm_bf16_calls();
+    auto dx = torch::autograd::grad({y}, {xh}, {grad})[0];
+    EXPECT_EQ(ops::cpu::mm_bf16_calls(), calls + 1);
+    EXPECT_EQ(dx.scalar_type(), torch::kBFloat16);
+    auto g = grad.reshape({10, 24});
+    EXPECT_TRUE(within(dx.reshape({10, 40}), torch::mm(g, wb), std::ldexp(1.0, -7), g, wb));
+  }
+  // kAten never takes it.
+  const Bf16MmGuard aten(ops::cpu::Bf16MmChoice::kAten);
+  const torch::NoGradGuard no_grad;
+  const auto calls = ops::cpu::mm_bf16_calls();
+  EXPECT_TRUE(torch::equal(ops::linear(x, w, bias), torch::linear(x, w, bias)));
+  EXPECT_EQ(ops::cpu::mm_bf16_calls(), calls);
 }
 
 TEST(CpuLinearCrossEntropy, Bf16AutocastIsFp32MathsOnTheBf16Operands) {

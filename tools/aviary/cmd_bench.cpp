@@ -26,6 +26,7 @@
 #include "aviary/core/process.h"
 #include "aviary/infer/generator.h"
 #include "aviary/infer/language_model.h"
+#include "aviary/ops/linear.h"
 #include "aviary/train/lm_loss.h"
 #include "aviary/train/lora_config.h"
 #include "aviary/train/model_spec.h"
@@ -211,8 +212,9 @@ struct TrainBenchArgs {
 // The anchor of a training step on this machine: its projection and lm_head GEMMs alone (each
 // matrix's forward, input-gradient and weight-gradient product: 6 x tokens x matrix parameters
 // FLOPs, attention's excluded) through the same BLAS, threads and dtype, on operands and outputs
-// allocated once. tokens / this time is a ceiling no implementation of the step on this BLAS
-// passes: the norms, attention, the loss and AdamW only add to it. The fastest of `repeats` runs.
+// allocated once (bf16: each product's output allocated by ops::linear, which picks the faster
+// bf16 GEMM). tokens / this time is a ceiling no implementation of the step on this BLAS passes:
+// the norms, attention, the loss and AdamW only add to it. The fastest of `repeats` runs.
 double gemm_only_step_seconds(const AquilaConfig& c, int64_t tokens, torch::ScalarType dtype,
                               int repeats) {
   const int64_t h = c.hidden_size, q = c.num_attention_heads * c.head_dim(),
@@ -237,8 +239,17 @@ double gemm_only_step_seconds(const AquilaConfig& c, int64_t tokens, torch::Scal
   for (const auto& [in, out] : block)
     shape(in, out);
   shape(h, c.vocab_size);
+  const bool bf16 = dtype == torch::kBFloat16;
   auto matmuls = [&](int64_t in, int64_t out) {
     auto& o = operands[{in, out}];
+    if (bf16) {
+      // bf16 products as ops::linear makes them (MKL's GEMM where ATen's bf16 one is the slow
+      // per-element fallback, as on CPUs without AVX-512): the step's own are no slower.
+      o.y = ops::linear(o.x, o.w.t());       // forward
+      o.dx = ops::linear(o.g, o.w);          // input gradient
+      o.dw = ops::linear(o.x.t(), o.g.t());  // weight gradient
+      return;
+    }
     torch::mm_out(o.y, o.x, o.w);       // forward
     torch::mm_out(o.dx, o.g, o.w.t());  // input gradient
     torch::mm_out(o.dw, o.x.t(), o.g);  // weight gradient
