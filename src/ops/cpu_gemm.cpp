@@ -183,8 +183,8 @@ torch::Tensor mm_bf16(const torch::Tensor& a, const torch::Tensor& b, const torc
   return sums.to(torch::kBFloat16);
 }
 
-void choose_bf16_mm(Bf16MmChoice choice) {
-  bf16_mm_choice = choice;
+Bf16MmChoice choose_bf16_mm(Bf16MmChoice choice) {
+  return bf16_mm_choice.exchange(choice);
 }
 
 int64_t mm_bf16_calls() {

@@ -67,9 +67,9 @@ torch::Tensor mm_bf16(const torch::Tensor& a, const torch::Tensor& b,
                       const torch::Tensor& bias = {});
 
 // Tests: which bf16 product mkl_bf16_mm_pays chooses. kAuto: as above; kMkl: mm_bf16 from 4 rows on
-// whatever the CPU; kAten: never. Process-wide; kAuto by default.
+// whatever the CPU; kAten: never. Process-wide; kAuto by default. Returns the previous choice.
 enum class Bf16MmChoice { kAuto, kMkl, kAten };
-void choose_bf16_mm(Bf16MmChoice choice);
+Bf16MmChoice choose_bf16_mm(Bf16MmChoice choice);
 // How many times mm_bf16 has run in this process (tests: which path a call took).
 int64_t mm_bf16_calls();
 

@@ -56,8 +56,9 @@ inline __attribute__((always_inline)) float sum_lanes(float (&acc)[kLanes]) {
 }
 
 // The largest of x[0, n), -inf for n = 0. One running maximum per lane, kept in two GCC vectors of
-// 8 floats (one AVX2 register each, two SSE ones; one vector of 16 is lowered to scalar code where
-// the target has no 64-byte registers): written as an array of 16 floats, GCC neither vectorises
+// 8 floats (one register each for AVX2 and AVX-512; one vector of 16 was lowered to scalar code
+// where the target has no 64-byte registers, and the baseline SSE2 clone still is scalar here):
+// written as an array of 16 floats, GCC neither vectorises
 // the select nor a single `m = x > m ? x : m` chain (it may not reorder a float max without
 // -ffast-math), and 16 scalar maxss chains ran the attention's softmax at a quarter of its speed.
 // Lane l takes elements l, l + 16, ...; NaNs are skipped as by the scalar select.
