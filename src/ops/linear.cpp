@@ -53,7 +53,7 @@ torch::autograd::variable_list bf16_linear_backward(torch::autograd::AutogradCon
       dx = torch::empty({g.size(0), in}, g.options().dtype(torch::kFloat32));
       cpu::mm_bf16_into_f32(g, wb, dx, /*accumulate=*/false);
     } else {
-      dx = cpu::mkl_bf16_mm_pays(g.size(0)) ? cpu::mm_bf16(g, wb) : torch::mm(g, wb);
+      dx = bf16_product(g, wb.t(), torch::Tensor());  // g @ wb
     }
     dx = dx.view(x_sizes);
   }
@@ -93,36 +93,42 @@ class Bf16LinearBiasCpuFunction : public torch::autograd::Function<Bf16LinearBia
 
 }  // namespace
 
-bool use_cpu_bf16_linear(const torch::Tensor& x, const torch::Tensor& weight,
-                         const torch::Tensor& bias) {
-  return ops_impl() != OpsImpl::kTorch && at::autocast::is_autocast_enabled(torch::kCPU) &&
-         at::autocast::get_autocast_dtype(torch::kCPU) == torch::kBFloat16 && x.device().is_cpu() &&
-         (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16) &&
-         x.dim() >= 1 && weight.device().is_cpu() && weight.scalar_type() == torch::kFloat32 &&
-         weight.dim() == 2 && x.size(-1) == weight.size(1) &&
-         (!bias.defined() || (bias.device().is_cpu() && bias.scalar_type() == torch::kFloat32 &&
-                              bias.dim() == 1 && bias.size(0) == weight.size(0)));
+namespace {
+
+bool is_cpu(const torch::Tensor& t, torch::ScalarType dtype) {
+  return t.device().is_cpu() && t.scalar_type() == dtype;
 }
 
-namespace {
+// x [..., in], weight [out, in] and bias undefined or [out], all on CPU, weight and bias of
+// `param_dtype`.
+bool linear_fits(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias,
+                 torch::ScalarType param_dtype) {
+  return x.device().is_cpu() && x.dim() >= 1 && is_cpu(weight, param_dtype) && weight.dim() == 2 &&
+         x.size(-1) == weight.size(1) &&
+         (!bias.defined() ||
+          (is_cpu(bias, param_dtype) && bias.dim() == 1 && bias.size(0) == weight.size(0)));
+}
 
 // A bf16 model's linear on CPU that needs no gradient (inference): x, weight and bias bf16.
 bool is_bf16_inference_linear(const torch::Tensor& x, const torch::Tensor& weight,
                               const torch::Tensor& bias) {
-  const auto is_bf16_cpu = [](const torch::Tensor& t) {
-    return t.device().is_cpu() && t.scalar_type() == torch::kBFloat16;
-  };
   const bool wants_grad =
       torch::GradMode::is_enabled() &&
       (x.requires_grad() || weight.requires_grad() || (bias.defined() && bias.requires_grad()));
-  return ops_impl() != OpsImpl::kTorch && !wants_grad && is_bf16_cpu(x) && is_bf16_cpu(weight) &&
-         x.dim() >= 1 && weight.dim() == 2 && x.size(-1) == weight.size(1) &&
-         (!bias.defined() ||
-          (is_bf16_cpu(bias) && bias.dim() == 1 && bias.size(0) == weight.size(0))) &&
+  return ops_impl() != OpsImpl::kTorch && !wants_grad && is_cpu(x, torch::kBFloat16) &&
+         linear_fits(x, weight, bias, torch::kBFloat16) &&
          !at::autocast::is_autocast_enabled(torch::kCPU);
 }
 
 }  // namespace
+
+bool use_cpu_bf16_linear(const torch::Tensor& x, const torch::Tensor& weight,
+                         const torch::Tensor& bias) {
+  return ops_impl() != OpsImpl::kTorch && at::autocast::is_autocast_enabled(torch::kCPU) &&
+         at::autocast::get_autocast_dtype(torch::kCPU) == torch::kBFloat16 &&
+         (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16) &&
+         linear_fits(x, weight, bias, torch::kFloat32);
+}
 
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& weight,
                      const torch::Tensor& bias) {
